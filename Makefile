@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv on first use from the pinned, tested set in requirements/ (CPU by default).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ctr-installed
+
+.PHONY: setup setup-gpu demo test test-fast bench clean
+
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/common.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --no-deps -r requirements/cpu.txt
+	$(BIN)/pip install --no-deps -e .
+	$(BIN)/python -c "import torch, fbgemm_gpu, torchrec; assert torch.version.cuda is None, 'expected the CPU torch build'"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# CUDA machines: torch + fbgemm-gpu CUDA builds at matching releases, with their nvidia-* runtime wheels.
+setup-gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements/gpu.txt
+	$(BIN)/pip install --no-deps -r requirements/common.txt
+	$(BIN)/pip install --no-deps -e .
+	$(BIN)/python -c "import torch, fbgemm_gpu, torchrec; assert torch.cuda.is_available(), 'no CUDA device visible'"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ctr demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_loader.py
+
+clean:
+	rm -rf data/prepared runs benchmarks/_work

@@ -1,0 +1,165 @@
+"""``ctr prepare``: raw files -> validated Parquet splits, vocabularies and ``feature_map.json``.
+
+Four streaming passes, each bounded in memory by a Polars streaming engine batch, except the
+vocabulary pass, which holds one count per distinct value:
+  1. parse + validate + transform every raw file into a staged Parquet (rejected rows flagged);
+  2. rejects -> ``rejects.csv``, and the reject-share check;
+  3. vocabularies on the train split;
+  4. one Parquet per split with ids.
+Everything is written into a scratch directory beside the output, which replaces the output only
+when complete, so an interrupted prepare leaves the previous result (or nothing) in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from features.atomic import publish_dir, scratch_dir_beside
+from features.errors import DataError
+from features.feature_map import FeatureMap, FieldInfo, SourceInfo, SplitInfo
+from features.hashing import HASH_VERSION
+from features.parse import LINE, RAW, REASON, ROW, check_readable, explain_read_failure, scan_delimited, scan_parquet_raw
+from features.schema import DatasetConfig, Layout, resolve_layout
+from features.split import SPLIT_COLUMN, SPLITS, TIME_COLUMN, split_expr, time_cut_points
+from features.transforms import LABEL_COLUMN, FeatureSpec, feature_expr, feature_specs
+from features.vocab import SPECIAL_IDS, encode, fit_vocabularies
+
+log = logging.getLogger("ctr.prepare")
+FILE_COLUMN = "_file"
+REJECTS_FILE = "rejects.csv"
+SHOWN_REJECTS = 5
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    output: Path
+    feature_map: FeatureMap
+    seconds: float
+
+
+def _stage_file(path: Path, index: int, cfg: DatasetConfig, layout: Layout, specs: list[FeatureSpec],
+                row_offset: int, target: Path) -> int:
+    """Pass 1 for one raw file; returns its number of data rows."""
+    scan = scan_parquet_raw if cfg.format == "parquet" else scan_delimited
+    rows = scan(path, layout, row_offset)
+    time_col = []
+    if cfg.split.method == "time":
+        time_col = [pl.col(cfg.split.time_column).to_physical().cast(pl.Int64).alias(TIME_COLUMN)]
+    staged = rows.select(
+        pl.col(ROW), pl.col(LINE), pl.col(REASON), pl.col(RAW),
+        pl.when(pl.col(REASON).is_not_null()).then(pl.lit(str(path))).alias(FILE_COLUMN),
+        pl.col(layout.label).cast(pl.Float32).alias(LABEL_COLUMN),
+        *(feature_expr(s) for s in specs),
+        *time_col,
+    )
+    try:
+        staged.sink_parquet(target, compression="lz4", engine="streaming")
+    except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
+        raise explain_read_failure(path, exc) from None
+    n = pq.ParquetFile(target).metadata.num_rows
+    if n == 0:
+        raise DataError(f"{path}: no data rows" + (" after the header line" if layout.header else ""))
+    return n
+
+
+def _check_rejects(staged: pl.LazyFrame, total: int, limit: float, rejects_path: Path, keep_at: Path) -> int:
+    """Write every rejected row with its file, line and reason; fail over the limit.
+
+    On failure the rejects file is moved to ``keep_at`` (beside the output) so it survives the cleanup
+    of the scratch directory and the user can read every reason.
+    """
+    rejects = staged.filter(pl.col(REASON).is_not_null()).select(
+        pl.col(FILE_COLUMN).alias("file"), pl.col(LINE).alias("line"), pl.col(REASON).alias("reason"),
+        pl.col(RAW).alias("raw"),
+    )
+    rejects.sink_csv(rejects_path, engine="streaming")
+    head = pl.scan_csv(rejects_path, infer_schema=False).head(SHOWN_REJECTS).collect()
+    n_rejected = pl.scan_csv(rejects_path, infer_schema=False).select(pl.len()).collect().item()
+    if n_rejected and n_rejected > limit * total:
+        os.replace(rejects_path, keep_at)
+        shown = "\n".join(f"  {r['file']} line {r['line']}: {r['reason']}" for r in head.iter_rows(named=True))
+        raise DataError(
+            f"{n_rejected} of {total} rows rejected ({n_rejected / total:.2%}), over the limit of {limit:.2%} "
+            f"(dataset.max_reject_fraction); first rejects:\n{shown}\nall rejects: {keep_at}"
+        )
+    return n_rejected
+
+
+def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | None = None) -> PrepareResult:
+    started = time.perf_counter()
+    layout = resolve_layout(cfg)
+    paths = list(raw) if raw else [Path(p) for p in cfg.raw]
+    if not paths:
+        raise DataError(f"dataset '{cfg.name}': no raw files (set dataset.raw or pass --raw)")
+    for path in paths:
+        check_readable(path)
+    if cfg.split.method == "time":
+        kinds = {c.name: c.kind for c in layout.columns}
+        if kinds.get(cfg.split.time_column) not in ("yymmddhh", "integer", "numeric"):
+            raise DataError(f"dataset '{cfg.name}': split.time_column '{cfg.split.time_column}' must be a "
+                            f"yymmddhh, integer or numeric column of the layout")
+    specs = feature_specs(layout, cfg.integer_mode)
+    categorical = [s.name for s in specs if s.type == "categorical"]
+    dense = [s.name for s in specs if s.type == "dense"]
+    unknown = sorted(set(cfg.min_count_per_field) - set(categorical))
+    if unknown:
+        raise DataError(f"dataset '{cfg.name}': min_count_per_field names unknown field(s) {unknown}; "
+                        f"categorical fields are {categorical}")
+    out = Path(output or cfg.output)
+    work = scratch_dir_beside(out)
+    try:
+        (work / "staged").mkdir()
+        sources, offset = [], 0
+        for k, path in enumerate(paths):
+            n = _stage_file(path, k, cfg, layout, specs, offset, work / "staged" / f"part-{k:05d}.parquet")
+            sources.append(SourceInfo(path=str(path), bytes=path.stat().st_size, rows=n))
+            offset += n
+            log.info("parsed %s: %d rows", path, n)
+        staged = pl.scan_parquet(work / "staged" / "*.parquet")
+        n_rejected = _check_rejects(staged, offset, cfg.max_reject_fraction, work / REJECTS_FILE,
+                                    out.parent / f"{out.name}.{REJECTS_FILE}")
+        good = staged.filter(pl.col(REASON).is_null())
+        cuts = time_cut_points(good, cfg.split) if cfg.split.method == "time" else None
+        good = good.with_columns(split_expr(cfg.split, offset, cuts))
+        min_counts = {f: cfg.min_count_per_field.get(f, cfg.min_count) for f in categorical}
+        vocabs = fit_vocabularies(good.filter(pl.col(SPLIT_COLUMN) == 0), min_counts)
+        (work / "vocab").mkdir()
+        for field, vocab in vocabs.items():
+            vocab.write_parquet(work / "vocab" / f"{field}.parquet", compression="zstd")
+        encoded = [pl.col(LABEL_COLUMN), *(pl.col(d) for d in dense), *(encode(c, vocabs[c]) for c in categorical)]
+        splits = {}
+        for s_id, name in enumerate(SPLITS):
+            target = work / f"{name}.parquet"
+            (good.filter(pl.col(SPLIT_COLUMN) == s_id).select(encoded)
+             .sink_parquet(target, compression="zstd", row_group_size=cfg.row_group_size, engine="streaming"))
+            splits[name] = SplitInfo(file=target.name, rows=pq.ParquetFile(target).metadata.num_rows)
+        if splits["train"].rows == 0:
+            raise DataError(f"dataset '{cfg.name}': the train split is empty ({offset} rows read, split {cfg.split})")
+        shutil.rmtree(work / "staged")
+        fields = [
+            FieldInfo(name=s.name, type=s.type, source=s.source, transform=s.transform,
+                      num_embeddings=len(vocabs[s.name]) + len(SPECIAL_IDS) if s.type == "categorical" else None,
+                      min_count=min_counts.get(s.name), vocab_file=f"vocab/{s.name}.parquet" if s.type == "categorical" else None)
+            for s in specs
+        ]
+        fmap = FeatureMap(
+            dataset=cfg.name, layout=cfg.layout, label=LABEL_COLUMN, label_source=layout.label, fields=fields,
+            special_ids=SPECIAL_IDS, splits=splits, split_rule=cfg.split, hash_version=HASH_VERSION,
+            rows_read=offset, rows_rejected=n_rejected, sources=sources,
+        )
+        fmap.save(work)
+        publish_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - started
+    log.info("prepared %s: %d rows (%d rejected) in %.1fs -> %s", cfg.name, offset, n_rejected, seconds, out)
+    return PrepareResult(output=out, feature_map=fmap, seconds=seconds)

@@ -1,0 +1,42 @@
+"""Per-field vocabularies with ``min_count``, fitted on the train split only.
+
+Id layout of every categorical field: 0 = padding (never produced by prepare; reserved for
+multi-valued bags), 1 = out-of-vocabulary (rare or unseen values), 2 = blank, 3.. = values ordered by
+descending train count, ties by value, so ids are deterministic.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+PADDING_ID, OOV_ID, BLANK_ID = 0, 1, 2
+FIRST_VALUE_ID = 3
+SPECIAL_IDS = {"padding": PADDING_ID, "oov": OOV_ID, "blank": BLANK_ID}
+
+
+def vocabulary_query(train: pl.LazyFrame, field: str, min_count: int) -> pl.LazyFrame:
+    """Lazy (token, count, id) table of one field: streaming group-by, memory ~ distinct values."""
+    return (
+        train.select(pl.col(field).alias("token"))
+        .drop_nulls()
+        .group_by("token")
+        .agg(pl.len().cast(pl.Int64).alias("count"))
+        .filter(pl.col("count") >= min_count)
+        .sort(["count", "token"], descending=[True, False])
+        .with_row_index("id", offset=FIRST_VALUE_ID)
+        .select("token", "count", pl.col("id").cast(pl.Int32))
+    )
+
+
+def fit_vocabularies(train: pl.LazyFrame, min_counts: dict[str, int]) -> dict[str, pl.DataFrame]:
+    """All fields' vocabularies in one streaming run over the train rows."""
+    fields = list(min_counts)
+    frames = pl.collect_all([vocabulary_query(train, f, min_counts[f]) for f in fields], engine="streaming")
+    return dict(zip(fields, frames))
+
+
+def encode(field: str, vocab: pl.DataFrame) -> pl.Expr:
+    """Token -> id (Int32): known values their id, others OOV, blank (null) the blank id."""
+    col = pl.col(field)
+    ids = col.replace_strict(vocab["token"], vocab["id"], default=OOV_ID, return_dtype=pl.Int32)
+    return pl.when(col.is_null()).then(pl.lit(BLANK_ID, dtype=pl.Int32)).otherwise(ids).alias(field)

@@ -1,0 +1,66 @@
+"""The ``ctr`` command line: one sub-command per job, arguments mapped straight onto job functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from features.errors import DataError
+from features.yaml_config import ConfigError
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from pipelines.synthetic import generate
+
+    report = generate(args.kind, args.rows, args.out, seed=args.seed)
+    print(json.dumps(asdict(report), indent=2))
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from pipelines.prepare_job import run_prepare
+
+    result = run_prepare(args.config, args.overrides, args.raw, args.output)
+    fmap = result.feature_map
+    rows = ", ".join(f"{name} {info.rows}" for name, info in fmap.splits.items())
+    print(f"prepared {fmap.dataset}: {fmap.rows_read} rows read, {fmap.rows_rejected} rejected; {rows}; "
+          f"{len(fmap.categorical)} categorical + {len(fmap.dense)} dense fields; "
+          f"{result.seconds:.1f}s -> {result.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write synthetic Criteo TSV / Avazu CSV with a planted teacher")
+    gen.add_argument("--kind", choices=["criteo", "avazu"], default="criteo")
+    gen.add_argument("--rows", type=int, default=1_000_000)
+    gen.add_argument("--seed", type=int, default=2024)
+    gen.add_argument("--out", type=Path, required=True)
+    gen.set_defaults(func=_generate)
+
+    prep = sub.add_parser("prepare", help="raw files -> Parquet splits + feature_map.json")
+    prep.add_argument("config", type=Path, help="dataset YAML (configs/datasets/*.yaml)")
+    prep.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. dataset.min_count=5")
+    prep.add_argument("--raw", type=Path, nargs="+", help="raw files to read instead of dataset.raw")
+    prep.add_argument("--output", type=Path, help="output directory instead of dataset.output")
+    prep.set_defaults(func=_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

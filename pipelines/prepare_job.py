@@ -1,0 +1,34 @@
+"""The prepare job: make the raw file of a synthetic dataset if needed, then run the feature pipeline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from features.prepare import PrepareResult, prepare
+from features.schema import DatasetConfig, DatasetFile
+from features.yaml_config import load_config
+from pipelines.synthetic import generate
+
+log = logging.getLogger("ctr.prepare")
+
+
+def ensure_synthetic_raw(cfg: DatasetConfig) -> None:
+    """Write the generated raw file of a ``synthetic:`` dataset unless it is already there."""
+    if cfg.synthetic is None:
+        return
+    if len(cfg.raw) != 1:
+        raise ValueError(f"dataset '{cfg.name}': a synthetic dataset has exactly one raw file, got {cfg.raw}")
+    path = Path(cfg.raw[0])
+    if path.exists():
+        return
+    s = cfg.synthetic
+    report = generate(s.kind, s.rows, path, seed=s.seed)
+    log.info("generated %d %s rows -> %s in %.1fs (teacher AUC %.4f)", s.rows, s.kind, path, report.seconds, report.teacher_auc)
+
+
+def run_prepare(config: Path, overrides: list[str], raw: list[Path] | None, output: Path | None) -> PrepareResult:
+    cfg = load_config(DatasetFile, config, overrides).dataset
+    if not raw:
+        ensure_synthetic_raw(cfg)
+    return prepare(cfg, raw=raw, output=output)
