@@ -94,7 +94,8 @@ def _typed(col: ColumnSpec, text: pl.Expr) -> tuple[pl.Expr, pl.Expr | None]:
         reason = pl.concat_str([shown, pl.lit("expected a number, found '"), text, pl.lit("'")])
         return value, pl.when(~blank & (value.is_null() | value.is_nan())).then(reason)
     if col.kind == "yymmddhh":
-        value = text.str.strptime(pl.Datetime("us"), "%y%m%d%H", strict=False)
+        # Polars wants hour and minute together, so parse YYMMDDHH as YYMMDDHH + "00"
+        value = (text + "00").str.strptime(pl.Datetime("us"), "%y%m%d%H%M", strict=False)
         bad = value.is_null() | (text.str.len_bytes() != 8)
         reason = pl.format("column '{}': expected a YYMMDDHH hour, found '{}'", pl.lit(col.name), text.fill_null(""))
         return value, pl.when(bad).then(reason)

@@ -37,7 +37,8 @@ def criteo_bucket(value: pl.Expr) -> pl.Expr:
     v = 1 and v = 3 (ln(3)^2 = 1.2) would share a token, as in the plain FuxiCTR formula. Blank stays
     null and gets the field's blank id later.
     """
-    log_bucket = (value.cast(pl.Float64).log() ** 2).floor().cast(pl.Int64) + 3
+    # clip so the unused branch never sees log(v <= 0) (NaN / -inf would fail the integer cast)
+    log_bucket = (value.clip(lower_bound=3).cast(pl.Float64).log() ** 2).floor().cast(pl.Int64) + 3
     return pl.when(value > 2).then(log_bucket).otherwise(value)
 
 

@@ -1,0 +1,173 @@
+"""Prepared Parquet split -> training batches (TorchRec ``KeyedJaggedTensor`` + dense + labels).
+
+Rows travel Parquet row groups -> Arrow -> NumPy (zero copy) -> torch in whole windows of row groups;
+the per-batch work is one slice and one dtype cast per tensor, so there is no per-row Python.
+Shuffling is two-level and seeded per epoch: the order of row groups, then the rows inside a window
+of several row groups. A background thread reads and assembles the next batches while the training
+step runs, so reading overlaps compute.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from features.errors import DataError
+from features.feature_map import FeatureMap
+
+_END = object()
+
+
+@dataclass
+class Batch:
+    dense: torch.Tensor  # [B, n_dense] float32
+    sparse: KeyedJaggedTensor  # one key per categorical field, one id per row and key
+    labels: torch.Tensor  # [B] float32
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def make_batch(keys: list[str], ids: torch.Tensor, dense: torch.Tensor, labels: torch.Tensor) -> Batch:
+    """Build a batch from field-major ids [n_fields, B] (any int dtype), dense [B, D] and labels [B]."""
+    n_fields, size = ids.shape
+    values = ids.to(torch.int64).reshape(-1)  # field-major: all rows of field 0, then field 1, ...
+    lengths = torch.ones(n_fields * size, dtype=torch.int32)
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=size)
+    return Batch(dense=dense.to(torch.float32), sparse=kjt, labels=labels.to(torch.float32))
+
+
+@dataclass
+class _Window:
+    ids: torch.Tensor  # [F, N] int32
+    dense: torch.Tensor  # [N, D] float32
+    labels: torch.Tensor  # [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: torch.Tensor | slice) -> "_Window":
+        return _Window(self.ids[:, index], self.dense[index], self.labels[index])
+
+    @staticmethod
+    def cat(a: "_Window", b: "_Window") -> "_Window":
+        return _Window(torch.cat([a.ids, b.ids], 1), torch.cat([a.dense, b.dense]), torch.cat([a.labels, b.labels]))
+
+
+class ParquetBatches:
+    """Iterable of :class:`Batch` over one split; call :meth:`set_epoch` to reshuffle reproducibly."""
+
+    def __init__(self, path: Path, feature_map: FeatureMap, batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, prefetch: int = 4, window_rows: int = 262_144) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: split file not found")
+        self.file = pq.ParquetFile(self.path)
+        self.keys = [f.name for f in feature_map.categorical]
+        self.dense_names = [f.name for f in feature_map.dense]
+        self.label = feature_map.label
+        have = set(self.file.schema_arrow.names)
+        missing = [c for c in [self.label, *self.dense_names, *self.keys] if c not in have]
+        if missing:
+            raise DataError(f"{self.path}: columns {missing} of the feature map are missing from the file")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.prefetch = prefetch
+        self.window_rows = max(window_rows, batch_size)
+        self.epoch = 0
+
+    @property
+    def num_rows(self) -> int:
+        return self.file.metadata.num_rows
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_rows, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _read(self, groups: list[int]) -> _Window:
+        table = self.file.read_row_groups(groups, columns=[self.label, *self.dense_names, *self.keys])
+        col = lambda name: table.column(name).combine_chunks().to_numpy(zero_copy_only=False)  # noqa: E731
+        ids = np.stack([col(k) for k in self.keys]) if self.keys else np.zeros((0, table.num_rows), np.int32)
+        dense = np.stack([col(d) for d in self.dense_names], 1) if self.dense_names else np.zeros((table.num_rows, 0), np.float32)
+        labels = np.array(col(self.label), dtype=np.float32)  # owned copy: Arrow buffers are read-only
+        return _Window(torch.from_numpy(ids), torch.from_numpy(dense), torch.from_numpy(labels))
+
+    def _windows(self, gen: torch.Generator | None) -> Iterator[_Window]:
+        n_groups = self.file.metadata.num_row_groups
+        order = torch.randperm(n_groups, generator=gen).tolist() if gen is not None else list(range(n_groups))
+        pending: list[int] = []
+        rows = 0
+        for g in order:
+            pending.append(g)
+            rows += self.file.metadata.row_group(g).num_rows
+            if rows >= self.window_rows:
+                yield self._read(pending)
+                pending, rows = [], 0
+        if pending:
+            yield self._read(pending)
+
+    def _batches(self) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch) if self.shuffle else None
+        carry: _Window | None = None
+        for window in self._windows(gen):
+            if gen is not None:
+                window = window.take(torch.randperm(len(window), generator=gen))
+            if carry is not None:
+                window = _Window.cat(carry, window)
+            full = len(window) - len(window) % self.batch_size
+            for start in range(0, full, self.batch_size):
+                part = window.take(slice(start, start + self.batch_size))
+                yield make_batch(self.keys, part.ids, part.dense, part.labels)
+            carry = window.take(slice(full, None)) if full < len(window) else None
+        if carry is not None and not self.drop_last:
+            yield make_batch(self.keys, carry.ids, carry.dense, carry.labels)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Batches assembled by a background thread, at most ``prefetch`` ahead of the consumer."""
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for batch in self._batches():
+                    while not stop.is_set():
+                        try:
+                            out.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                out.put(_END)
+            except BaseException as exc:  # handed to the consumer, raised there
+                out.put(exc)
+
+        worker = threading.Thread(target=produce, name="parquet-prefetch", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join(timeout=5)

@@ -1,0 +1,27 @@
+import numpy as np
+import pytest
+
+from ctr.metrics import auc, logloss, normalized_entropy
+
+
+def test_auc_counts_ties_as_half() -> None:
+    # positives score 0.8 and 0.5; negatives 0.5 and 0.2: pairs (0.8>0.5), (0.8>0.2), (0.5=0.5 -> 1/2), (0.5>0.2)
+    assert auc(np.array([1, 1, 0, 0]), np.array([0.8, 0.5, 0.5, 0.2])) == pytest.approx(3.5 / 4)
+
+
+def test_auc_perfect_and_reversed() -> None:
+    y = np.array([0, 0, 1, 1])
+    assert auc(y, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert auc(y, np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
+
+
+def test_auc_needs_both_classes() -> None:
+    with pytest.raises(ValueError, match="both classes"):
+        auc(np.array([1, 1]), np.array([0.1, 0.2]))
+
+
+def test_logloss_and_normalized_entropy() -> None:
+    y = np.array([1, 0])
+    assert logloss(y, np.array([0.5, 0.5])) == pytest.approx(np.log(2))
+    # predicting the base rate has NE exactly 1
+    assert normalized_entropy(np.array([1, 0, 0, 0]), np.full(4, 0.25)) == pytest.approx(1.0)
