@@ -1,11 +1,15 @@
 """``ctr prepare``: raw files -> validated Parquet splits, vocabularies and ``feature_map.json``.
 
-Four streaming passes, each bounded in memory by a Polars streaming engine batch, except the
-vocabulary pass, which holds one count per distinct value:
-  1. parse + validate + transform every raw file into a staged Parquet (rejected rows flagged);
+Four passes, each bounded in memory by a batch of rows, except the vocabulary pass, which holds one
+count per distinct value:
+  1. parse + validate + transform every raw file into a staged Parquet (rejected rows flagged),
+     Polars streaming;
   2. rejects -> ``rejects.csv``, and the reject-share check;
-  3. vocabularies on the train split;
-  4. one Parquet per split with ids.
+  3. vocabularies on the train split, one streaming group-by per field;
+  4. the staged rows in fixed slices, each encoded to ids and appended to the Parquet file of its
+     split. The lookups run on materialised slices because inside the streaming engine (sink or
+     ``collect_batches``) the peak memory of 39 ``replace_strict`` lookups grew with the input
+     (2.3 GB at 4M rows against 0.87 GB at 1M).
 Everything is written into a scratch directory beside the output, which replaces the output only
 when complete, so an interrupted prepare leaves the previous result (or nothing) in place.
 """
@@ -36,6 +40,7 @@ log = logging.getLogger("ctr.prepare")
 FILE_COLUMN = "_file"
 REJECTS_FILE = "rejects.csv"
 SHOWN_REJECTS = 5
+CHUNK_ROWS = 262_144
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,29 @@ def _check_rejects(staged: pl.LazyFrame, total: int, limit: float, rejects_path:
     return n_rejected
 
 
+def _write_splits(staged: pl.LazyFrame, n_rows: int, split: pl.Expr, needed: list[str], encoded: list[pl.Expr],
+                  work: Path, row_group_size: int) -> dict[str, int]:
+    """Pass 4: staged rows -> one Parquet per split, in fixed slices of rows; returns rows per split."""
+    writers: dict[str, pq.ParquetWriter] = {}
+    counts = dict.fromkeys(SPLITS, 0)
+    try:
+        for start in range(0, n_rows, CHUNK_ROWS):
+            chunk = (staged.slice(start, CHUNK_ROWS).filter(pl.col(REASON).is_null())
+                     .select(split.alias(SPLIT_COLUMN), *needed).collect())
+            chunk = chunk.select(pl.col(SPLIT_COLUMN), *encoded)
+            for s_id, name in enumerate(SPLITS):
+                table = chunk.filter(pl.col(SPLIT_COLUMN) == s_id).drop(SPLIT_COLUMN).to_arrow()
+                if name not in writers:
+                    writers[name] = pq.ParquetWriter(work / f"{name}.parquet", table.schema, compression="zstd")
+                if table.num_rows:
+                    writers[name].write_table(table, row_group_size=row_group_size)
+                    counts[name] += table.num_rows
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return counts
+
+
 def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | None = None) -> PrepareResult:
     started = time.perf_counter()
     layout = resolve_layout(cfg)
@@ -128,19 +156,17 @@ def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | No
                                     out.parent / f"{out.name}.{REJECTS_FILE}")
         good = staged.filter(pl.col(REASON).is_null())
         cuts = time_cut_points(good, cfg.split) if cfg.split.method == "time" else None
-        good = good.with_columns(split_expr(cfg.split, offset, cuts))
         min_counts = {f: cfg.min_count_per_field.get(f, cfg.min_count) for f in categorical}
-        vocabs = fit_vocabularies(good.filter(pl.col(SPLIT_COLUMN) == 0), min_counts)
+        train = good.filter(split_expr(cfg.split, offset, cuts) == 0)
+        vocabs = fit_vocabularies(train, min_counts)
         (work / "vocab").mkdir()
         for field, vocab in vocabs.items():
             vocab.write_parquet(work / "vocab" / f"{field}.parquet", compression="zstd")
         encoded = [pl.col(LABEL_COLUMN), *(pl.col(d) for d in dense), *(encode(c, vocabs[c]) for c in categorical)]
-        splits = {}
-        for s_id, name in enumerate(SPLITS):
-            target = work / f"{name}.parquet"
-            (good.filter(pl.col(SPLIT_COLUMN) == s_id).select(encoded)
-             .sink_parquet(target, compression="zstd", row_group_size=cfg.row_group_size, engine="streaming"))
-            splits[name] = SplitInfo(file=target.name, rows=pq.ParquetFile(target).metadata.num_rows)
+        needed = [LABEL_COLUMN, *dense, *categorical]
+        counts = _write_splits(staged, offset, split_expr(cfg.split, offset, cuts), needed, encoded, work,
+                               cfg.row_group_size)
+        splits = {name: SplitInfo(file=f"{name}.parquet", rows=counts[name]) for name in SPLITS}
         if splits["train"].rows == 0:
             raise DataError(f"dataset '{cfg.name}': the train split is empty ({offset} rows read, split {cfg.split})")
         shutil.rmtree(work / "staged")

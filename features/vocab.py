@@ -29,10 +29,12 @@ def vocabulary_query(train: pl.LazyFrame, field: str, min_count: int) -> pl.Lazy
 
 
 def fit_vocabularies(train: pl.LazyFrame, min_counts: dict[str, int]) -> dict[str, pl.DataFrame]:
-    """All fields' vocabularies in one streaming run over the train rows."""
-    fields = list(min_counts)
-    frames = pl.collect_all([vocabulary_query(train, f, min_counts[f]) for f in fields], engine="streaming")
-    return dict(zip(fields, frames))
+    """Every field's vocabulary, one streaming query per field.
+
+    One query at a time on purpose: ``collect_all`` of all fields ran about twice as fast but its
+    peak memory grew with the number of rows (1.9 GB at 4M Criteo rows against 0.25 GB sequentially).
+    """
+    return {f: vocabulary_query(train, f, mc).collect(engine="streaming") for f, mc in min_counts.items()}
 
 
 def encode(field: str, vocab: pl.DataFrame) -> pl.Expr:

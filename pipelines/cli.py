@@ -31,6 +31,13 @@ def _prepare(args: argparse.Namespace) -> None:
           f"{result.seconds:.1f}s -> {result.output}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from pipelines.demo import run_demo
+
+    summary = run_demo(args.config, args.overrides)
+    print(json.dumps(summary, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,11 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--raw", type=Path, nargs="+", help="raw files to read instead of dataset.raw")
     prep.add_argument("--output", type=Path, help="output directory instead of dataset.output")
     prep.set_defaults(func=_prepare)
+
+    demo = sub.add_parser("demo", help="the main job on the built-in synthetic dataset")
+    demo.add_argument("--config", type=Path, default=Path("configs/datasets/synthetic.yaml"))
+    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. dataset.synthetic.rows=200000")
+    demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ctr").setLevel(logging.INFO)  # our progress; libraries (fbgemm) stay at WARNING
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
