@@ -38,3 +38,19 @@ def normalized_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
     """Logloss divided by the logloss of always predicting the observed CTR (He et al., 2014)."""
     ctr = float(np.mean(labels))
     return logloss(labels, probs) / logloss(labels, np.full(len(labels), ctr))
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean predicted CTR over observed CTR: 1.0 is calibrated, above 1 over-predicts clicks."""
+    return float(np.mean(probs) / np.mean(labels))
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Every whole-split metric the training loop reports."""
+    return {
+        "auc": auc(labels, probs),
+        "logloss": logloss(labels, probs),
+        "ne": normalized_entropy(labels, probs),
+        "calibration": calibration(labels, probs),
+        "rows": float(len(labels)),
+    }

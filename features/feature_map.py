@@ -61,6 +61,7 @@ class FeatureMap(_Frozen):
     rows_read: int
     rows_rejected: int
     sources: list[SourceInfo]
+    config_fingerprint: str  # of the dataset config that made it: a changed config means stale data
 
     @property
     def categorical(self) -> list[FieldInfo]:

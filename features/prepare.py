@@ -31,7 +31,7 @@ from features.errors import DataError
 from features.feature_map import FeatureMap, FieldInfo, SourceInfo, SplitInfo
 from features.hashing import HASH_VERSION
 from features.parse import LINE, RAW, REASON, ROW, check_readable, explain_read_failure, scan_delimited, scan_parquet_raw
-from features.schema import DatasetConfig, Layout, resolve_layout
+from features.schema import DatasetConfig, Layout, config_fingerprint, resolve_layout
 from features.split import SPLIT_COLUMN, SPLITS, TIME_COLUMN, split_expr, time_cut_points
 from features.transforms import LABEL_COLUMN, FeatureSpec, feature_expr, feature_specs
 from features.vocab import SPECIAL_IDS, encode, fit_vocabularies
@@ -180,6 +180,7 @@ def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | No
             dataset=cfg.name, layout=cfg.layout, label=LABEL_COLUMN, label_source=layout.label, fields=fields,
             special_ids=SPECIAL_IDS, splits=splits, split_rule=cfg.split, hash_version=HASH_VERSION,
             rows_read=offset, rows_rejected=n_rejected, sources=sources,
+            config_fingerprint=config_fingerprint(cfg, [str(p) for p in paths]),
         )
         fmap.save(work)
         publish_dir(work, out)

@@ -7,6 +7,8 @@ unknown keys so that a misspelt option fails before a multi-hour prepare starts.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -90,6 +92,12 @@ class DatasetConfig(Strict):
             if given:
                 raise ValueError(f"layout '{self.layout}' fixes {', '.join(given)}; use layout 'generic' to set them")
         return self
+
+
+def config_fingerprint(cfg: DatasetConfig, raw: list[str]) -> str:
+    """sha256 of everything that shapes the prepared data (the config with the raw files actually read)."""
+    data = cfg.model_dump(mode="json", exclude={"output"}) | {"raw": raw}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 class DatasetFile(Strict):

@@ -6,9 +6,12 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+from ctr.checkpoint import CheckpointError
+from ctr.train import TrainingDiverged
 from features.errors import DataError
 from features.yaml_config import ConfigError
 
@@ -29,6 +32,13 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"prepared {fmap.dataset}: {fmap.rows_read} rows read, {fmap.rows_rejected} rejected; {rows}; "
           f"{len(fmap.categorical)} categorical + {len(fmap.dense)} dense fields; "
           f"{result.seconds:.1f}s -> {result.output}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pipelines.train_job import run_train
+
+    result = run_train(args.config, args.overrides, args.resume)
+    print(json.dumps(result, indent=2))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -56,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--output", type=Path, help="output directory instead of dataset.output")
     prep.set_defaults(func=_prepare)
 
+    train = sub.add_parser("train", help="train a model from an experiment config")
+    train.add_argument("config", type=Path, nargs="?", help="experiment YAML (configs/experiments/*.yaml)")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.epochs=2")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    train.set_defaults(func=_train)
+
     demo = sub.add_parser("demo", help="the main job on the built-in synthetic dataset")
     demo.add_argument("--config", type=Path, default=Path("configs/datasets/synthetic.yaml"))
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. dataset.synthetic.rows=200000")
@@ -64,12 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("ctr").setLevel(logging.INFO)  # our progress; libraries (fbgemm) stay at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    logging.getLogger("ctr").setLevel(logging.INFO)  # our progress; libraries stay at WARNING
+    # TorchRec's planner and fbgemm warn about defaults we choose on purpose (one line per table)
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

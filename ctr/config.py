@@ -1,0 +1,81 @@
+"""Experiment config: one YAML file = dataset + model + trainer sections.
+
+Each section maps straight onto the constructor that consumes it (FuxiCTR-style): ``model`` onto
+``ctr.models.build_model``, ``trainer`` onto ``ctr.train.Trainer``, ``dataset`` onto the prepare job.
+Validation is strict, so a typo fails before any data is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from features.schema import DatasetConfig, Strict
+from features.yaml_config import load_config
+
+FBGEMM_WIDTH_MULTIPLE = 4
+
+
+class EmbeddingConfig(Strict):
+    dim: int = Field(default=16, gt=0)
+    init_range: float = Field(default=0.05, gt=0.0)  # uniform(-r, r)
+
+    @field_validator("dim")
+    @classmethod
+    def _fbgemm_width(cls, dim: int) -> int:
+        if dim % FBGEMM_WIDTH_MULTIPLE:
+            raise ValueError(f"embedding width {dim} is not a multiple of {FBGEMM_WIDTH_MULTIPLE} "
+                             f"(fbgemm's embedding kernels need widths divisible by {FBGEMM_WIDTH_MULTIPLE})")
+        return dim
+
+
+class ModelConfig(Strict):
+    """``lr``: first-order only; ``dnn``: MLP over concatenated embeddings; ``deepfm``: first order +
+    FM + DNN; ``dcnv2``: cross network (``stacked`` or ``parallel`` with the DNN, optional low rank)."""
+
+    name: Literal["lr", "dnn", "deepfm", "dcnv2"]
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    hidden: list[int] = Field(default_factory=lambda: [400, 400, 400])
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False
+    cross_layers: int = Field(default=3, ge=1)
+    structure: Literal["stacked", "parallel"] = "parallel"
+    low_rank: int | None = Field(default=None, gt=0)
+
+
+class TrainerConfig(Strict):
+    seed: int = 2024
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=4096, ge=1)
+    eval_batch_size: int = Field(default=16384, ge=1)
+    shuffle: bool = True
+    # dense side (MLPs, cross layers, first-order dense weights)
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    lr: float = Field(default=1e-3, gt=0.0)
+    # sparse side: TorchRec's fused in-backward optimizer (fbgemm TBE); on CPU only this family exists
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    sparse_lr: float = Field(default=0.05, gt=0.0)
+    embedding_l2: float = Field(default=0.0, ge=0.0)  # on the rows looked up in each batch
+    grad_clip_norm: float | None = Field(default=10.0, gt=0.0)
+    # validation, early stopping, learning-rate decay on plateau
+    eval_every_steps: int | None = Field(default=None, ge=1)  # None: once per epoch
+    patience: int = Field(default=2, ge=1)
+    lr_decay: float = Field(default=0.1, gt=0.0, le=1.0)
+    min_lr: float = Field(default=1e-6, ge=0.0)
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1)  # None: all cores but one (the loader's)
+    progress: bool = True
+    run_dir: str | None = None  # None: runs/<experiment name>
+
+
+class ExperimentConfig(Strict):
+    name: str
+    dataset: DatasetConfig
+    model: ModelConfig
+    trainer: TrainerConfig = TrainerConfig()
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    return load_config(ExperimentConfig, path, overrides)

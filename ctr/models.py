@@ -1,0 +1,115 @@
+"""CTR models composed from the named modules; ``build_model`` maps the ``model:`` config section.
+
+Every model takes (dense [B, n_dense], sparse KJT) and returns (logits [B], embedding penalty):
+the penalty is the mean squared norm of the embedding rows looked up for the batch, so an L2 on
+embeddings reaches exactly the rows the fused optimizer updates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from ctr.config import ModelConfig
+from ctr.modules.interactions import CrossNetwork, factorization_machine
+from ctr.modules.mlp import MLP
+from ctr.modules.sparse import SparseArch
+from features.feature_map import FeatureMap
+
+FIRST_ORDER_DIM = 4  # fbgemm's smallest width; the four values of a row are summed into one weight
+
+
+def _penalty(*embeddings: torch.Tensor) -> torch.Tensor:
+    return sum(e.pow(2).sum() for e in embeddings) / embeddings[0].shape[0]
+
+
+class FirstOrder(nn.Module):
+    """Logistic-regression part: one weight per feature value plus a linear term on dense features."""
+
+    def __init__(self, fmap: FeatureMap, init_range: float) -> None:
+        super().__init__()
+        self.weights = SparseArch(fmap.categorical, FIRST_ORDER_DIM, init_range, prefix="lr")
+        self.dense = nn.Linear(len(fmap.dense), 1) if fmap.dense else None
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weights(sparse)
+        out = w.sum(dim=(1, 2)) + self.bias
+        if self.dense is not None:
+            out = out + self.dense(dense).squeeze(1)
+        return out, w
+
+
+class CTRModel(nn.Module):
+    """Shared front: embeddings of every field, and their concatenation with the dense features."""
+
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embedding = SparseArch(fmap.categorical, cfg.embedding.dim, cfg.embedding.init_range)
+        self.flat_width = len(fmap.categorical) * cfg.embedding.dim + len(fmap.dense)
+
+    def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embedding(sparse)
+        return emb, torch.cat([emb.flatten(1), dense], dim=1)
+
+
+class LogisticRegression(nn.Module):
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.first_order = FirstOrder(fmap, cfg.embedding.init_range)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit, w = self.first_order(dense, sparse)
+        return logit, _penalty(w)
+
+
+class DNN(CTRModel):
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
+        super().__init__(fmap, cfg)
+        self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
+        self.head = nn.Linear(self.mlp.out_features, 1)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, flat = self.embed(dense, sparse)
+        return self.head(self.mlp(flat)).squeeze(1), _penalty(emb)
+
+
+class DeepFM(CTRModel):
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
+        super().__init__(fmap, cfg)
+        self.first_order = FirstOrder(fmap, cfg.embedding.init_range)
+        self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
+        self.head = nn.Linear(self.mlp.out_features, 1)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, flat = self.embed(dense, sparse)
+        linear, w = self.first_order(dense, sparse)
+        logit = linear + factorization_machine(emb) + self.head(self.mlp(flat)).squeeze(1)
+        return logit, _penalty(emb, w)
+
+
+class DCNv2(CTRModel):
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
+        super().__init__(fmap, cfg)
+        self.structure = cfg.structure
+        self.cross = CrossNetwork(self.flat_width, cfg.cross_layers, cfg.low_rank)
+        self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
+        stacked = cfg.structure == "stacked"  # stacked: MLP(cross(x0)); parallel: [cross(x0), MLP(x0)]
+        self.head = nn.Linear(self.mlp.out_features if stacked else self.flat_width + self.mlp.out_features, 1)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, x0 = self.embed(dense, sparse)
+        if self.structure == "stacked":
+            out = self.mlp(self.cross(x0))
+        else:
+            out = torch.cat([self.cross(x0), self.mlp(x0)], dim=1)
+        return self.head(out).squeeze(1), _penalty(emb)
+
+
+MODELS: dict[str, type[nn.Module]] = {"lr": LogisticRegression, "dnn": DNN, "deepfm": DeepFM, "dcnv2": DCNv2}
+
+
+def build_model(fmap: FeatureMap, cfg: ModelConfig) -> nn.Module:
+    """The model named by ``cfg.name``; embedding tables on the meta device until sharded."""
+    return MODELS[cfg.name](fmap, cfg)

@@ -1,0 +1,1 @@
+"""Small named building blocks of the CTR models: sparse arch, MLP, interactions."""

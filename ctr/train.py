@@ -1,0 +1,224 @@
+"""The training loop: one loop for every model, local (a world of one) or inside a Ray worker.
+
+Sparse side: TorchRec's fused in-backward optimizer (fbgemm TBE) updates only the rows a batch
+touched, during ``backward()``. Dense side: Adam or Adagrad, with gradient clipping. Validation on
+the whole split (exact AUC) every epoch or every N steps drives early stopping and learning-rate
+decay; each validation writes an atomic checkpoint holding everything a resumed run needs to end
+with the same metrics as an uninterrupted one: weights, both optimizers' states, the loop position
+(epoch, batch within the epoch), the RNG state and the early-stopping state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.functional import binary_cross_entropy_with_logits
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
+
+from ctr.checkpoint import load_checkpoint, save_checkpoint
+from ctr.config import ExperimentConfig, TrainerConfig
+from ctr.distributed import (fused_optimizer_state, load_fused_optimizer_state, load_plain_state_dict,
+                             local_process_group, plain_state_dict, set_sparse_lr, shard_model)
+from ctr.metrics import classification_metrics
+from ctr.models import build_model
+from features.atomic import atomic_write_text
+from features.feature_map import FeatureMap
+from features.loader import ParquetBatches
+
+log = logging.getLogger("ctr.train")
+LAST, BEST = "last.pt", "best.pt"
+MIN_IMPROVEMENT = 1e-6
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop is and what early stopping knows; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    lr: float = 0.0
+    sparse_lr: float = 0.0
+    best_auc: float = -math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    stopped: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def default_threads() -> int:
+    """All cores but one: the batch loader's thread and Polars need a core of their own, and an
+    oversubscribed 2-core machine ran the same loop 25x slower (see the feasibility notes)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def predict(model: nn.Module, batches: ParquetBatches) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, click probabilities) over a whole split."""
+    model.eval()
+    labels, probs = [], []
+    with torch.no_grad():
+        for b in batches:
+            logits, _ = model(b.dense, b.sparse)
+            labels.append(b.labels.numpy())
+            probs.append(torch.sigmoid(logits).numpy())
+    model.train()
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path) -> None:
+        self.cfg, self.t = cfg, cfg.trainer
+        self.fmap = fmap
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        t = self.t
+        split = lambda name: data_dir / fmap.splits[name].file  # noqa: E731
+        self.train_data = ParquetBatches(split("train"), fmap, t.batch_size, shuffle=t.shuffle, seed=t.seed)
+        self.valid_data = ParquetBatches(split("valid"), fmap, t.eval_batch_size)
+        self.test_data = ParquetBatches(split("test"), fmap, t.eval_batch_size)
+
+    # -- building -----------------------------------------------------------------------------
+    def _build(self) -> None:
+        torch.manual_seed(self.t.seed)
+        self.model: DistributedModelParallel = shard_model(build_model(self.fmap, self.cfg.model),
+                                                          self.t.sparse_optimizer, self.t.sparse_lr)
+        self.dense_params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
+        opt = torch.optim.Adam if self.t.optimizer == "adam" else torch.optim.Adagrad
+        self.optimizer = opt(self.dense_params, lr=self.t.lr)
+        self.state = LoopState(lr=self.t.lr, sparse_lr=self.t.sparse_lr)
+
+    def _set_lr(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.state.lr
+        set_sparse_lr(self.model, self.state.sparse_lr)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _save(self, name: str) -> None:
+        save_checkpoint(self.ckpt_dir / name, {
+            "model": plain_state_dict(self.model),
+            "dense_optimizer": self.optimizer.state_dict(),
+            "sparse_optimizer": fused_optimizer_state(self.model),
+            "loop": asdict(self.state),
+            "rng": torch.get_rng_state(),
+            "model_config": self.cfg.model.model_dump(mode="json"),
+        })
+
+    def _restore(self, name: str, with_training_state: bool = True) -> None:
+        payload = load_checkpoint(self.ckpt_dir / name)
+        load_plain_state_dict(self.model, payload["model"])
+        if with_training_state:
+            self.optimizer.load_state_dict(payload["dense_optimizer"])
+            load_fused_optimizer_state(self.model, payload["sparse_optimizer"])
+            self.state = LoopState(**payload["loop"])
+            torch.set_rng_state(payload["rng"])
+            self._set_lr()
+
+    # -- evaluation, early stopping ---------------------------------------------------------------
+    def _record(self, event: str, metrics: dict[str, float]) -> None:
+        line = {"event": event, "epoch": self.state.epoch, "step": self.state.step, **metrics}
+        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+        log.info("%s epoch %d step %d: auc %.5f logloss %.5f", event, self.state.epoch, self.state.step,
+                 metrics["auc"], metrics["logloss"])
+
+    def _validate(self) -> None:
+        metrics = classification_metrics(*predict(self.model, self.valid_data))
+        self._record("valid", metrics)
+        s = self.state
+        s.history.append({"step": s.step, "auc": metrics["auc"], "logloss": metrics["logloss"]})
+        if metrics["auc"] > s.best_auc + MIN_IMPROVEMENT:
+            s.best_auc, s.best_step, s.bad_evals = metrics["auc"], s.step, 0
+            self._save(BEST)
+        else:
+            s.bad_evals += 1
+            s.lr = max(s.lr * self.t.lr_decay, self.t.min_lr)
+            s.sparse_lr = max(s.sparse_lr * self.t.lr_decay, self.t.min_lr)
+            self._set_lr()
+            if s.bad_evals >= self.t.patience:
+                s.stopped = True
+                log.info("early stop: no AUC gain in %d validations (best %.5f at step %d)", s.bad_evals, s.best_auc, s.best_step)
+        self._save(LAST)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _step(self, batch: Any) -> float:
+        logits, penalty = self.model(batch.dense, batch.sparse)
+        loss = binary_cross_entropy_with_logits(logits, batch.labels)
+        if self.t.embedding_l2:
+            loss = loss + self.t.embedding_l2 * penalty
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at epoch {self.state.epoch}, step {self.state.step}; stopped. The last good "
+                f"checkpoint is {self.ckpt_dir / LAST}; lower trainer.lr / trainer.sparse_lr or set trainer.grad_clip_norm")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # also applies the fused embedding update to the rows of this batch
+        if self.t.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.dense_params, self.t.grad_clip_norm)
+        self.optimizer.step()
+        return loss.detach().item()
+
+    def _epoch(self) -> None:
+        s, t = self.state, self.t
+        self.train_data.set_epoch(s.epoch)
+        skip = s.batch_in_epoch
+        bar = tqdm(total=len(self.train_data), initial=skip, disable=not t.progress, desc=f"epoch {s.epoch}",
+                   unit="batch", dynamic_ncols=True)
+        running, started, seen = 0.0, time.perf_counter(), 0
+        for i, batch in enumerate(self.train_data):
+            if i < skip:  # resuming mid-epoch: the seeded loader replays the same order, skip what was done
+                continue
+            loss = self._step(batch)
+            s.step += 1
+            s.batch_in_epoch = i + 1
+            seen += batch.size
+            running = loss if s.step == 1 else 0.98 * running + 0.02 * loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - started):,.0f}", refresh=False)
+            if t.eval_every_steps and s.step % t.eval_every_steps == 0:
+                self._validate()
+                if s.stopped:
+                    break
+            elif t.checkpoint_every_steps and s.step % t.checkpoint_every_steps == 0:
+                self._save(LAST)
+        bar.close()
+        if not s.stopped:
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+            if not t.eval_every_steps:
+                self._validate()
+            else:
+                self._save(LAST)
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train (or resume), reload the best checkpoint, and return its test metrics."""
+        torch.set_num_threads(self.t.threads or default_threads())
+        with local_process_group():
+            self._build()
+            if resume:
+                self._restore(LAST)
+                log.info("resumed at epoch %d, batch %d (step %d)", self.state.epoch, self.state.batch_in_epoch, self.state.step)
+            started = time.perf_counter()
+            while not self.state.stopped and self.state.epoch < self.t.epochs:
+                self._epoch()
+            seconds = time.perf_counter() - started
+            self._restore(BEST, with_training_state=False)
+            test = classification_metrics(*predict(self.model, self.test_data))
+            self._record("test", test)
+        result = {"best_valid_auc": self.state.best_auc, "best_step": self.state.best_step,
+                  "steps": self.state.step, "train_seconds": seconds, **{f"test_{k}": v for k, v in test.items()}}
+        atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+        return result

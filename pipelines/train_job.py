@@ -1,0 +1,65 @@
+"""The train job: resolve the experiment, make sure its data is prepared, set up the run directory, train.
+
+Run directory layout: ``config.yaml`` (the resolved experiment, all defaults filled in),
+``feature_map.json`` (a copy of the data's contract, plus ``data.json`` naming where the data is),
+``checkpoints/{last,best}.pt``, ``metrics.jsonl`` (one JSON line per validation and the test) and
+``result.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctr.config import ExperimentConfig, load_experiment
+from ctr.train import Trainer
+from features.atomic import atomic_write_text
+from features.feature_map import FILE_NAME, FeatureMap
+from features.prepare import prepare
+from features.schema import config_fingerprint
+from features.yaml_config import ConfigError
+from pipelines.prepare_job import ensure_synthetic_raw
+
+log = logging.getLogger("ctr.train")
+CONFIG_FILE = "config.yaml"
+
+
+def prepared_data(cfg: ExperimentConfig) -> tuple[Path, FeatureMap]:
+    """The prepared splits of the experiment's dataset, preparing them first if they do not exist."""
+    out = Path(cfg.dataset.output)
+    wanted = config_fingerprint(cfg.dataset, [str(Path(p)) for p in cfg.dataset.raw])
+    if (out / FILE_NAME).is_file() and FeatureMap.load(out).config_fingerprint == wanted:
+        return out, FeatureMap.load(out)
+    log.info("preparing dataset '%s' into %s (none there, or made by another dataset config)", cfg.dataset.name, out)
+    ensure_synthetic_raw(cfg.dataset)
+    return out, prepare(cfg.dataset).feature_map
+
+
+def run_train(config: Path | None, overrides: list[str], resume: Path | None = None) -> dict[str, Any]:
+    if resume is not None:
+        if config is not None or overrides:
+            raise ConfigError("--resume continues a run with its saved config: give no config file or overrides")
+        cfg = load_experiment(resume / CONFIG_FILE)
+        run_dir = resume
+    else:
+        if config is None:
+            raise ConfigError("ctr train needs an experiment config (or --resume RUN_DIR)")
+        cfg = load_experiment(config, overrides)
+        run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
+        if (run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                              f"or set trainer.run_dir to a new directory")
+    data_dir, fmap = prepared_data(cfg)
+    if resume is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        fmap_text = (data_dir / FILE_NAME).read_text(encoding="utf-8")
+        atomic_write_text(run_dir / FILE_NAME, fmap_text)
+        atomic_write_text(run_dir / "data.json", json.dumps({
+            "prepared": str(data_dir), "feature_map_sha256": hashlib.sha256(fmap_text.encode()).hexdigest()}, indent=2) + "\n")
+    return Trainer(cfg, fmap, data_dir, run_dir).fit(resume=resume is not None)
