@@ -27,9 +27,9 @@ def _penalty(*embeddings: torch.Tensor) -> torch.Tensor:
 class FirstOrder(nn.Module):
     """Logistic-regression part: one weight per feature value plus a linear term on dense features."""
 
-    def __init__(self, fmap: FeatureMap, init_range: float) -> None:
+    def __init__(self, fmap: FeatureMap, init_range: float, device: torch.device) -> None:
         super().__init__()
-        self.weights = SparseArch(fmap.categorical, FIRST_ORDER_DIM, init_range, prefix="lr")
+        self.weights = SparseArch(fmap.categorical, FIRST_ORDER_DIM, init_range, prefix="lr", device=device)
         self.dense = nn.Linear(len(fmap.dense), 1) if fmap.dense else None
         self.bias = nn.Parameter(torch.zeros(1))
 
@@ -44,9 +44,9 @@ class FirstOrder(nn.Module):
 class CTRModel(nn.Module):
     """Shared front: embeddings of every field, and their concatenation with the dense features."""
 
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
         super().__init__()
-        self.embedding = SparseArch(fmap.categorical, cfg.embedding.dim, cfg.embedding.init_range)
+        self.embedding = SparseArch(fmap.categorical, cfg.embedding.dim, cfg.embedding.init_range, device=device)
         self.flat_width = len(fmap.categorical) * cfg.embedding.dim + len(fmap.dense)
 
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +55,9 @@ class CTRModel(nn.Module):
 
 
 class LogisticRegression(nn.Module):
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
         super().__init__()
-        self.first_order = FirstOrder(fmap, cfg.embedding.init_range)
+        self.first_order = FirstOrder(fmap, cfg.embedding.init_range, device)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         logit, w = self.first_order(dense, sparse)
@@ -65,8 +65,8 @@ class LogisticRegression(nn.Module):
 
 
 class DNN(CTRModel):
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
-        super().__init__(fmap, cfg)
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
+        super().__init__(fmap, cfg, device)
         self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.head = nn.Linear(self.mlp.out_features, 1)
 
@@ -76,9 +76,9 @@ class DNN(CTRModel):
 
 
 class DeepFM(CTRModel):
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
-        super().__init__(fmap, cfg)
-        self.first_order = FirstOrder(fmap, cfg.embedding.init_range)
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
+        super().__init__(fmap, cfg, device)
+        self.first_order = FirstOrder(fmap, cfg.embedding.init_range, device)
         self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.head = nn.Linear(self.mlp.out_features, 1)
 
@@ -90,8 +90,8 @@ class DeepFM(CTRModel):
 
 
 class DCNv2(CTRModel):
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig) -> None:
-        super().__init__(fmap, cfg)
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
+        super().__init__(fmap, cfg, device)
         self.structure = cfg.structure
         self.cross = CrossNetwork(self.flat_width, cfg.cross_layers, cfg.low_rank)
         self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
@@ -110,6 +110,7 @@ class DCNv2(CTRModel):
 MODELS: dict[str, type[nn.Module]] = {"lr": LogisticRegression, "dnn": DNN, "deepfm": DeepFM, "dcnv2": DCNv2}
 
 
-def build_model(fmap: FeatureMap, cfg: ModelConfig) -> nn.Module:
-    """The model named by ``cfg.name``; embedding tables on the meta device until sharded."""
-    return MODELS[cfg.name](fmap, cfg)
+def build_model(fmap: FeatureMap, cfg: ModelConfig, device: torch.device = torch.device("meta")) -> nn.Module:
+    """The model named by ``cfg.name``. Tables stay on the meta device (the default) until
+    DistributedModelParallel places them; ``device=cpu`` gives a plain, unsharded model."""
+    return MODELS[cfg.name](fmap, cfg, device)

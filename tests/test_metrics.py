@@ -25,3 +25,16 @@ def test_logloss_and_normalized_entropy() -> None:
     assert logloss(y, np.array([0.5, 0.5])) == pytest.approx(np.log(2))
     # predicting the base rate has NE exactly 1
     assert normalized_entropy(np.array([1, 0, 0, 0]), np.full(4, 0.25)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_metrics_match_scikit_learn(tied: bool) -> None:
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 5_000)
+    p = rng.random(5_000)
+    if tied:  # heavy ties: scores rounded to one decimal
+        p = np.round(p, 1).clip(0.05, 0.95)
+    assert auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert logloss(y, p) == pytest.approx(log_loss(y, p), abs=1e-9)

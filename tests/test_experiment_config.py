@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+
+from ctr.config import load_experiment
+from features.yaml_config import ConfigError
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "experiments"
+
+
+def test_every_shipped_experiment_validates() -> None:
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    for ds in ("synthetic", "criteo", "criteo_x4", "avazu", "avazu_x4"):
+        for model in ("dnn", "deepfm", "dcnv2"):
+            cfg = load_experiment(CONFIGS / f"{ds}_{model}.yaml")
+            assert (cfg.name, cfg.model.name, cfg.model.embedding.dim, cfg.trainer.batch_size) == (f"{ds}_{model}", model, 16, 4096)
+            assert cfg.trainer.optimizer == "adam" and cfg.trainer.lr == 1e-3
+    assert len(names) >= 15
+
+
+def test_misspelt_model_key(tmp_path: Path) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"extends: {CONFIGS / 'synthetic_dnn.yaml'}\nmodel:\n  hiden: [8]\n")
+    with pytest.raises(ConfigError, match=rf"{exp}: unknown key 'model.hiden'; did you mean 'hidden'"):
+        load_experiment(exp)
+
+
+def test_wrong_type_and_bad_width_on_the_command_line() -> None:
+    with pytest.raises(ConfigError, match=r"<command line>: key 'trainer.batch_size'"):
+        load_experiment(CONFIGS / "synthetic_dnn.yaml", ["trainer.batch_size=big"])
+    with pytest.raises(ConfigError, match="embedding width 10 is not a multiple of 4"):
+        load_experiment(CONFIGS / "synthetic_dnn.yaml", ["model.embedding.dim=10"])
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'nope.yaml'}: config file not found"):
+        load_experiment(tmp_path / "nope.yaml")

@@ -1,0 +1,107 @@
+"""End-to-end training on small generated data: learning, determinism, resume, divergence."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ctr.train as train_module
+from ctr.checkpoint import CheckpointError, load_checkpoint
+from ctr.config import EmbeddingConfig, ExperimentConfig, ModelConfig, TrainerConfig
+from ctr.train import Trainer, TrainingDiverged
+from features.prepare import PrepareResult
+from features.schema import DatasetConfig
+
+pytestmark = pytest.mark.slow
+
+
+def experiment(prepared: PrepareResult, run_dir: Path, model: str = "dnn", **trainer: object) -> Trainer:
+    cfg = ExperimentConfig(
+        name="t",
+        dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared.output)),
+        model=ModelConfig(name=model, hidden=[32, 16], embedding=EmbeddingConfig(dim=8), cross_layers=2),
+        trainer=TrainerConfig(**{"batch_size": 512, "eval_batch_size": 4096, "epochs": 2, "eval_every_steps": 10,
+                                 "progress": False, "threads": 1, "sparse_lr": 0.05, "lr": 3e-3, **trainer}),
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, prepared.feature_map, prepared.output, run_dir)
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_learns_and_is_deterministic(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
+    a = experiment(prepared_criteo, tmp_path / "a", model="dcnv2").fit()
+    b = experiment(prepared_criteo, tmp_path / "b", model="dcnv2").fit()
+    assert a["test_auc"] > 0.70  # teacher AUC is ~0.80; random is 0.5
+    assert {k: v for k, v in a.items() if k != "train_seconds"} == {k: v for k, v in b.items() if k != "train_seconds"}
+    lines = metrics_lines(tmp_path / "a")
+    assert [l["event"] for l in lines][-1] == "test" and lines[0]["step"] == 10
+    assert {"auc", "logloss", "ne", "calibration"} <= set(lines[0])
+    best = load_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt")
+    assert best["loop"]["best_auc"] == a["best_valid_auc"]
+
+
+def test_resume_after_a_kill_ends_with_the_same_metrics(prepared_criteo: PrepareResult, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = experiment(prepared_criteo, tmp_path / "straight").fit()
+    real_step = Trainer._step
+    calls = {"n": 0}
+
+    def dies_after_42_steps(self: Trainer, batch: object) -> float:
+        calls["n"] += 1
+        if calls["n"] > 42:  # mid-epoch, two steps after the checkpoint of step 40
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_step", dies_after_42_steps)
+    with pytest.raises(KeyboardInterrupt):
+        experiment(prepared_criteo, tmp_path / "killed").fit()
+    monkeypatch.setattr(Trainer, "_step", real_step)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["loop"]["step"] == 40
+    resumed = experiment(prepared_criteo, tmp_path / "killed").fit(resume=True)
+    for key in ("test_auc", "test_logloss", "best_valid_auc", "best_step", "steps"):
+        assert resumed[key] == straight[key], key
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_criteo: PrepareResult, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real_loss = train_module.binary_cross_entropy_with_logits
+    calls = {"n": 0}
+
+    def nan_at_step_15(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real_loss(logits, labels)
+        return loss * float("nan") if calls["n"] == 15 else loss
+
+    monkeypatch.setattr(train_module, "binary_cross_entropy_with_logits", nan_at_step_15)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 0, step 14; stopped\. The last good checkpoint is .*last\.pt"):
+        experiment(prepared_criteo, tmp_path / "run").fit()
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["loop"]["step"] == 10
+
+
+def test_early_stopping_and_lr_decay(prepared_criteo: PrepareResult, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    real_metrics = train_module.classification_metrics
+    scripted = iter([0.70, 0.69, 0.68])  # validation AUC falls after the first validation
+
+    def metrics(labels: object, probs: object) -> dict:
+        out = real_metrics(labels, probs)
+        return {**out, "auc": next(scripted, out["auc"])}
+
+    monkeypatch.setattr(train_module, "classification_metrics", metrics)
+    result = experiment(prepared_criteo, tmp_path / "run", patience=2, epochs=3).fit()
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["loop"]
+    assert last["stopped"] and last["bad_evals"] == 2 and result["steps"] == 30
+    assert last["lr"] == pytest.approx(3e-5) and last["sparse_lr"] == pytest.approx(5e-4)  # x0.1 per plateau
+    assert result["best_step"] == 10 and result["best_valid_auc"] == 0.70
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["loop"]["step"] == 10
+
+
+def test_truncated_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match=f"{bad}: not a readable checkpoint"):
+        load_checkpoint(bad)
