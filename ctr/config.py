@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from features.schema import DatasetConfig, Strict
 from features.yaml_config import load_config
@@ -19,8 +19,34 @@ FBGEMM_WIDTH_MULTIPLE = 4
 
 
 class EmbeddingConfig(Strict):
-    dim: int = Field(default=16, gt=0)
+    """``per_field``: one exact table per field. ``unified``: feature multiplexing, every (field, chunk)
+    reads row h(field, chunk, id) mod M of one shared table (or ``num_tables`` sub-tables).
+    ``hashed``: the classic baseline, one hashed table per field, sizes proportional to vocabularies.
+    For both hashed kinds the size is ``num_rows`` (M) or ``budget_mb`` (fp32 bytes of all tables),
+    and fields with at most ``collisionless_max`` values keep an exact table of their own."""
+
+    kind: Literal["per_field", "unified", "hashed"] = "per_field"
+    dim: int = Field(default=16, gt=0)  # width of one chunk; a field is chunks x dim wide
     init_range: float = Field(default=0.05, gt=0.0)  # uniform(-r, r)
+    num_rows: int | None = Field(default=None, gt=0)
+    budget_mb: float | None = Field(default=None, gt=0.0)
+    num_tables: int = Field(default=1, ge=1)
+    chunks: dict[str, int] = Field(default_factory=dict)
+    collisionless_max: int = Field(default=64, ge=0)
+    hash_seed: int = 0
+
+    @model_validator(mode="after")
+    def _size(self) -> "EmbeddingConfig":
+        sized = (self.num_rows is not None) + (self.budget_mb is not None)
+        if self.kind == "per_field" and (sized or self.chunks or self.num_tables != 1):
+            raise ValueError("num_rows, budget_mb, chunks and num_tables apply to kind 'unified' or 'hashed'")
+        if self.kind != "per_field" and sized != 1:
+            raise ValueError(f"kind '{self.kind}' needs exactly one of num_rows or budget_mb")
+        if self.kind == "hashed" and (self.chunks or self.num_tables != 1):
+            raise ValueError("chunks and num_tables apply to kind 'unified' only")
+        if any(c < 1 for c in self.chunks.values()):
+            raise ValueError(f"chunks must be >= 1, got {self.chunks}")
+        return self
 
     @field_validator("dim")
     @classmethod

@@ -14,7 +14,7 @@ from torchrec import KeyedJaggedTensor
 from ctr.config import ModelConfig
 from ctr.modules.interactions import CrossNetwork, factorization_machine
 from ctr.modules.mlp import MLP
-from ctr.modules.sparse import SparseArch
+from ctr.modules.sparse import SparseArch, make_sparse_arch
 from features.feature_map import FeatureMap
 
 FIRST_ORDER_DIM = 4  # fbgemm's smallest width; the four values of a row are summed into one weight
@@ -42,12 +42,13 @@ class FirstOrder(nn.Module):
 
 
 class CTRModel(nn.Module):
-    """Shared front: embeddings of every field, and their concatenation with the dense features."""
+    """Shared front: embeddings of every lookup key (a field, or a field's chunk with unified
+    embeddings), and their concatenation with the dense features."""
 
     def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
         super().__init__()
-        self.embedding = SparseArch(fmap.categorical, cfg.embedding.dim, cfg.embedding.init_range, device=device)
-        self.flat_width = len(fmap.categorical) * cfg.embedding.dim + len(fmap.dense)
+        self.embedding = make_sparse_arch(fmap.categorical, cfg.embedding, device)
+        self.flat_width = self.embedding.num_keys * cfg.embedding.dim + len(fmap.dense)
 
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.embedding(sparse)

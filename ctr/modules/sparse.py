@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+from ctr.config import EmbeddingConfig
+from ctr.modules.hashed import HashedSparseArch
 from features.feature_map import FieldInfo
 
 
@@ -32,8 +34,16 @@ class SparseArch(nn.Module):
                  device: torch.device = torch.device("meta")) -> None:
         super().__init__()
         self.num_fields = len(fields)
+        self.num_keys = len(fields)  # one lookup key per field
         self.dim = dim
         self.ebc = EmbeddingBagCollection(tables=embedding_tables(fields, dim, init_range, prefix), device=device)
 
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         return self.ebc(sparse).values().view(-1, self.num_fields, self.dim)
+
+
+def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torch.device) -> nn.Module:
+    """The sparse arch the ``model.embedding`` config names; all return ``[B, keys, dim]``."""
+    if cfg.kind == "per_field":
+        return SparseArch(fields, cfg.dim, cfg.init_range, device=device)
+    return HashedSparseArch(fields, cfg, device=device)
