@@ -96,11 +96,41 @@ class TrainerConfig(Strict):
     run_dir: str | None = None  # None: runs/<experiment name>
 
 
+class OptFSConfig(Strict):
+    """OptFS feature-value gates (Lyu et al., WWW'23); defaults from the reference at embedding 16.
+
+    ``penalty`` is lambda in ``loss + lambda * sum_rows sigmoid(tau * m)``; the reference tuned
+    1e-9..1e-8 on Criteo's 6.8M rows, so None scales 1e-8 by 6.8M / (this vocabulary's rows)."""
+
+    search_epochs: int = Field(default=5, ge=1)
+    final_temp: float = Field(default=200.0, ge=1.0)
+    penalty: float | None = Field(default=None, ge=0.0)
+    rewind_epoch: int = Field(default=1, ge=0)
+    retrain_epochs: int = Field(default=5, ge=1)
+    retrain_patience: int = Field(default=1, ge=1)
+    removed_to: Literal["zero", "oov"] = "zero"
+    gate_lr: float | None = Field(default=None, gt=0.0)  # None: trainer.lr, as in the reference
+
+    @model_validator(mode="after")
+    def _rewind_in_search(self) -> "OptFSConfig":
+        if self.rewind_epoch >= self.search_epochs:
+            raise ValueError(f"rewind_epoch {self.rewind_epoch} must be < search_epochs {self.search_epochs}")
+        return self
+
+
+class OptFSStep(Strict):
+    optfs: OptFSConfig
+
+
+CompressStep = OptFSStep
+
+
 class ExperimentConfig(Strict):
     name: str
     dataset: DatasetConfig
     model: ModelConfig
     trainer: TrainerConfig = TrainerConfig()
+    compress: list[CompressStep] = Field(default_factory=list)  # stages run in order by `ctr compress`
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -38,8 +38,9 @@ def local_process_group() -> Iterator[None]:
     if dist.is_initialized():
         yield
         return
-    with tempfile.NamedTemporaryFile(prefix="ctr-rendezvous-") as rendezvous:
-        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{rendezvous.name}")
+    # a fresh directory: gloo's file store may delete its file itself when the group goes away
+    with tempfile.TemporaryDirectory(prefix="ctr-rendezvous-", ignore_cleanup_errors=True) as folder:
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{folder}/store")
         try:
             yield
         finally:
@@ -81,11 +82,12 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: _local(v).detach().clone() for k, v in model.state_dict().items()}
 
 
-def load_plain_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy plain tensors into a (possibly sharded) model, in place; keys and shapes must match."""
+def load_plain_state_dict(model: nn.Module, state: dict[str, torch.Tensor], partial: bool = False) -> None:
+    """Copy plain tensors into a (possibly sharded) model, in place; keys and shapes must match.
+    ``partial``: keys the state lacks keep the model's own values (new modules of a later stage)."""
     current = model.state_dict()
     missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
-    if missing or unexpected:
+    if (missing and not partial) or unexpected:
         raise KeyError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for key, value in state.items():

@@ -14,7 +14,7 @@ from torchrec import KeyedJaggedTensor
 from ctr.config import ModelConfig
 from ctr.modules.interactions import CrossNetwork, factorization_machine
 from ctr.modules.mlp import MLP
-from ctr.modules.sparse import SparseArch, make_sparse_arch
+from ctr.modules.sparse import SparseArch, TableLayout, make_sparse_arch
 from features.feature_map import FeatureMap
 
 FIRST_ORDER_DIM = 4  # fbgemm's smallest width; the four values of a row are summed into one weight
@@ -45,18 +45,21 @@ class CTRModel(nn.Module):
     """Shared front: embeddings of every lookup key (a field, or a field's chunk with unified
     embeddings), and their concatenation with the dense features."""
 
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device, tables: TableLayout | None) -> None:
         super().__init__()
-        self.embedding = make_sparse_arch(fmap.categorical, cfg.embedding, device)
+        self.embedding = make_sparse_arch(fmap.categorical, cfg.embedding, device, tables)
         self.flat_width = self.embedding.num_keys * cfg.embedding.dim + len(fmap.dense)
+        self.gates: nn.Module | None = None  # set by a compression search (e.g. OptFS feature gates)
 
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.embedding(sparse)
+        if self.gates is not None:
+            emb = self.gates(emb, sparse)
         return emb, torch.cat([emb.flatten(1), dense], dim=1)
 
 
 class LogisticRegression(nn.Module):
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device, tables: TableLayout | None) -> None:
         super().__init__()
         self.first_order = FirstOrder(fmap, cfg.embedding.init_range, device)
 
@@ -66,8 +69,8 @@ class LogisticRegression(nn.Module):
 
 
 class DNN(CTRModel):
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
-        super().__init__(fmap, cfg, device)
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device, tables: TableLayout | None) -> None:
+        super().__init__(fmap, cfg, device, tables)
         self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.head = nn.Linear(self.mlp.out_features, 1)
 
@@ -77,8 +80,8 @@ class DNN(CTRModel):
 
 
 class DeepFM(CTRModel):
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
-        super().__init__(fmap, cfg, device)
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device, tables: TableLayout | None) -> None:
+        super().__init__(fmap, cfg, device, tables)
         self.first_order = FirstOrder(fmap, cfg.embedding.init_range, device)
         self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.head = nn.Linear(self.mlp.out_features, 1)
@@ -91,8 +94,8 @@ class DeepFM(CTRModel):
 
 
 class DCNv2(CTRModel):
-    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device) -> None:
-        super().__init__(fmap, cfg, device)
+    def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device, tables: TableLayout | None) -> None:
+        super().__init__(fmap, cfg, device, tables)
         self.structure = cfg.structure
         self.cross = CrossNetwork(self.flat_width, cfg.cross_layers, cfg.low_rank)
         self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
@@ -111,7 +114,9 @@ class DCNv2(CTRModel):
 MODELS: dict[str, type[nn.Module]] = {"lr": LogisticRegression, "dnn": DNN, "deepfm": DeepFM, "dcnv2": DCNv2}
 
 
-def build_model(fmap: FeatureMap, cfg: ModelConfig, device: torch.device = torch.device("meta")) -> nn.Module:
+def build_model(fmap: FeatureMap, cfg: ModelConfig, device: torch.device = torch.device("meta"),
+                tables: TableLayout | None = None) -> nn.Module:
     """The model named by ``cfg.name``. Tables stay on the meta device (the default) until
-    DistributedModelParallel places them; ``device=cpu`` gives a plain, unsharded model."""
-    return MODELS[cfg.name](fmap, cfg, device)
+    DistributedModelParallel places them; ``device=cpu`` gives a plain, unsharded model.
+    ``tables`` rebuilds the reshaped per-field tables a compression stage left behind."""
+    return MODELS[cfg.name](fmap, cfg, device, tables)

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from ctr.distributed import (fused_optimizer_state, load_fused_optimizer_state, 
                              local_process_group, plain_state_dict, set_sparse_lr, shard_model)
 from ctr.metrics import classification_metrics
 from ctr.models import build_model
+from ctr.modules.sparse import TableLayout
 from features.atomic import atomic_write_text
 from features.feature_map import FeatureMap
 from features.loader import ParquetBatches
@@ -81,12 +82,27 @@ def predict(model: nn.Module, batches: ParquetBatches) -> tuple[np.ndarray, np.n
     return np.concatenate(labels), np.concatenate(probs)
 
 
+@dataclass
+class TrainHooks:
+    """What a compression stage adds to the plain loop (e.g. OptFS: gates, a penalty, a schedule)."""
+
+    tables: TableLayout | None = None  # reshaped per-field tables to build (and to record in checkpoints)
+    initial_state: dict[str, torch.Tensor] | None = None  # plain weights loaded after sharding
+    attach: Callable[[nn.Module], None] | None = None  # adds modules to the model before sharding
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
+    lr_ratio: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> lr multiple
+    on_epoch_start: Callable[["Trainer"], None] | None = None
+
+
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path) -> None:
+    def __init__(self, cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path,
+                 hooks: TrainHooks | None = None) -> None:
         self.cfg, self.t = cfg, cfg.trainer
+        self.hooks = hooks or TrainHooks()
         self.fmap = fmap
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
+        run_dir.mkdir(parents=True, exist_ok=True)
         t = self.t
         split = lambda name: data_dir / fmap.splits[name].file  # noqa: E731
         self.train_data = ParquetBatches(split("train"), fmap, t.batch_size, shuffle=t.shuffle, seed=t.seed)
@@ -96,16 +112,25 @@ class Trainer:
     # -- building -----------------------------------------------------------------------------
     def _build(self) -> None:
         torch.manual_seed(self.t.seed)
-        self.model: DistributedModelParallel = shard_model(build_model(self.fmap, self.cfg.model),
-                                                          self.t.sparse_optimizer, self.t.sparse_lr)
-        self.dense_params = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
+        model = build_model(self.fmap, self.cfg.model, tables=self.hooks.tables)
+        if self.hooks.attach is not None:
+            self.hooks.attach(model)
+        self.model: DistributedModelParallel = shard_model(model, self.t.sparse_optimizer, self.t.sparse_lr)
+        if self.hooks.initial_state is not None:
+            load_plain_state_dict(self.model, self.hooks.initial_state, partial=True)
+        named = [(n, p) for n, p in in_backward_optimizer_filter(self.model.named_parameters()) if p.requires_grad]
+        self.dense_params = [p for _, p in named]
+        ratio = lambda name: next((r for k, r in self.hooks.lr_ratio.items() if name.startswith(k)), 1.0)  # noqa: E731
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, p in named:
+            groups.setdefault(ratio(name), []).append(p)
         opt = torch.optim.Adam if self.t.optimizer == "adam" else torch.optim.Adagrad
-        self.optimizer = opt(self.dense_params, lr=self.t.lr)
+        self.optimizer = opt([{"params": ps, "lr": self.t.lr * r, "lr_ratio": r} for r, ps in groups.items()], lr=self.t.lr)
         self.state = LoopState(lr=self.t.lr, sparse_lr=self.t.sparse_lr)
 
     def _set_lr(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.state.lr
+            group["lr"] = self.state.lr * group["lr_ratio"]
         set_sparse_lr(self.model, self.state.sparse_lr)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -117,6 +142,7 @@ class Trainer:
             "loop": asdict(self.state),
             "rng": torch.get_rng_state(),
             "model_config": self.cfg.model.model_dump(mode="json"),
+            "tables": asdict(self.hooks.tables or TableLayout()),
         })
 
     def _restore(self, name: str, with_training_state: bool = True) -> None:
@@ -161,6 +187,8 @@ class Trainer:
         loss = binary_cross_entropy_with_logits(logits, batch.labels)
         if self.t.embedding_l2:
             loss = loss + self.t.embedding_l2 * penalty
+        if self.hooks.extra_loss is not None:
+            loss = loss + self.hooks.extra_loss(self.model)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss is {loss.item()} at epoch {self.state.epoch}, step {self.state.step}; stopped. The last good "
@@ -175,6 +203,8 @@ class Trainer:
     def _epoch(self) -> None:
         s, t = self.state, self.t
         self.train_data.set_epoch(s.epoch)
+        if self.hooks.on_epoch_start is not None and s.batch_in_epoch == 0:
+            self.hooks.on_epoch_start(self)
         skip = s.batch_in_epoch
         bar = tqdm(total=len(self.train_data), initial=skip, disable=not t.progress, desc=f"epoch {s.epoch}",
                    unit="batch", dynamic_ncols=True)
@@ -203,19 +233,28 @@ class Trainer:
             else:
                 self._save(LAST)
 
+    def load_best_weights(self) -> None:
+        """The weights of the best validation so far (the training state stays as it is)."""
+        self._restore(BEST, with_training_state=False)
+
+    def train(self, resume: bool = False) -> float:
+        """Run (or resume) the epochs until done or early-stopped; returns the seconds spent.
+        Leaves the model as it is at the end, inside the process group the caller holds."""
+        self._build()
+        if resume:
+            self._restore(LAST)
+            log.info("resumed at epoch %d, batch %d (step %d)", self.state.epoch, self.state.batch_in_epoch, self.state.step)
+        started = time.perf_counter()
+        while not self.state.stopped and self.state.epoch < self.t.epochs:
+            self._epoch()
+        return time.perf_counter() - started
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train (or resume), reload the best checkpoint, and return its test metrics."""
         torch.set_num_threads(self.t.threads or default_threads())
         with local_process_group():
-            self._build()
-            if resume:
-                self._restore(LAST)
-                log.info("resumed at epoch %d, batch %d (step %d)", self.state.epoch, self.state.batch_in_epoch, self.state.step)
-            started = time.perf_counter()
-            while not self.state.stopped and self.state.epoch < self.t.epochs:
-                self._epoch()
-            seconds = time.perf_counter() - started
-            self._restore(BEST, with_training_state=False)
+            seconds = self.train(resume)
+            self.load_best_weights()
             test = classification_metrics(*predict(self.model, self.test_data))
             self._record("test", test)
         result = {"best_valid_auc": self.state.best_auc, "best_step": self.state.best_step,

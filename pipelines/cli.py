@@ -41,6 +41,13 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _compress(args: argparse.Namespace) -> None:
+    from ctr.compress.recipe import format_report
+    from pipelines.compress_job import run_compress
+
+    print(format_report(run_compress(args.config, args.overrides)))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from pipelines.demo import run_demo
 
@@ -71,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.epochs=2")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     train.set_defaults(func=_train)
+
+    comp = sub.add_parser("compress", help="run the experiment's compression recipe on its trained checkpoint")
+    comp.add_argument("config", type=Path, help="experiment YAML with a 'compress:' list of stages")
+    comp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    comp.set_defaults(func=_compress)
 
     demo = sub.add_parser("demo", help="prepare the built-in synthetic dataset, train DCNv2, report test AUC")
     demo.add_argument("--config", type=Path, default=Path("configs/experiments/synthetic_dcnv2.yaml"))

@@ -24,7 +24,6 @@ def experiment(prepared: PrepareResult, run_dir: Path, model: str = "dnn", **tra
         trainer=TrainerConfig(**{"batch_size": 512, "eval_batch_size": 4096, "epochs": 2, "eval_every_steps": 10,
                                  "progress": False, "threads": 1, "sparse_lr": 0.05, "lr": 3e-3, **trainer}),
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, prepared.feature_map, prepared.output, run_dir)
 
 

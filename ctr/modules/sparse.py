@@ -7,6 +7,7 @@ materialised for evaluation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -18,32 +19,66 @@ from ctr.modules.hashed import HashedSparseArch
 from features.feature_map import FieldInfo
 
 
-def embedding_tables(fields: list[FieldInfo], dim: int, init_range: float, prefix: str) -> list[EmbeddingBagConfig]:
+@dataclass(frozen=True)
+class TableLayout:
+    """How a compression stage reshaped the per-field tables: row counts, and whether ids are remapped.
+    Saved beside the model config in every checkpoint, so the model can be rebuilt before loading."""
+
+    rows: list[int] | None = None
+    remapped: bool = False
+
+
+def embedding_tables(fields: list[FieldInfo], dim: int, init_range: float, prefix: str,
+                     rows: list[int]) -> list[EmbeddingBagConfig]:
     init = partial(nn.init.uniform_, a=-init_range, b=init_range)
     return [
-        EmbeddingBagConfig(name=f"{prefix}_{f.name}", embedding_dim=dim, num_embeddings=int(f.num_embeddings or 0),
+        EmbeddingBagConfig(name=f"{prefix}_{f.name}", embedding_dim=dim, num_embeddings=n,
                            feature_names=[f.name], pooling=PoolingType.SUM, init_fn=init)
-        for f in fields
+        for f, n in zip(fields, rows)
     ]
 
 
 class SparseArch(nn.Module):
-    """Looks up every field: ``[B, F, D]``, fields in feature-map order."""
+    """Looks up every field: ``[B, F, D]``, fields in feature-map order.
+
+    With ``remapped=True`` every id first goes through a per-field remap table (old id -> table row,
+    -1 -> a zero vector): that is how row selection (OptFS) removes rows, first with full-size tables
+    and then with compact ones of ``rows[f]`` rows each. The remap is a buffer, saved in checkpoints.
+    """
 
     def __init__(self, fields: list[FieldInfo], dim: int, init_range: float, prefix: str = "emb",
-                 device: torch.device = torch.device("meta")) -> None:
+                 device: torch.device = torch.device("meta"), rows: list[int] | None = None,
+                 remapped: bool = False) -> None:
         super().__init__()
         self.num_fields = len(fields)
         self.num_keys = len(fields)  # one lookup key per field
         self.dim = dim
-        self.ebc = EmbeddingBagCollection(tables=embedding_tables(fields, dim, init_range, prefix), device=device)
+        self.keys = [f.name for f in fields]
+        vocab = [int(f.num_embeddings or 0) for f in fields]
+        self.ebc = EmbeddingBagCollection(tables=embedding_tables(fields, dim, init_range, prefix, rows or vocab),
+                                          device=device)
+        self.remapped = remapped
+        if remapped:
+            offsets = torch.tensor([0, *vocab[:-1]], dtype=torch.int64).cumsum(0)
+            self.register_buffer("remap_offsets", offsets.view(-1, 1))
+            self.register_buffer("remap", torch.cat([torch.arange(v, dtype=torch.int64) for v in vocab]))
 
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        return self.ebc(sparse).values().view(-1, self.num_fields, self.dim)
+        if not self.remapped:
+            return self.ebc(sparse).values().view(-1, self.num_fields, self.dim)
+        batch = sparse.stride()
+        rows = self.remap[sparse.values().view(self.num_fields, batch) + self.remap_offsets]
+        kept = rows >= 0
+        keyed = KeyedJaggedTensor(keys=self.keys, values=rows.clamp(min=0).reshape(-1),
+                                  lengths=torch.ones(self.num_fields * batch, dtype=torch.int32), stride=batch)
+        emb = self.ebc(keyed).values().view(-1, self.num_fields, self.dim)
+        return emb * kept.T.unsqueeze(-1).to(emb.dtype)
 
 
-def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torch.device) -> nn.Module:
+def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torch.device,
+                     tables: "TableLayout | None" = None) -> nn.Module:
     """The sparse arch the ``model.embedding`` config names; all return ``[B, keys, dim]``."""
     if cfg.kind == "per_field":
-        return SparseArch(fields, cfg.dim, cfg.init_range, device=device)
+        layout = tables or TableLayout()
+        return SparseArch(fields, cfg.dim, cfg.init_range, device=device, rows=layout.rows, remapped=layout.remapped)
     return HashedSparseArch(fields, cfg, device=device)

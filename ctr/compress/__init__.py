@@ -1,0 +1,1 @@
+"""Compression recipes: stages that each read a checkpoint and write a smaller one, with a report."""

@@ -1,0 +1,75 @@
+"""What every compression stage shares: its context, the checkpoint it reads and writes, model size.
+
+A stage is a small class with one job: ``run(ctx, source) -> StageOutput``. It never touches the
+others; the recipe runner chains them, skips the ones already done and writes the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ctr.config import ExperimentConfig, ModelConfig
+from ctr.distributed import load_plain_state_dict
+from ctr.metrics import classification_metrics
+from ctr.models import build_model
+from ctr.modules.sparse import TableLayout
+from ctr.train import predict
+from features.feature_map import FeatureMap
+from features.loader import ParquetBatches
+
+REMAP_BYTES = 4  # an id remap entry is stored as int32 in the edge model
+
+
+@dataclass(frozen=True)
+class StageContext:
+    cfg: ExperimentConfig
+    fmap: FeatureMap
+    data_dir: Path
+    work_dir: Path  # this stage's own directory
+
+    def split(self, name: str, batch_size: int | None = None) -> ParquetBatches:
+        return ParquetBatches(self.data_dir / self.fmap.splits[name].file, self.fmap,
+                              batch_size or self.cfg.trainer.eval_batch_size)
+
+
+@dataclass
+class StageOutput:
+    payload: dict[str, Any]  # the checkpoint: "model", "model_config", "tables", ...
+    details: dict[str, Any] = field(default_factory=dict)  # stage-specific numbers for the report
+
+
+class Stage(Protocol):
+    name: str
+
+    def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput: ...
+
+
+def plain_model(fmap: FeatureMap, payload: dict[str, Any]) -> nn.Module:
+    """An unsharded CPU model rebuilt from a checkpoint (its config and table layout) with its weights."""
+    model = build_model(fmap, ModelConfig(**payload["model_config"]), device=torch.device("cpu"),
+                        tables=TableLayout(**payload.get("tables", {})))
+    load_plain_state_dict(model, payload["model"])
+    model.eval()
+    return model
+
+
+def model_size(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(float parameters, bytes) of a model state as the edge model stores it: fp32 weights,
+    int32 id remaps; integer bookkeeping buffers (offsets, salts) count at their own size."""
+    params = sum(v.numel() for v in state.values() if v.is_floating_point())
+    size = 0
+    for key, v in state.items():
+        if key.endswith(".remap"):
+            size += v.numel() * REMAP_BYTES
+        else:
+            size += v.numel() * v.element_size()
+    return params, size
+
+
+def validation_metrics(ctx: StageContext, payload: dict[str, Any]) -> dict[str, float]:
+    return classification_metrics(*predict(plain_model(ctx.fmap, payload), ctx.split("valid")))

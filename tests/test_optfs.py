@@ -1,0 +1,117 @@
+"""OptFS gates, schedule, rewind, compaction, and the compression recipe around them."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctr.checkpoint import load_checkpoint
+from ctr.compress.optfs import FeatureGates, OptFSStage, compact, remap_for, temperature
+from ctr.compress.recipe import run_recipe
+from ctr.compress.stage import StageContext, plain_model
+from ctr.config import EmbeddingConfig, ExperimentConfig, ModelConfig, OptFSConfig, OptFSStep, TrainerConfig
+from ctr.distributed import local_process_group
+from ctr.train import Trainer
+from features.feature_map import FieldInfo
+from features.loader import make_batch
+from features.prepare import PrepareResult
+from features.schema import DatasetConfig
+
+
+def fields(*sizes: int) -> list[FieldInfo]:
+    return [FieldInfo(name=f"f{i}", type="categorical", source=f"f{i}", transform="token_v1", num_embeddings=n)
+            for i, n in enumerate(sizes)]
+
+
+def test_gates_are_one_at_init_and_follow_m() -> None:
+    gates = FeatureGates(fields(3, 4))
+    batch = make_batch(["f0", "f1"], torch.tensor([[0, 2], [1, 3]]), torch.zeros(2, 0), torch.zeros(2))
+    emb = torch.ones(2, 2, 4)
+    assert torch.allclose(gates(emb, batch.sparse), emb)
+    with torch.no_grad():
+        gates.m[3 + 3] = -0.2  # field 1, id 3
+        gates.m[2] = 0.0  # field 0, id 2: not > 0, removed
+    assert [k.tolist() for k in gates.kept()] == [[True, True, False], [True, True, True, False]]
+    assert gates.penalty().item() == pytest.approx(torch.sigmoid(gates.m).sum().item())
+
+
+def test_temperature_schedule_end_points() -> None:
+    assert temperature(0, 5, 200.0) == 1.0
+    assert temperature(4, 5, 200.0) == pytest.approx(200.0)
+    assert temperature(2, 5, 200.0) == pytest.approx(200.0 ** 0.5)
+    assert temperature(0, 1, 200.0) == 1.0
+
+
+def test_compact_tables_predict_like_the_masked_model_on_every_id(prepared_criteo: PrepareResult) -> None:
+    fmap = prepared_criteo.feature_map
+    cfg = ModelConfig(name="dcnv2", hidden=[16], cross_layers=1, embedding=EmbeddingConfig(dim=8))
+    gen = torch.Generator().manual_seed(0)
+    kept = [torch.rand(f.num_embeddings, generator=gen) < 0.3 for f in fmap.categorical]
+    for removed_to in ("zero", "oov"):
+        if removed_to == "oov":
+            kept = [k.clone().index_fill_(0, torch.tensor([1]), True) for k in kept]
+        torch.manual_seed(0)
+        from ctr.models import build_model
+        from ctr.modules.sparse import TableLayout
+
+        masked = build_model(fmap, cfg, device=torch.device("cpu"), tables=TableLayout(remapped=True))
+        state = masked.state_dict()
+        state["embedding.remap"] = remap_for(kept, removed_to)
+        masked.load_state_dict(state)
+        small_state, rows = compact(state, fmap.categorical, kept, removed_to)
+        small = plain_model(fmap, {"model": small_state, "model_config": cfg.model_dump(),
+                                   "tables": {"rows": rows, "remapped": True}})
+        assert sum(rows) < sum(f.num_embeddings for f in fmap.categorical)
+        width = max(f.num_embeddings for f in fmap.categorical)  # every id of every field appears
+        ids = torch.stack([torch.arange(width) % f.num_embeddings for f in fmap.categorical])
+        batch = make_batch([f.name for f in fmap.categorical], ids, torch.zeros(width, 0), torch.zeros(width))
+        masked.eval()
+        assert torch.equal(masked(batch.dense, batch.sparse)[0], small(batch.dense, batch.sparse)[0])
+
+
+def experiment(prepared: PrepareResult, run_dir: Path, **optfs: object) -> ExperimentConfig:
+    return ExperimentConfig(
+        name="t",
+        dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared.output)),
+        model=ModelConfig(name="dnn", hidden=[32, 16], embedding=EmbeddingConfig(dim=8)),
+        trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, epochs=1, progress=False, threads=1,
+                              run_dir=str(run_dir), lr=3e-3),
+        compress=[OptFSStep(optfs=OptFSConfig(**{"search_epochs": 2, "rewind_epoch": 1, "retrain_epochs": 1,
+                                                 "final_temp": 50.0, **optfs}))],
+    )
+
+
+@pytest.mark.slow
+def test_recipe_runs_rewinds_and_resumes(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
+    cfg = experiment(prepared_criteo, tmp_path / "run", penalty=1e-4, gate_lr=0.05)
+    Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
+    lines = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run")
+    assert [l["stage_id"] for l in lines] == ["00_baseline", "01_optfs"]
+    optfs = lines[1]
+    assert optfs["rows_after"] < optfs["rows_before"] and optfs["bytes"] < lines[0]["bytes"]
+    assert optfs["valid_auc"] > 0.65
+    # the rewind snapshot (start of search epoch 1) is the search's checkpoint after epoch 0, bit for bit
+    stage = tmp_path / "run" / "compress" / "01_optfs"
+    after_epoch0 = load_checkpoint(stage / "search" / "checkpoints" / "best.pt")
+    assert after_epoch0["loop"]["epoch"] == 1
+    # resuming does not run the stage again
+    mtime = (stage / "checkpoint.pt").stat().st_mtime
+    again = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run")
+    assert again == lines and (stage / "checkpoint.pt").stat().st_mtime == mtime
+    report = [json.loads(l) for l in (tmp_path / "run" / "compress" / "report.jsonl").read_text().splitlines()]
+    assert len(report) == 2
+
+
+@pytest.mark.slow
+def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepared_criteo: PrepareResult,
+                                                                         tmp_path: Path) -> None:
+    cfg = experiment(prepared_criteo, tmp_path / "run", rewind_epoch=0)
+    Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
+    source = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "stage")
+    with local_process_group():
+        kept, snapshot = OptFSStage(cfg.compress[0].optfs)._search(ctx, source)
+    assert snapshot.keys() == source["model"].keys()
+    assert all(torch.equal(snapshot[k], source["model"][k]) for k in snapshot)
+    assert len(kept) == len(prepared_criteo.feature_map.categorical)
