@@ -8,6 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from features.errors import DataError
+from features.feature_map import FeatureMap
+from features.prepare import prepare
+from features.schema import DatasetConfig
 from pipelines.synthetic import generate
 
 WORK = Path(__file__).parent / "_work"
@@ -19,6 +23,16 @@ def criteo_raw(rows: int, seed: int = 2024) -> Path:
     if not path.exists():
         generate("criteo", rows, path, seed=seed)
     return path
+
+
+def prepared(rows: int) -> tuple[Path, FeatureMap]:
+    """The generated file of ``rows`` rows prepared (min count 10, random 8:1:1), made once and reused."""
+    out = WORK / f"prepared_{rows}"
+    try:
+        return out, FeatureMap.load(out)
+    except DataError:  # missing, or written by an older format
+        cfg = DatasetConfig(name="bench", layout="criteo_tsv", output=str(out), min_count=10)
+        return out, prepare(cfg, raw=[criteo_raw(rows)]).feature_map
 
 
 def run_measured(code: str) -> tuple[float, float, str]:

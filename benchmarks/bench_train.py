@@ -21,24 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from _common import WORK, criteo_raw, load_note
+from _common import load_note, prepared
 from ctr.config import ModelConfig, TrainerConfig
 from ctr.distributed import local_process_group, shard_model
 from ctr.models import build_model
 from ctr.train import default_threads
 from features.feature_map import FeatureMap
 from features.loader import Batch, ParquetBatches
-from features.prepare import prepare
-from features.schema import DatasetConfig
 
 BATCH = 4096
-
-
-def prepared(rows: int) -> Path:
-    out = WORK / f"prepared_{rows}"
-    if not (out / "feature_map.json").exists():
-        prepare(DatasetConfig(name="bench", layout="criteo_tsv", output=str(out), min_count=10), raw=[criteo_raw(rows)])
-    return out
 
 
 def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -106,8 +97,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    out = prepared(args.rows)
-    fmap = FeatureMap.load(out)
+    out, fmap = prepared(args.rows)
     loader = ParquetBatches(out / "train.parquet", fmap, BATCH, shuffle=True, seed=1, drop_last=True)
     started = time.perf_counter()
     batches = list(loader)

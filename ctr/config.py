@@ -91,7 +91,7 @@ class TrainerConfig(Strict):
     lr_decay: float = Field(default=0.1, gt=0.0, le=1.0)
     min_lr: float = Field(default=1e-6, ge=0.0)
     checkpoint_every_steps: int | None = Field(default=None, ge=1)
-    threads: int | None = Field(default=None, ge=1)  # None: all cores but one (the loader's)
+    threads: int | None = Field(default=None, ge=1)  # None: every core (or OMP_NUM_THREADS)
     progress: bool = True
     run_dir: str | None = None  # None: runs/<experiment name>
 
