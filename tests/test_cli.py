@@ -33,3 +33,20 @@ def test_synthetic_dataset_generates_its_raw_file(tmp_path: Path, capsys: pytest
     assert main(["prepare", str(config)]) == 0
     assert raw.is_file() and Path(f"{raw}.teacher.json").is_file()
     assert "3000 rows read" in capsys.readouterr().out
+
+
+def test_compress_needs_a_trained_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = tmp_path / "exp.yaml"
+    configs = Path(__file__).parents[1] / "configs" / "experiments"
+    exp.write_text(f"extends: {configs / 'synthetic_dnn_optfs.yaml'}\ntrainer: {{run_dir: {tmp_path / 'run'}}}\n")
+    assert main(["compress", str(exp)]) == 2
+    assert "no trained checkpoint; run 'ctr train" in capsys.readouterr().err
+
+
+def test_train_refuses_to_mix_two_runs_in_one_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    configs = Path(__file__).parents[1] / "configs" / "experiments"
+    assert main(["train", str(configs / "synthetic_dnn.yaml"), f"trainer.run_dir={run}"]) == 2
+    assert f"{run} already holds a run: continue it with --resume" in capsys.readouterr().err
