@@ -102,6 +102,7 @@ class OptFSConfig(Strict):
     ``penalty`` is lambda in ``loss + lambda * sum_rows sigmoid(tau * m)``; the reference tuned
     1e-9..1e-8 on Criteo's 6.8M rows, so None scales 1e-8 by 6.8M / (this vocabulary's rows)."""
 
+    start_from: Literal["init", "checkpoint"] = "init"  # init: the search trains from scratch, as the reference
     search_epochs: int = Field(default=5, ge=1)
     final_temp: float = Field(default=200.0, ge=1.0)
     penalty: float | None = Field(default=None, ge=0.0)

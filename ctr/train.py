@@ -75,7 +75,8 @@ def default_threads() -> int:
 
 
 def predict(model: nn.Module, batches: ParquetBatches) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, click probabilities) over a whole split."""
+    """(labels, click probabilities) over a whole split; the model's train/eval mode is restored."""
+    was_training = model.training
     model.eval()
     labels, probs = [], []
     with torch.no_grad():
@@ -83,7 +84,7 @@ def predict(model: nn.Module, batches: ParquetBatches) -> tuple[np.ndarray, np.n
             logits, _ = model(b.dense, b.sparse)
             labels.append(b.labels.numpy())
             probs.append(torch.sigmoid(logits).numpy())
-    model.train()
+    model.train(was_training)
     return np.concatenate(labels), np.concatenate(probs)
 
 

