@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import polars as pl
+import torch
 
 from _common import load_note
 from ctr.checkpoint import load_checkpoint
@@ -24,6 +25,7 @@ from ctr.compress.stage import StageContext, plain_model
 from ctr.config import load_experiment
 from ctr.metrics import classification_metrics
 from ctr.train import predict
+from features.vocab import OOV_ID
 from pipelines.compress_job import run_compress
 from pipelines.train_job import prepared_data, run_train
 
@@ -57,7 +59,9 @@ def main() -> None:
             continue
         vocab = {f.name: f.num_embeddings for f in fmap.categorical}
         remap = load_checkpoint(run_dir / "compress" / line["stage_id"] / "checkpoint.pt")["model"]["embedding.remap"]
-        kept_ids = dict(zip(vocab, (r >= 0 for r in remap.split(list(vocab.values())))))
+        # kept: the id reads its own row (removed ids read nothing, or the field's OOV row)
+        kept_ids = {name: (r >= 0) & ((r != r[OOV_ID]) | (torch.arange(len(r)) == OOV_ID))
+                    for name, r in zip(vocab, remap.split(list(vocab.values())))}
         print(f"\n{line['stage_id']}: rows kept per field (* = pure-noise field of the generator); traffic = share "
               f"of the field's train lookups (values seen >= min_count times) whose row is kept")
         print("| field | rows | kept | kept share | traffic kept |")
