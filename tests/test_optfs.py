@@ -113,3 +113,24 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     assert snapshot.keys() == source["model"].keys()
     assert all(torch.equal(snapshot[k], source["model"][k]) for k in snapshot)
     assert len(kept) == len(prepared_criteo.feature_map.categorical)
+
+
+def test_gate_gradients_are_bitwise_reproducible_on_two_threads() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gates = FeatureGates(fields(50, 3000))
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.stack([torch.randint(0, 50, (4096,), generator=gen), torch.randint(0, 3000, (4096,), generator=gen)])
+        batch = make_batch(["f0", "f1"], ids, torch.zeros(4096, 0), torch.zeros(4096))
+        emb = torch.randn(4096, 2, 4, generator=gen)
+
+        def grad() -> torch.Tensor:
+            gates.m.grad = None
+            gates(emb, batch.sparse).sum().backward()
+            return gates.m.grad.clone()
+
+        first = grad()
+        assert all(torch.equal(first, grad()) for _ in range(10))
+    finally:
+        torch.set_num_threads(threads)

@@ -55,7 +55,10 @@ class FeatureGates(nn.Module):
 
     def forward(self, emb: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         ids = sparse.values().view(self.num_fields, -1) + self.offsets
-        return emb * self.gate(self.m[ids]).T.unsqueeze(-1)
+        # index_select, not m[ids]: the backward of advanced indexing accumulates with races on
+        # several CPU threads, which made two runs of the same seed differ
+        m = self.m.index_select(0, ids.reshape(-1)).view_as(ids)
+        return emb * self.gate(m).T.unsqueeze(-1)
 
     def penalty(self) -> torch.Tensor:
         return torch.sigmoid(self.tau * self.m).sum()
