@@ -43,8 +43,8 @@ def main() -> None:
         _, eager_rss, _ = run_measured(EAGER.format(raw=raw))
         results.append((rows, seconds, rss, eager_rss, raw.stat().st_size / 1e6))
     print(f"\nprepare (raw Criteo TSV -> Parquet splits + vocabularies, min_count 10); {load_note()}")
-    print(f"| rows | input MB | seconds | rows/s | peak RSS MB | eager read_csv peak RSS MB (baseline) |")
-    print(f"|---:|---:|---:|---:|---:|---:|")
+    print("| rows | input MB | seconds | rows/s | peak RSS MB | eager read_csv peak RSS MB (baseline) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for rows, seconds, rss, eager_rss, mb in results:
         print(f"| {rows:,} | {mb:.0f} | {seconds:.1f} | {rows / seconds:,.0f} | {rss:,.0f} | {eager_rss:,.0f} |")
     if len(results) >= 2:

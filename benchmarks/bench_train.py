@@ -16,7 +16,6 @@ import argparse
 import logging
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn

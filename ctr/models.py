@@ -12,6 +12,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from ctr.config import ModelConfig
+from ctr.modules import META
 from ctr.modules.interactions import CrossNetwork, factorization_machine
 from ctr.modules.mlp import MLP
 from ctr.modules.sparse import SparseArch, TableLayout, make_sparse_arch
@@ -114,7 +115,7 @@ class DCNv2(CTRModel):
 MODELS: dict[str, type[nn.Module]] = {"lr": LogisticRegression, "dnn": DNN, "deepfm": DeepFM, "dcnv2": DCNv2}
 
 
-def build_model(fmap: FeatureMap, cfg: ModelConfig, device: torch.device = torch.device("meta"),
+def build_model(fmap: FeatureMap, cfg: ModelConfig, device: torch.device = META,
                 tables: TableLayout | None = None) -> nn.Module:
     """The model named by ``cfg.name``. Tables stay on the meta device (the default) until
     DistributedModelParallel places them; ``device=cpu`` gives a plain, unsharded model.

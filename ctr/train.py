@@ -28,7 +28,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from ctr.checkpoint import load_checkpoint, save_checkpoint
-from ctr.config import ExperimentConfig, TrainerConfig
+from ctr.config import ExperimentConfig
 from ctr.distributed import (fused_optimizer_state, load_fused_optimizer_state, load_plain_state_dict,
                              local_process_group, plain_state_dict, set_sparse_lr, shard_model)
 from ctr.metrics import classification_metrics

@@ -1,6 +1,5 @@
 """Each model's forward/backward through the real sharded path (fused fbgemm tables, world of one)."""
 
-from pathlib import Path
 
 import pytest
 import torch

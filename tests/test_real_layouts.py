@@ -45,7 +45,7 @@ def test_kaggle_csv_with_crlf_equals_the_tsv_layout(tmp_path: Path) -> None:
     csv = DATA / "criteo_kaggle_train.head200.csv"
     assert b"\r\n" in csv.read_bytes()
     from_csv = run_prepare(csv, tmp_path / "csv", layout="criteo_kaggle_csv")
-    from_tsv = run_prepare(DATA / "criteo_kaggle_train.head200.tsv", tmp_path / "tsv")
+    run_prepare(DATA / "criteo_kaggle_train.head200.tsv", tmp_path / "tsv")
     assert from_csv.feature_map.rows_read == 200 and from_csv.feature_map.label_source == "Label"
     for split in ("train", "valid", "test"):
         assert pl.read_parquet(tmp_path / "csv" / f"{split}.parquet").equals(pl.read_parquet(tmp_path / "tsv" / f"{split}.parquet"))

@@ -18,6 +18,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from ctr.config import EmbeddingConfig
+from ctr.modules import META
 from features.feature_map import FieldInfo
 from features.hashing import HASH_VERSION, bucket_torch, hash_torch, key_torch, mix_seed
 
@@ -83,7 +84,7 @@ def hashed_keys(fields: list[FieldInfo], cfg: EmbeddingConfig) -> list[KeySpec]:
 class HashedSparseArch(nn.Module):
     """Looks up every (field, chunk) key: ``[B, K, D]``, keys grouped by table."""
 
-    def __init__(self, fields: list[FieldInfo], cfg: EmbeddingConfig, device: torch.device = torch.device("meta")) -> None:
+    def __init__(self, fields: list[FieldInfo], cfg: EmbeddingConfig, device: torch.device = META) -> None:
         super().__init__()
         keys = unified_keys(fields, cfg) if cfg.kind == "unified" else hashed_keys(fields, cfg)
         self.hash_version = HASH_VERSION

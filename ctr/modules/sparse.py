@@ -15,6 +15,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from ctr.config import EmbeddingConfig
+from ctr.modules import META
 from ctr.modules.hashed import HashedSparseArch
 from features.feature_map import FieldInfo
 
@@ -47,7 +48,7 @@ class SparseArch(nn.Module):
     """
 
     def __init__(self, fields: list[FieldInfo], dim: int, init_range: float, prefix: str = "emb",
-                 device: torch.device = torch.device("meta"), rows: list[int] | None = None,
+                 device: torch.device = META, rows: list[int] | None = None,
                  remapped: bool = False) -> None:
         super().__init__()
         self.num_fields = len(fields)
