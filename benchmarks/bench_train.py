@@ -7,7 +7,7 @@ batch loader's batches/s alone, and the fp32 matmul rate of exactly the model's 
 sample x samples/s / matmul FLOP/s. Then the same DCNv2 step with every table grown to >= 20M rows
 in total: a fused sparse update touches only the batch's rows, so samples/s should barely move.
 
-Usage: python benchmarks/bench_train.py [--rows 1000000] [--steps 20] [--threads N] [--big-rows 20000000]
+Usage: python benchmarks/bench_train.py [--rows 1000000] [--steps 40] [--threads N] [--big-rows 20000000]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def grown(fmap: FeatureMap, total_rows: int) -> FeatureMap:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--big-rows", type=int, default=20_000_000)
     args = parser.parse_args()
