@@ -169,6 +169,13 @@ class Trainer:
         log.info("%s epoch %d step %d: auc %.5f logloss %.5f", event, self.state.epoch, self.state.step,
                  metrics["auc"], metrics["logloss"])
 
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint a run resumes from (they will be redone)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
     def _validate(self) -> None:
         metrics = classification_metrics(*predict(self.model, self.valid_data))
         self._record("valid", metrics)
@@ -247,9 +254,13 @@ class Trainer:
         """Run (or resume) the epochs until done or early-stopped; returns the seconds spent.
         Leaves the model as it is at the end, inside the process group the caller holds."""
         self._build()
-        if resume:
+        if resume and (self.ckpt_dir / LAST).is_file():
             self._restore(LAST)
             log.info("resumed at epoch %d, batch %d (step %d)", self.state.epoch, self.state.batch_in_epoch, self.state.step)
+        elif resume:
+            log.info("no checkpoint was written before the interruption: starting from the beginning")
+        if resume:
+            self._forget_metrics_after(self.state.step)
         started = time.perf_counter()
         while not self.state.stopped and self.state.epoch < self.t.epochs:
             self._epoch()

@@ -105,3 +105,53 @@ def test_truncated_checkpoint_fails_clearly(tmp_path: Path) -> None:
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match=f"{bad}: not a readable checkpoint"):
         load_checkpoint(bad)
+
+
+def test_resume_after_sigkill_of_the_training_process(prepared_criteo: PrepareResult, synthetic_criteo: Path,
+                                                      tmp_path: Path) -> None:
+    """A real kill -9 of `ctr train` mid-epoch, then `ctr train --resume`: same metrics as a straight run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"""
+name: killed
+dataset: {{name: test, layout: criteo_tsv, raw: [{synthetic_criteo}], output: {prepared_criteo.output},
+          min_count: 2, row_group_size: 2048}}
+model: {{name: dnn, hidden: [32, 16], embedding: {{dim: 8}}}}
+trainer: {{batch_size: 128, eval_batch_size: 4096, epochs: 2, eval_every_steps: 20, progress: false, threads: 1}}
+""")
+    ctr = [sys.executable, "-m", "pipelines.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*ctr, "train", str(config), f"trainer.run_dir={tmp_path / 'straight'}"], check=True, env=env,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*ctr, "train", str(config), f"trainer.run_dir={killed}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "result.json").exists()
+    subprocess.run([*ctr, "train", "--resume", str(killed)], check=True, env=env, capture_output=True)
+    straight = json.loads((tmp_path / "straight" / "result.json").read_text())
+    resumed = json.loads((killed / "result.json").read_text())
+    for key in ("test_auc", "test_logloss", "best_valid_auc", "best_step", "steps"):
+        assert resumed[key] == straight[key], key
+    # every validation appears once, as in the straight run
+    assert [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(l)["step"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_before_the_first_checkpoint_starts_over(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
+    straight = experiment(prepared_criteo, tmp_path / "a").fit()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text('{"event": "valid", "epoch": 0, "step": 10, "auc": 0.5}\n')
+    resumed = experiment(prepared_criteo, tmp_path / "b").fit(resume=True)
+    assert resumed["test_auc"] == straight["test_auc"] and resumed["steps"] == straight["steps"]
+    assert metrics_lines(tmp_path / "b") == metrics_lines(tmp_path / "a")
