@@ -62,6 +62,8 @@ class CTRModel(nn.Module):
 class LogisticRegression(nn.Module):
     def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device, tables: TableLayout | None) -> None:
         super().__init__()
+        if tables is not None and tables != TableLayout():
+            raise ValueError("model 'lr' has only first-order weights: there are no embedding tables to reshape")
         self.first_order = FirstOrder(fmap, cfg.embedding.init_range, device)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:

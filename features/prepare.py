@@ -50,8 +50,8 @@ class PrepareResult:
     seconds: float
 
 
-def _stage_file(path: Path, index: int, cfg: DatasetConfig, layout: Layout, specs: list[FeatureSpec],
-                row_offset: int, target: Path) -> int:
+def _stage_file(path: Path, cfg: DatasetConfig, layout: Layout, specs: list[FeatureSpec], row_offset: int,
+                target: Path) -> int:
     """Pass 1 for one raw file; returns its number of data rows."""
     scan = scan_parquet_raw if cfg.format == "parquet" else scan_delimited
     rows = scan(path, layout, row_offset)
@@ -147,7 +147,7 @@ def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | No
         (work / "staged").mkdir()
         sources, offset = [], 0
         for k, path in enumerate(paths):
-            n = _stage_file(path, k, cfg, layout, specs, offset, work / "staged" / f"part-{k:05d}.parquet")
+            n = _stage_file(path, cfg, layout, specs, offset, work / "staged" / f"part-{k:05d}.parquet")
             sources.append(SourceInfo(path=str(path), bytes=path.stat().st_size, rows=n))
             offset += n
             log.info("parsed %s: %d rows", path, n)
