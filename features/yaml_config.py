@@ -158,12 +158,18 @@ def _describe(exc: ValidationError, model: type[BaseModel], origins: dict[str, s
     return "\n".join(lines)
 
 
-def load_config(model: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
-    """Read ``path`` (following ``extends:``), apply overrides, validate against ``model``."""
+def read_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged key tree of ``path`` (following ``extends:``) with overrides, and where each key came from."""
     origins: dict[str, str] = {}
     tree = _load_tree(Path(path), origins, ())
     for override in overrides or []:
         apply_override(tree, override, origins)
+    return tree, origins
+
+
+def load_config(model: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
+    """Read ``path`` (following ``extends:``), apply overrides, validate against ``model``."""
+    tree, origins = read_config(path, overrides)
     return validate_tree(model, tree, origins, str(path))
 
 

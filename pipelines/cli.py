@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     prep = sub.add_parser("prepare", help="raw files -> Parquet splits + feature_map.json")
-    prep.add_argument("config", type=Path, help="dataset YAML (configs/datasets/*.yaml)")
+    prep.add_argument("config", type=Path, help="dataset or experiment YAML (configs/datasets, configs/experiments)")
     prep.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. dataset.min_count=5")
     prep.add_argument("--raw", type=Path, nargs="+", help="raw files to read instead of dataset.raw")
     prep.add_argument("--output", type=Path, help="output directory instead of dataset.output")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from features.prepare import PrepareResult, prepare
 from features.schema import DatasetConfig, DatasetFile
-from features.yaml_config import load_config
+from features.yaml_config import read_config, validate_tree
 from pipelines.synthetic import generate
 
 log = logging.getLogger("ctr.prepare")
@@ -27,8 +27,17 @@ def ensure_synthetic_raw(cfg: DatasetConfig) -> None:
     log.info("generated %d %s rows -> %s in %.1fs (teacher AUC %.4f)", s.rows, s.kind, path, report.seconds, report.teacher_auc)
 
 
+def load_dataset(config: Path, overrides: list[str]) -> DatasetConfig:
+    """The ``dataset:`` section of a dataset file or of a whole experiment file (validated as one)."""
+    from ctr.config import ExperimentConfig  # experiment files carry model/trainer sections too
+
+    tree, origins = read_config(config, overrides)
+    model = ExperimentConfig if "model" in tree else DatasetFile
+    return validate_tree(model, tree, origins, str(config)).dataset
+
+
 def run_prepare(config: Path, overrides: list[str], raw: list[Path] | None, output: Path | None) -> PrepareResult:
-    cfg = load_config(DatasetFile, config, overrides).dataset
+    cfg = load_dataset(config, overrides)
     if not raw:
         ensure_synthetic_raw(cfg)
     return prepare(cfg, raw=raw, output=output)

@@ -50,3 +50,17 @@ def test_train_refuses_to_mix_two_runs_in_one_directory(tmp_path: Path, capsys: 
     configs = Path(__file__).parents[1] / "configs" / "experiments"
     assert main(["train", str(configs / "synthetic_dnn.yaml"), f"trainer.run_dir={run}"]) == 2
     assert f"{run} already holds a run: continue it with --resume" in capsys.readouterr().err
+
+
+def test_prepare_accepts_an_experiment_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"""
+name: e
+dataset: {{name: cli, layout: avazu_csv, output: {tmp_path / 'out'}, min_count: 1}}
+model: {{name: dnn}}
+""")
+    assert main(["prepare", str(exp), "--raw", str(DATA / "avazu_deepctr_sample.csv")]) == 0
+    assert "prepared cli: 100 rows read" in capsys.readouterr().out
+    exp.write_text(exp.read_text() + "trainer: {epoks: 2}\n")
+    assert main(["prepare", str(exp)]) == 2  # the whole experiment is validated, not just its dataset
+    assert "did you mean 'epochs'" in capsys.readouterr().err
