@@ -65,7 +65,8 @@ def shard_model(model: nn.Module, sparse_optimizer: str, sparse_lr: float) -> Di
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu", local_world_size=world),
                                        constraints=constraints)
     plan = planner.collective_plan(model, [EmbeddingBagCollectionSharder()], dist.GroupMember.WORLD)
-    return DistributedModelParallel(model, device=torch.device("cpu"), plan=plan)
+    # the dense part needs DDP's gradient all-reduce only with more than one process; alone it is a copy
+    return DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, init_data_parallel=world > 1)
 
 
 def _local(value: Any) -> Any:
