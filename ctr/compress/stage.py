@@ -32,9 +32,8 @@ class StageContext:
     data_dir: Path
     work_dir: Path  # this stage's own directory
 
-    def split(self, name: str, batch_size: int | None = None) -> ParquetBatches:
-        return ParquetBatches(self.data_dir / self.fmap.splits[name].file, self.fmap,
-                              batch_size or self.cfg.trainer.eval_batch_size)
+    def split(self, name: str) -> ParquetBatches:
+        return ParquetBatches(self.data_dir / self.fmap.splits[name].file, self.fmap, self.cfg.trainer.eval_batch_size)
 
 
 @dataclass
