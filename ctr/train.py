@@ -36,6 +36,7 @@ from ctr.models import build_model
 from ctr.modules.sparse import TableLayout
 from features.atomic import atomic_write_text
 from features.feature_map import FeatureMap
+from features.json_lines import append_json_line, read_json_lines
 from features.loader import ParquetBatches
 
 log = logging.getLogger("ctr.train")
@@ -164,8 +165,7 @@ class Trainer:
     # -- evaluation, early stopping ---------------------------------------------------------------
     def _record(self, event: str, metrics: dict[str, float]) -> None:
         line = {"event": event, "epoch": self.state.epoch, "step": self.state.step, **metrics}
-        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
+        append_json_line(self.run_dir / "metrics.jsonl", line)
         log.info("%s epoch %d step %d: auc %.5f logloss %.5f", event, self.state.epoch, self.state.step,
                  metrics["auc"], metrics["logloss"])
 
@@ -173,8 +173,8 @@ class Trainer:
         """Drop metric lines written after the checkpoint a run resumes from (they will be redone)."""
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= step]
-            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+            kept = [record for record in read_json_lines(path) if record["step"] <= step]
+            atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _validate(self) -> None:
         metrics = classification_metrics(*predict(self.model, self.valid_data))

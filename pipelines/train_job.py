@@ -33,8 +33,10 @@ def prepared_data(cfg: ExperimentConfig) -> tuple[Path, FeatureMap]:
     """The prepared splits of the experiment's dataset, preparing them first if they do not exist."""
     out = Path(cfg.dataset.output)
     wanted = config_fingerprint(cfg.dataset, [str(Path(p)) for p in cfg.dataset.raw])
-    if (out / FILE_NAME).is_file() and FeatureMap.load(out).config_fingerprint == wanted:
-        return out, FeatureMap.load(out)
+    if (out / FILE_NAME).is_file():
+        fmap = FeatureMap.load(out)
+        if fmap.config_fingerprint == wanted:
+            return out, fmap
     log.info("preparing dataset '%s' into %s (none there, or made by another dataset config)", cfg.dataset.name, out)
     ensure_synthetic_raw(cfg.dataset)
     return out, prepare(cfg.dataset).feature_map

@@ -8,7 +8,6 @@ again, so an interrupted recipe resumes at the stage it was in.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from ctr.compress.stage import Stage, StageContext, model_size, validation_metri
 from ctr.config import CompressStep, ExperimentConfig
 from ctr.distributed import local_process_group
 from features.feature_map import FeatureMap
+from features.json_lines import append_json_line, read_json_lines
 
 log = logging.getLogger("ctr.compress")
 STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage}
@@ -33,14 +33,7 @@ def build_stage(step: CompressStep) -> Stage:
 
 
 def _report_lines(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.is_file():
-        return {}
-    return {line["stage_id"]: line for line in map(json.loads, path.read_text().splitlines())}
-
-
-def _append(path: Path, line: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(line) + "\n")
+    return {line["stage_id"]: line for line in read_json_lines(path)}
 
 
 def _line(stage_id: str, stage: str, ctx: StageContext, payload: dict[str, Any], seconds: float,
@@ -64,7 +57,7 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path)
     source = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     if "00_baseline" not in done:
         ctx = StageContext(cfg, fmap, data_dir, out)
-        _append(report, _line("00_baseline", "baseline", ctx, source, 0.0, {}))
+        append_json_line(report, _line("00_baseline", "baseline", ctx, source, 0.0, {}))
     for i, step in enumerate(cfg.compress, 1):
         stage = build_stage(step)
         stage_id = f"{i:02d}_{stage.name}"
@@ -74,13 +67,13 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path)
             log.info("stage %s: checkpoint exists, not run again", stage_id)
             source = load_checkpoint(checkpoint)
             if stage_id not in _report_lines(report):
-                _append(report, _line(stage_id, stage.name, ctx, source, 0.0, {}))
+                append_json_line(report, _line(stage_id, stage.name, ctx, source, 0.0, {}))
             continue
         log.info("stage %s: running", stage_id)
         started = time.perf_counter()
         result = stage.run(ctx, source)
         save_checkpoint(checkpoint, result.payload)
-        _append(report, _line(stage_id, stage.name, ctx, result.payload, time.perf_counter() - started, result.details))
+        append_json_line(report, _line(stage_id, stage.name, ctx, result.payload, time.perf_counter() - started, result.details))
         source = result.payload
     return list(_report_lines(report).values())
 
