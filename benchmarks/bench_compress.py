@@ -1,10 +1,11 @@
-"""Compression recipe results on the built-in synthetic dataset: size against AUC, stage by stage.
+"""Compression recipes on the built-in synthetic dataset: size against test AUC, stage by stage.
 
-Trains the experiment's baseline (if its run directory has none), runs its ``compress:`` recipe,
-and prints the stage report, test AUC / logloss of the baseline and of the final stage, and, for
-row selection, the share of rows kept per field with the generator's pure-noise fields marked.
+For each experiment: trains its baseline (if the run directory has none), runs its ``compress:``
+recipe (stages already done are reused), scores the baseline and every stage on the test split, and
+prints one table over all of them; then, per stage, what it did to each field: rows kept (OptFS)
+or widths chosen (OptEmbed), with the generator's pure-noise fields marked.
 
-Usage: python benchmarks/bench_compress.py [--config configs/experiments/synthetic_dnn_optfs.yaml]
+Usage: python benchmarks/bench_compress.py [--config A.yaml B.yaml ...]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import torch
@@ -25,56 +27,93 @@ from ctr.compress.stage import StageContext, plain_model
 from ctr.config import load_experiment
 from ctr.metrics import classification_metrics
 from ctr.train import predict
+from features.feature_map import FeatureMap
 from features.vocab import OOV_ID
 from pipelines.compress_job import run_compress
 from pipelines.train_job import prepared_data, run_train
 
+CONFIGS = [Path("configs/experiments/synthetic_dnn_optfs.yaml"), Path("configs/experiments/synthetic_dnn_optembed.yaml"),
+           Path("configs/experiments/synthetic_dnn_optfs_optembed.yaml")]
+QUIET = ["trainer.progress=false"]
+
+
+def kept_rows_table(line: dict[str, Any], stage_dir: Path, fmap: FeatureMap, data_dir: Path, noise: set[str]) -> None:
+    vocab = {f.name: f.num_embeddings for f in fmap.categorical}
+    remap = load_checkpoint(stage_dir / "checkpoint.pt")["model"]["embedding.remap"]
+    # kept: the id reads its own row (removed ids read nothing, or the field's OOV row)
+    kept_ids = {name: (r >= 0) & ((r != r[OOV_ID]) | (torch.arange(len(r)) == OOV_ID))
+                for name, r in zip(vocab, remap.split(list(vocab.values())))}
+    print(f"\n{line['stage_id']}: rows kept per field (* = pure-noise field of the generator); traffic = share "
+          f"of the field's train lookups (values seen >= min_count times) whose row is kept")
+    print("| field | rows | kept | kept share | traffic kept |")
+    print("|---|---:|---:|---:|---:|")
+    for name, kept in line["kept_rows"].items():
+        counts = pl.read_parquet(data_dir / "vocab" / f"{name}.parquet")
+        traffic = float((counts["count"] * kept_ids[name][counts["id"].to_numpy()].numpy()).sum() / counts["count"].sum())
+        print(f"| {name}{' *' if name in noise else ''} | {vocab[name]:,} | {kept:,} | {kept / vocab[name]:.1%} | {traffic:.1%} |")
+    noise_rows = sum(vocab[n] for n in noise if n in vocab)
+    noise_kept = sum(line["kept_rows"][n] for n in noise if n in vocab)
+    print(f"\nall fields: {line['rows_after']:,} of {line['rows_before']:,} rows kept "
+          f"({1 - line['rows_after'] / line['rows_before']:.1%} removed); noise fields: "
+          f"{1 - noise_kept / max(noise_rows, 1):.1%} of their {noise_rows:,} rows removed")
+
+
+def widths_table(line: dict[str, Any], noise: set[str]) -> None:
+    widths = line["widths"]
+    print(f"\n{line['stage_id']}: widths found (* = pure-noise field); search {line['search_seconds']:.0f} s on "
+          f"{line['search_rows']:,} cached validation rows, search AUC {line['search_auc']:.5f}; rows kept "
+          f"{line['rows_after']:,} of {line['rows_before']:,}")
+    print("| field | width | rows kept |")
+    print("|---|---:|---:|")
+    for name, w in widths.items():
+        print(f"| {name}{' *' if name in noise else ''} | {w} | {line['kept_rows'][name]:,} |")
+    mean = lambda names: sum(widths[n] for n in names) / max(len(names), 1)  # noqa: E731
+    informative = [n for n in widths if n not in noise]
+    print(f"\nmean width: noise fields {mean([n for n in widths if n in noise]):.2f}, "
+          f"other fields {mean(informative):.2f}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", type=Path, default=Path("configs/experiments/synthetic_dnn_optfs.yaml"))
+    parser.add_argument("--config", type=Path, nargs="+", default=CONFIGS)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    cfg = load_experiment(args.config, ["trainer.progress=false"])
-    run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
-    if not (run_dir / "checkpoints" / "best.pt").is_file():
-        run_train(args.config, ["trainer.progress=false"])
-    lines = run_compress(args.config, ["trainer.progress=false"])
-    data_dir, fmap = prepared_data(cfg)
-    ctx = StageContext(cfg, fmap, data_dir, run_dir / "compress")
-    last = sorted((run_dir / "compress").glob("*/checkpoint.pt"))[-1]
-    test = {name: classification_metrics(*predict(plain_model(fmap, load_checkpoint(path)), ctx.split("test")))
-            for name, path in (("baseline", run_dir / "checkpoints" / "best.pt"), (last.parent.name, last))}
-    print(f"\n{cfg.name}: compression recipe; {load_note()}")
-    print(format_report(lines))
-    print("\n| model | test AUC | test logloss | bytes |")
-    print("|---|---:|---:|---:|")
-    for (name, m), line in zip(test.items(), (lines[0], lines[-1])):
-        print(f"| {name} | {m['auc']:.5f} | {m['logloss']:.5f} | {line['bytes']:,} |")
-    teacher = Path(fmap.sources[0].path + ".teacher.json")
-    noise = set(json.loads(teacher.read_text())["noise"]) if teacher.is_file() else set()
-    for line in lines:
-        if "kept_rows" not in line:
-            continue
-        vocab = {f.name: f.num_embeddings for f in fmap.categorical}
-        remap = load_checkpoint(run_dir / "compress" / line["stage_id"] / "checkpoint.pt")["model"]["embedding.remap"]
-        # kept: the id reads its own row (removed ids read nothing, or the field's OOV row)
-        kept_ids = {name: (r >= 0) & ((r != r[OOV_ID]) | (torch.arange(len(r)) == OOV_ID))
-                    for name, r in zip(vocab, remap.split(list(vocab.values())))}
-        print(f"\n{line['stage_id']}: rows kept per field (* = pure-noise field of the generator); traffic = share "
-              f"of the field's train lookups (values seen >= min_count times) whose row is kept")
-        print("| field | rows | kept | kept share | traffic kept |")
-        print("|---|---:|---:|---:|---:|")
-        for name, kept in line["kept_rows"].items():
-            counts = pl.read_parquet(data_dir / "vocab" / f"{name}.parquet")
-            traffic = float((counts["count"] * kept_ids[name][counts["id"].to_numpy()].numpy()).sum() / counts["count"].sum())
-            print(f"| {name}{' *' if name in noise else ''} | {vocab[name]:,} | {kept:,} | {kept / vocab[name]:.1%} | {traffic:.1%} |")
-        noise_rows = sum(vocab[n] for n in noise if n in vocab)
-        noise_kept = sum(line["kept_rows"][n] for n in noise if n in vocab)
-        print(f"\nall fields: {line['rows_after']:,} of {line['rows_before']:,} rows kept "
-              f"({1 - line['rows_after'] / line['rows_before']:.1%} removed); noise fields: "
-              f"{1 - noise_kept / max(noise_rows, 1):.1%} of their {noise_rows:,} rows removed")
+    rows, details = [], []
+    for config in args.config:
+        cfg = load_experiment(config, QUIET)
+        run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
+        if not (run_dir / "checkpoints" / "best.pt").is_file():
+            run_train(config, QUIET)
+        lines = run_compress(config, QUIET)
+        data_dir, fmap = prepared_data(cfg)
+        ctx = StageContext(cfg, fmap, data_dir, run_dir / "compress")
+        teacher = Path(fmap.sources[0].path + ".teacher.json")
+        noise = set(json.loads(teacher.read_text())["noise"]) if teacher.is_file() else set()
+        print(f"\n{cfg.name}: validation report of the recipe")
+        print(format_report(lines))
+        for line in lines:
+            path = run_dir / "checkpoints" / "best.pt" if line["stage"] == "baseline" else \
+                run_dir / "compress" / line["stage_id"] / "checkpoint.pt"
+            test = classification_metrics(*predict(plain_model(fmap, load_checkpoint(path)), ctx.split("test")))
+            rows.append((cfg.name, line, test, lines[0]))
+            if line["stage"] == "optfs" and "kept_rows" in line:
+                details.append(lambda line=line, fmap=fmap, d=data_dir, n=noise, p=path.parent:
+                               kept_rows_table(line, p, fmap, d, n))
+            elif line["stage"] == "optembed" and "widths" in line:
+                details.append(lambda line=line, n=noise: widths_table(line, n))
+    print(f"\nTest split, every stage; {load_note()}")
+    print("| experiment | stage | embedding bytes | total bytes | embedding vs baseline | total vs baseline | "
+          "test AUC | AUC - baseline | test logloss |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    base_auc: dict[str, float] = {}
+    for name, line, test, base in rows:
+        base_auc.setdefault(name, test["auc"])
+        print(f"| {name} | {line['stage_id']} | {line['embedding_bytes']:,} | {line['bytes']:,} | "
+              f"{base['embedding_bytes'] / line['embedding_bytes']:.2f}x smaller | {base['bytes'] / line['bytes']:.2f}x smaller | "
+              f"{test['auc']:.5f} | {test['auc'] - base_auc[name]:+.5f} | {test['logloss']:.5f} |")
+    for show in details:
+        show()
 
 
 if __name__ == "__main__":

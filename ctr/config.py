@@ -123,7 +123,42 @@ class OptFSStep(Strict):
     optfs: OptFSConfig
 
 
-CompressStep = OptFSStep
+class OptEmbedConfig(Strict):
+    """OptEmbed (Lyu et al., CIKM'22): row pruning by learned per-field thresholds and per-field
+    width search. Defaults follow the reference's search (20 candidates, mutation 0.1, 30
+    generations); the supernet and retrain start from the source checkpoint's weights.
+
+    ``rows: false`` keeps every row (use it after OptFS, which already selected rows).
+    ``max_embedding_share`` makes a candidate whose embedding parameters exceed that share of the
+    source's (rows x full width) infeasible."""
+
+    rows: bool = True
+    start_from: Literal["checkpoint", "init"] = "checkpoint"
+    supernet_epochs: int = Field(default=1, ge=1)
+    threshold_lr: float = Field(default=1e-4, gt=0.0)  # SGD on the per-field thresholds
+    threshold_penalty: float = Field(default=1e-5, ge=0.0)  # alpha in alpha * sum_f exp(-t_f)
+    search_rows: int = Field(default=20000, ge=1000)  # validation rows cached for the search
+    population: int = Field(default=20, ge=4)
+    parents: int = Field(default=10, ge=2)  # the best candidates that mutate and cross over
+    mutation_prob: float = Field(default=0.1, gt=0.0, le=1.0)
+    generations: int = Field(default=30, ge=1)
+    max_embedding_share: float | None = Field(default=None, gt=0.0, le=1.0)
+    retrain_from: Literal["supernet", "rewind"] = "supernet"
+    retrain_epochs: int = Field(default=3, ge=1)
+    retrain_patience: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _parents_fit(self) -> "OptEmbedConfig":
+        if self.parents > self.population:
+            raise ValueError(f"parents {self.parents} must be <= population {self.population}")
+        return self
+
+
+class OptEmbedStep(Strict):
+    optembed: OptEmbedConfig
+
+
+CompressStep = OptFSStep | OptEmbedStep
 
 
 class ExperimentConfig(Strict):

@@ -15,7 +15,7 @@ from ctr.config import ModelConfig
 from ctr.modules import META
 from ctr.modules.interactions import CrossNetwork, factorization_machine
 from ctr.modules.mlp import MLP
-from ctr.modules.sparse import SparseArch, TableLayout, make_sparse_arch
+from ctr.modules.sparse import SparseArch, TableLayout, make_sparse_arch, prefix_columns
 from features.feature_map import FeatureMap
 
 FIRST_ORDER_DIM = 4  # fbgemm's smallest width; the four values of a row are summed into one weight
@@ -44,19 +44,38 @@ class FirstOrder(nn.Module):
 
 class CTRModel(nn.Module):
     """Shared front: embeddings of every lookup key (a field, or a field's chunk with unified
-    embeddings), and their concatenation with the dense features."""
+    embeddings), and their concatenation with the dense features.
+
+    ``forward`` = ``lookup`` then ``interact``: a width search scores many masks of the same looked-up
+    rows by calling ``interact`` on cached embeddings. With per-field widths (OptEmbed) the flat input
+    holds only the stored columns, so the first layer that reads it is that much narrower.
+    """
 
     def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device, tables: TableLayout | None) -> None:
         super().__init__()
         self.embedding = make_sparse_arch(fmap.categorical, cfg.embedding, device, tables)
-        self.flat_width = self.embedding.num_keys * cfg.embedding.dim + len(fmap.dense)
-        self.gates: nn.Module | None = None  # set by a compression search (e.g. OptFS feature gates)
+        wide = self.embedding.num_keys * cfg.embedding.dim
+        widths = tables.widths if tables is not None else None
+        columns = (torch.cat([prefix_columns(widths, cfg.embedding.dim), wide + torch.arange(len(fmap.dense))])
+                   if widths else None)
+        self.register_buffer("columns", columns, persistent=False)
+        self.flat_width = len(columns) if columns is not None else wide + len(fmap.dense)
+        self.gates: nn.Module | None = None  # set by a compression search (OptFS gates, OptEmbed masks)
 
-    def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         emb = self.embedding(sparse)
-        if self.gates is not None:
-            emb = self.gates(emb, sparse)
-        return emb, torch.cat([emb.flatten(1), dense], dim=1)
+        return emb if self.gates is None else self.gates(emb, sparse)
+
+    def flat(self, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([emb.flatten(1), dense], dim=1)
+        return x if self.columns is None else x.index_select(1, self.columns)
+
+    def interact(self, emb: torch.Tensor, dense: torch.Tensor,
+                 sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.interact(self.lookup(sparse), dense, sparse)
 
 
 class LogisticRegression(nn.Module):
@@ -77,9 +96,9 @@ class DNN(CTRModel):
         self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.head = nn.Linear(self.mlp.out_features, 1)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, flat = self.embed(dense, sparse)
-        return self.head(self.mlp(flat)).squeeze(1), _penalty(emb)
+    def interact(self, emb: torch.Tensor, dense: torch.Tensor,
+                 sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.mlp(self.flat(emb, dense))).squeeze(1), _penalty(emb)
 
 
 class DeepFM(CTRModel):
@@ -89,10 +108,10 @@ class DeepFM(CTRModel):
         self.mlp = MLP(self.flat_width, cfg.hidden, cfg.dropout, cfg.batch_norm)
         self.head = nn.Linear(self.mlp.out_features, 1)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, flat = self.embed(dense, sparse)
+    def interact(self, emb: torch.Tensor, dense: torch.Tensor,
+                 sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         linear, w = self.first_order(dense, sparse)
-        logit = linear + factorization_machine(emb) + self.head(self.mlp(flat)).squeeze(1)
+        logit = linear + factorization_machine(emb) + self.head(self.mlp(self.flat(emb, dense))).squeeze(1)
         return logit, _penalty(emb, w)
 
 
@@ -105,8 +124,9 @@ class DCNv2(CTRModel):
         stacked = cfg.structure == "stacked"  # stacked: MLP(cross(x0)); parallel: [cross(x0), MLP(x0)]
         self.head = nn.Linear(self.mlp.out_features if stacked else self.flat_width + self.mlp.out_features, 1)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, x0 = self.embed(dense, sparse)
+    def interact(self, emb: torch.Tensor, dense: torch.Tensor,
+                 sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = self.flat(emb, dense)
         if self.structure == "stacked":
             out = self.mlp(self.cross(x0))
         else:

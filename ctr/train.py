@@ -98,6 +98,7 @@ class TrainHooks:
     attach: Callable[[nn.Module], None] | None = None  # adds modules to the model before sharding
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
     lr_ratio: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> lr multiple
+    sgd_lr: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> own plain SGD at this lr
     on_epoch_start: Callable[["Trainer"], None] | None = None
 
 
@@ -126,6 +127,11 @@ class Trainer:
         if self.hooks.initial_state is not None:
             load_plain_state_dict(self.model, self.hooks.initial_state, partial=True)
         named = [(n, p) for n, p in in_backward_optimizer_filter(self.model.named_parameters()) if p.requires_grad]
+        sgd_lr = lambda name: next((lr for k, lr in self.hooks.sgd_lr.items() if name.startswith(k)), None)  # noqa: E731
+        # e.g. OptEmbed's thresholds: plain SGD, no clipping, no decay on plateau (as the reference)
+        self.sgd = torch.optim.SGD([{"params": [p], "lr": sgd_lr(n)} for n, p in named if sgd_lr(n) is not None] or
+                                   [{"params": []}], lr=0.0)
+        named = [(n, p) for n, p in named if sgd_lr(n) is None]
         self.dense_params = [p for _, p in named]
         ratio = lambda name: next((r for k, r in self.hooks.lr_ratio.items() if name.startswith(k)), 1.0)  # noqa: E731
         groups: dict[float, list[nn.Parameter]] = {}
@@ -146,6 +152,7 @@ class Trainer:
             "model": plain_state_dict(self.model),
             "dense_optimizer": self.optimizer.state_dict(),
             "sparse_optimizer": fused_optimizer_state(self.model),
+            "sgd_optimizer": self.sgd.state_dict(),
             "loop": asdict(self.state),
             "rng": torch.get_rng_state(),
             "model_config": self.cfg.model.model_dump(mode="json"),
@@ -157,6 +164,7 @@ class Trainer:
         load_plain_state_dict(self.model, payload["model"])
         if with_training_state:
             self.optimizer.load_state_dict(payload["dense_optimizer"])
+            self.sgd.load_state_dict(payload["sgd_optimizer"])
             load_fused_optimizer_state(self.model, payload["sparse_optimizer"])
             self.state = LoopState(**payload["loop"])
             torch.set_rng_state(payload["rng"])
@@ -207,10 +215,12 @@ class Trainer:
                 f"loss is {loss.item()} at epoch {self.state.epoch}, step {self.state.step}; stopped. The last good "
                 f"checkpoint is {self.ckpt_dir / LAST}; lower trainer.lr / trainer.sparse_lr or set trainer.grad_clip_norm")
         self.optimizer.zero_grad(set_to_none=True)
+        self.sgd.zero_grad(set_to_none=True)
         loss.backward()  # also applies the fused embedding update to the rows of this batch
         if self.t.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(self.dense_params, self.t.grad_clip_norm)
         self.optimizer.step()
+        self.sgd.step()
         return loss.detach().item()
 
     def _epoch(self) -> None:

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from ctr.checkpoint import load_checkpoint
-from ctr.compress.optfs import FeatureGates, OptFSStage, compact, remap_for, temperature
+from ctr.compress.optfs import FeatureGates, OptFSStage, remap_for, temperature
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import StageContext, plain_model
+from ctr.compress.tables import compact_rows
 from ctr.config import EmbeddingConfig, ExperimentConfig, ModelConfig, OptFSConfig, OptFSStep, TrainerConfig
 from ctr.distributed import local_process_group
 from ctr.train import Trainer
@@ -59,7 +60,7 @@ def test_compact_tables_predict_like_the_masked_model_on_every_id(prepared_crite
         state = masked.state_dict()
         state["embedding.remap"] = remap_for(kept, removed_to)
         masked.load_state_dict(state)
-        small_state, rows = compact(state, fmap.categorical, kept, removed_to)
+        small_state, rows = compact_rows(state, fmap.categorical, kept)
         small = plain_model(fmap, {"model": small_state, "model_config": cfg.model_dump(),
                                    "tables": {"rows": rows, "remapped": True}})
         assert sum(rows) < sum(f.num_embeddings for f in fmap.categorical)

@@ -20,6 +20,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from ctr.compress.stage import StageContext, StageOutput
+from ctr.compress.tables import REMAP_KEY, compact_rows
 from ctr.config import OptFSConfig
 from ctr.distributed import plain_state_dict
 from ctr.modules.sparse import TableLayout
@@ -30,7 +31,6 @@ from features.vocab import OOV_ID
 REFERENCE_ROWS = 6.8e6  # Criteo's vocabulary, on which the reference tuned lambda
 REFERENCE_PENALTY = 1e-8
 GATE_INIT = 0.5
-EMBEDDING_PREFIX = "embedding."
 
 
 def temperature(epoch: int, epochs: int, final_temp: float) -> float:
@@ -77,26 +77,6 @@ def remap_for(kept: list[torch.Tensor], removed_to: str) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def compact(state: dict[str, torch.Tensor], fields: list[FieldInfo], kept: list[torch.Tensor],
-            removed_to: str) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Tables cut to their kept rows, and the remap renumbered to the new rows (same predictions)."""
-    out = dict(state)
-    remaps, rows = [], []
-    for f, mask in zip(fields, kept):
-        key = f"{EMBEDDING_PREFIX}ebc.embedding_bags.emb_{f.name}.weight"
-        kept_ids = mask.nonzero().flatten()
-        # a field with no row left keeps one all-zero row that nothing reads (kernels need >= 1 row)
-        out[key] = state[key][kept_ids].clone() if kept_ids.numel() else torch.zeros_like(state[key][:1])
-        new_row = torch.full((mask.numel(),), -1, dtype=torch.int64)
-        new_row[kept_ids] = torch.arange(kept_ids.numel())
-        if removed_to == "oov":
-            new_row[~mask] = new_row[OOV_ID]
-        remaps.append(new_row)
-        rows.append(max(1, int(kept_ids.numel())))
-    out[f"{EMBEDDING_PREFIX}remap"] = torch.cat(remaps)
-    return out, rows
-
-
 class OptFSStage:
     name = "optfs"
 
@@ -137,7 +117,7 @@ class OptFSStage:
 
     def _retrain(self, ctx: StageContext, kept: list[torch.Tensor], snapshot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.cfg
-        state = {**snapshot, f"{EMBEDDING_PREFIX}remap": remap_for(kept, c.removed_to)}
+        state = {**snapshot, REMAP_KEY: remap_for(kept, c.removed_to)}
         retrain_cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
             "epochs": c.retrain_epochs, "patience": c.retrain_patience, "eval_every_steps": None})})
         trainer = Trainer(retrain_cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "retrain",
@@ -150,7 +130,7 @@ class OptFSStage:
         fields = ctx.fmap.categorical
         kept, snapshot = self._search(ctx, source)
         retrained = self._retrain(ctx, kept, snapshot)
-        state, rows = compact(retrained, fields, kept, self.cfg.removed_to)
+        state, rows = compact_rows(retrained, fields, kept)
         payload = {"model": state, "model_config": source["model_config"], "tables": {"rows": rows, "remapped": True}}
         vocab = {f.name: int(f.num_embeddings or 0) for f in fields}
         kept_rows = {f.name: int(k.sum()) for f, k in zip(fields, kept)}

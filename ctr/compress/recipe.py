@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ctr.checkpoint import load_checkpoint, save_checkpoint
+from ctr.compress.optembed import OptEmbedStage
 from ctr.compress.optfs import OptFSStage
 from ctr.compress.stage import Stage, StageContext, model_size, validation_metrics
 from ctr.config import CompressStep, ExperimentConfig
@@ -22,7 +23,7 @@ from features.feature_map import FeatureMap
 from features.json_lines import append_json_line, read_json_lines
 
 log = logging.getLogger("ctr.compress")
-STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage}
+STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage, "optembed": OptEmbedStage}
 REPORT = "report.jsonl"
 CHECKPOINT = "checkpoint.pt"
 
@@ -38,9 +39,9 @@ def _report_lines(path: Path) -> dict[str, dict[str, Any]]:
 
 def _line(stage_id: str, stage: str, ctx: StageContext, payload: dict[str, Any], seconds: float,
           details: dict[str, Any]) -> dict[str, Any]:
-    params, size = model_size(payload["model"])
+    params, size, embedding = model_size(payload["model"])
     metrics = validation_metrics(ctx, payload)
-    return {"stage_id": stage_id, "stage": stage, "parameters": params, "bytes": size,
+    return {"stage_id": stage_id, "stage": stage, "parameters": params, "bytes": size, "embedding_bytes": embedding,
             "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "seconds": seconds, **details}
 
 
@@ -79,9 +80,11 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path)
 
 
 def format_report(lines: list[dict[str, Any]]) -> str:
-    base = lines[0]["bytes"]
-    rows = ["| stage | parameters | bytes | valid AUC | valid logloss | size vs baseline |", "|---|---:|---:|---:|---:|---:|"]
+    base, base_emb = lines[0]["bytes"], lines[0]["embedding_bytes"]
+    rows = ["| stage | parameters | bytes | embedding bytes | valid AUC | valid logloss | size vs baseline | "
+            "embedding size vs baseline |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for line in lines:
-        rows.append(f"| {line['stage_id']} | {line['parameters']:,} | {line['bytes']:,} | {line['valid_auc']:.5f} | "
-                    f"{line['valid_logloss']:.5f} | {line['bytes'] / base:.3f} |")
+        rows.append(f"| {line['stage_id']} | {line['parameters']:,} | {line['bytes']:,} | {line['embedding_bytes']:,} | "
+                    f"{line['valid_auc']:.5f} | {line['valid_logloss']:.5f} | {line['bytes'] / base:.3f} | "
+                    f"{line['embedding_bytes'] / base_emb:.3f} |")
     return "\n".join(rows)

@@ -57,17 +57,18 @@ def plain_model(fmap: FeatureMap, payload: dict[str, Any]) -> nn.Module:
     return model
 
 
-def model_size(state: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(float parameters, bytes) of a model state as the edge model stores it: fp32 weights,
-    int32 id remaps; integer bookkeeping buffers (offsets, salts) count at their own size."""
+def _stored_bytes(key: str, value: torch.Tensor) -> int:
+    return value.numel() * (REMAP_BYTES if key.endswith(".remap") else value.element_size())
+
+
+def model_size(state: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(float parameters, bytes, embedding bytes) of a model state as the edge model stores it: fp32
+    weights, int32 id remaps; integer bookkeeping buffers (offsets, salts) count at their own size.
+    Embedding bytes are the tables and the id remaps that lead into them."""
     params = sum(v.numel() for v in state.values() if v.is_floating_point())
-    size = 0
-    for key, v in state.items():
-        if key.endswith(".remap"):
-            size += v.numel() * REMAP_BYTES
-        else:
-            size += v.numel() * v.element_size()
-    return params, size
+    size = sum(_stored_bytes(k, v) for k, v in state.items())
+    embedding = sum(_stored_bytes(k, v) for k, v in state.items() if ".ebc." in k or k.endswith(".remap"))
+    return params, size, embedding
 
 
 def validation_metrics(ctx: StageContext, payload: dict[str, Any]) -> dict[str, float]:

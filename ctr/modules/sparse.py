@@ -22,21 +22,28 @@ from features.feature_map import FieldInfo
 
 @dataclass(frozen=True)
 class TableLayout:
-    """How a compression stage reshaped the per-field tables: row counts, and whether ids are remapped.
-    Saved beside the model config in every checkpoint, so the model can be rebuilt before loading."""
+    """How a compression stage reshaped the per-field tables: row counts, whether ids are remapped,
+    and per-field widths (a prefix of the configured width, OptEmbed). Saved beside the model config
+    in every checkpoint, so the model can be rebuilt before loading."""
 
     rows: list[int] | None = None
     remapped: bool = False
+    widths: list[int] | None = None
 
 
-def embedding_tables(fields: list[FieldInfo], dim: int, init_range: float, prefix: str,
+def embedding_tables(fields: list[FieldInfo], widths: list[int], init_range: float, prefix: str,
                      rows: list[int]) -> list[EmbeddingBagConfig]:
     init = partial(nn.init.uniform_, a=-init_range, b=init_range)
     return [
-        EmbeddingBagConfig(name=f"{prefix}_{f.name}", embedding_dim=dim, num_embeddings=n,
+        EmbeddingBagConfig(name=f"{prefix}_{f.name}", embedding_dim=w, num_embeddings=n,
                            feature_names=[f.name], pooling=PoolingType.SUM, init_fn=init)
-        for f, n in zip(fields, rows)
+        for f, n, w in zip(fields, rows, widths)
     ]
+
+
+def prefix_columns(widths: list[int], dim: int) -> torch.Tensor:
+    """Positions of each field's first ``widths[f]`` values in the flattened ``[F, dim]`` layout."""
+    return torch.cat([f * dim + torch.arange(w, dtype=torch.int64) for f, w in enumerate(widths)])
 
 
 class SparseArch(nn.Module):
@@ -45,41 +52,59 @@ class SparseArch(nn.Module):
     With ``remapped=True`` every id first goes through a per-field remap table (old id -> table row,
     -1 -> a zero vector): that is how row selection (OptFS) removes rows, first with full-size tables
     and then with compact ones of ``rows[f]`` rows each. The remap is a buffer, saved in checkpoints.
+
+    With ``widths`` field f's table is only ``widths[f]`` wide (OptEmbed); its rows come back
+    zero-padded to ``dim``, so interactions see the same ``[B, F, dim]`` as from a masked wide table,
+    and ``columns`` lists the stored (non-padding) positions for the layers that take a flat input.
     """
 
     def __init__(self, fields: list[FieldInfo], dim: int, init_range: float, prefix: str = "emb",
                  device: torch.device = META, rows: list[int] | None = None,
-                 remapped: bool = False) -> None:
+                 remapped: bool = False, widths: list[int] | None = None) -> None:
         super().__init__()
         self.num_fields = len(fields)
         self.num_keys = len(fields)  # one lookup key per field
         self.dim = dim
         self.keys = [f.name for f in fields]
         vocab = [int(f.num_embeddings or 0) for f in fields]
-        self.ebc = EmbeddingBagCollection(tables=embedding_tables(fields, dim, init_range, prefix, rows or vocab),
-                                          device=device)
+        self.widths = widths
+        self.ebc = EmbeddingBagCollection(
+            tables=embedding_tables(fields, widths or [dim] * len(fields), init_range, prefix, rows or vocab),
+            device=device)
+        self.register_buffer("columns", prefix_columns(widths, dim) if widths else None, persistent=False)
         self.remapped = remapped
         if remapped:
             offsets = torch.tensor([0, *vocab[:-1]], dtype=torch.int64).cumsum(0)
             self.register_buffer("remap_offsets", offsets.view(-1, 1))
             self.register_buffer("remap", torch.cat([torch.arange(v, dtype=torch.int64) for v in vocab]))
 
+    def _lookup(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        flat = self.ebc(sparse).values()
+        if self.columns is None:
+            return flat.view(-1, self.num_fields, self.dim)
+        padded = flat.new_zeros(flat.shape[0], self.num_fields * self.dim)
+        return padded.index_copy(1, self.columns, flat).view(-1, self.num_fields, self.dim)
+
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         if not self.remapped:
-            return self.ebc(sparse).values().view(-1, self.num_fields, self.dim)
+            return self._lookup(sparse)
         batch = sparse.stride()
         rows = self.remap[sparse.values().view(self.num_fields, batch) + self.remap_offsets]
         kept = rows >= 0
         keyed = KeyedJaggedTensor(keys=self.keys, values=rows.clamp(min=0).reshape(-1),
                                   lengths=torch.ones(self.num_fields * batch, dtype=torch.int32), stride=batch)
-        emb = self.ebc(keyed).values().view(-1, self.num_fields, self.dim)
+        emb = self._lookup(keyed)
         return emb * kept.T.unsqueeze(-1).to(emb.dtype)
 
 
 def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torch.device,
                      tables: "TableLayout | None" = None) -> nn.Module:
     """The sparse arch the ``model.embedding`` config names; all return ``[B, keys, dim]``."""
+    layout = tables or TableLayout()
     if cfg.kind == "per_field":
-        layout = tables or TableLayout()
-        return SparseArch(fields, cfg.dim, cfg.init_range, device=device, rows=layout.rows, remapped=layout.remapped)
+        return SparseArch(fields, cfg.dim, cfg.init_range, device=device, rows=layout.rows,
+                          remapped=layout.remapped, widths=layout.widths)
+    if layout != TableLayout():
+        raise ValueError(f"embedding kind '{cfg.kind}' has shared hashed tables: per-field rows and widths "
+                         "(OptFS, OptEmbed) apply to kind 'per_field' only")
     return HashedSparseArch(fields, cfg, device=device)

@@ -1,0 +1,66 @@
+"""Physical reshaping of per-field tables: drop rows (keeping ids pointing at the right rows) and
+narrow widths (slicing the layers that read the flat embedding input to match).
+
+Both produce a state that predicts exactly like the masked model it came from, so a stage can
+search with masks and then ship real, smaller tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ctr.modules.sparse import prefix_columns
+from features.feature_map import FieldInfo
+
+EMBEDDING_PREFIX = "embedding."
+REMAP_KEY = f"{EMBEDDING_PREFIX}remap"
+
+
+def table_key(field: str) -> str:
+    return f"{EMBEDDING_PREFIX}ebc.embedding_bags.emb_{field}.weight"
+
+
+def compact_rows(state: dict[str, torch.Tensor], fields: list[FieldInfo],
+                 keep: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Tables cut to the rows ``keep[f]`` marks (a mask over the table's current rows), and the id
+    remap renumbered to the new rows; an id whose row is dropped reads a zero vector (remap -1).
+    Without a remap in ``state`` the ids map to rows one to one."""
+    out = dict(state)
+    vocab = [int(f.num_embeddings or 0) for f in fields]
+    old_remap = state.get(REMAP_KEY, torch.cat([torch.arange(v, dtype=torch.int64) for v in vocab]))
+    remaps, rows = [], []
+    for f, mask, old in zip(fields, keep, old_remap.split(vocab)):
+        table = state[table_key(f.name)]
+        kept = mask.nonzero().flatten()
+        # a field with no row left keeps one all-zero row that nothing reads (kernels need >= 1 row)
+        out[table_key(f.name)] = table[kept].clone() if kept.numel() else torch.zeros_like(table[:1])
+        new_row = torch.full((table.shape[0] + 1,), -1, dtype=torch.int64)  # the last slot: old -1 stays -1
+        new_row[kept] = torch.arange(kept.numel())
+        remaps.append(new_row[torch.where(old >= 0, old, table.shape[0])])
+        rows.append(max(1, int(kept.numel())))
+    out[REMAP_KEY] = torch.cat(remaps)
+    return out, rows
+
+
+def narrow_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], fields: list[FieldInfo],
+                 dim: int, num_dense: int, widths: list[int]) -> dict[str, torch.Tensor]:
+    """Wide weights -> the shapes of the same model with per-field ``widths``: each table keeps its
+    first ``widths[f]`` columns; every other tensor dimension that shrank indexes the flat input
+    ``[emb (F x dim), dense]`` and keeps the stored columns (plus, for a layer that reads
+    ``[flat, more]`` such as DCNv2's parallel head, everything after the flat part)."""
+    flat_wide = len(fields) * dim + num_dense
+    columns = torch.cat([prefix_columns(widths, dim), flat_wide - num_dense + torch.arange(num_dense)])
+    tables = {table_key(f.name): w for f, w in zip(fields, widths)}
+    out = {}
+    for key, value in state.items():
+        target = shapes[key]
+        if key in tables:
+            value = value[:, :tables[key]]
+        else:
+            for d, (have, want) in enumerate(zip(value.shape, target)):
+                if have != want:
+                    value = value.index_select(d, torch.cat([columns, torch.arange(flat_wide, have)]))
+        if value.shape != target:
+            raise ValueError(f"cannot narrow {key}: {tuple(state[key].shape)} -> {tuple(target)}")
+        out[key] = value.clone()
+    return out
