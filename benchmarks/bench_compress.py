@@ -32,8 +32,8 @@ from features.vocab import OOV_ID
 from pipelines.compress_job import run_compress
 from pipelines.train_job import prepared_data, run_train
 
-CONFIGS = [Path("configs/experiments/synthetic_dnn_optfs.yaml"), Path("configs/experiments/synthetic_dnn_optembed.yaml"),
-           Path("configs/experiments/synthetic_dnn_optfs_optembed.yaml")]
+# OptEmbed alone, and OptFS -> OptEmbed (which shares its run directory and OptFS stage with synthetic_dnn_optfs)
+CONFIGS = [Path("configs/experiments/synthetic_dnn_optembed.yaml"), Path("configs/experiments/synthetic_dnn_optfs_optembed.yaml")]
 QUIET = ["trainer.progress=false"]
 
 
@@ -67,10 +67,12 @@ def widths_table(line: dict[str, Any], noise: set[str]) -> None:
     print("|---|---:|---:|")
     for name, w in widths.items():
         print(f"| {name}{' *' if name in noise else ''} | {w} | {line['kept_rows'][name]:,} |")
+    rows = line["kept_rows"]
+    noisy, informative = [n for n in widths if n in noise], [n for n in widths if n not in noise]
     mean = lambda names: sum(widths[n] for n in names) / max(len(names), 1)  # noqa: E731
-    informative = [n for n in widths if n not in noise]
-    print(f"\nmean width: noise fields {mean([n for n in widths if n in noise]):.2f}, "
-          f"other fields {mean(informative):.2f}")
+    weighted = lambda names: sum(widths[n] * rows[n] for n in names) / max(sum(rows[n] for n in names), 1)  # noqa: E731
+    print(f"\nmean width per field: noise fields {mean(noisy):.2f}, other fields {mean(informative):.2f}; "
+          f"per row kept (what the widths cost): noise fields {weighted(noisy):.2f}, other fields {weighted(informative):.2f}")
 
 
 def main() -> None:

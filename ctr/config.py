@@ -71,6 +71,21 @@ class ModelConfig(Strict):
     low_rank: int | None = Field(default=None, gt=0)
 
 
+class RayConfig(Strict):
+    """Where and how ``trainer.num_workers > 1`` (or ``ctr train --ray``) runs on Ray.
+
+    ``address`` None starts a private local Ray instance (sized for a small machine); a cluster's
+    address (e.g. ``ray://head:10001`` or ``auto``) joins it, and then ``trainer.run_dir`` must be on
+    storage every node shares. ``cpus_per_worker`` below 1 leaves CPU for the Ray Data read tasks:
+    workers holding every CPU starve them and the run hangs."""
+
+    address: str | None = None
+    cpus_per_worker: float = Field(default=0.5, gt=0.0)
+    use_gpu: bool = False  # one GPU per worker, NCCL
+    max_failures: int = Field(default=2, ge=0)  # worker-group restarts from the last checkpoint
+    object_store_mb: int = Field(default=1024, ge=64)  # local instance only
+
+
 class TrainerConfig(Strict):
     seed: int = 2024
     epochs: int = Field(default=1, ge=1)
@@ -94,6 +109,8 @@ class TrainerConfig(Strict):
     threads: int | None = Field(default=None, ge=1)  # None: every core (or OMP_NUM_THREADS)
     progress: bool = True
     run_dir: str | None = None  # None: runs/<experiment name>
+    num_workers: int = Field(default=1, ge=1)  # > 1: Ray Train workers, batch_size split among them
+    ray: RayConfig = RayConfig()
 
 
 class OptFSConfig(Strict):

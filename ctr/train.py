@@ -17,10 +17,12 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -29,15 +31,15 @@ from tqdm import tqdm
 
 from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.config import ExperimentConfig
-from ctr.distributed import (fused_optimizer_state, load_fused_optimizer_state, load_plain_state_dict,
-                             local_process_group, plain_state_dict, set_sparse_lr, shard_model)
+from ctr.distributed import (CPU, fused_optimizer_state, load_fused_optimizer_state, load_plain_state_dict,
+                             local_process_group, plain_state_dict, set_sparse_lr, shard_model, sharding_summary)
 from ctr.metrics import classification_metrics
 from ctr.models import build_model
 from ctr.modules.sparse import TableLayout
 from features.atomic import atomic_write_text
 from features.feature_map import FeatureMap
 from features.json_lines import append_json_line, read_json_lines
-from features.loader import ParquetBatches
+from features.loader import Batch, ParquetBatches
 
 log = logging.getLogger("ctr.train")
 LAST, BEST = "last.pt", "best.pt"
@@ -75,18 +77,36 @@ def default_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
-def predict(model: nn.Module, batches: ParquetBatches) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, click probabilities) over a whole split; the model's train/eval mode is restored."""
+def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device = CPU) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, click probabilities) over a whole split; the model's train/eval mode is restored.
+
+    Inside a process group of several ranks (a sharded model) it is collective: every rank reads
+    the same batches, scores its own contiguous part of each (so all ranks run the same number of
+    steps), and every rank gets every row's score, so metrics and early stopping agree everywhere.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
     was_training = model.training
     model.eval()
     labels, probs = [], []
     with torch.no_grad():
         for b in batches:
-            logits, _ = model(b.dense, b.sparse)
-            labels.append(b.labels.numpy())
-            probs.append(torch.sigmoid(logits).numpy())
+            keep = b.size
+            if world > 1:
+                part = torch.tensor_split(torch.arange(b.size), world)[rank]
+                keep = part.numel()
+                # a batch smaller than the world: a rank left without rows scores row 0 and drops it
+                b = b.rows(part if keep else torch.zeros(1, dtype=torch.int64))
+            logits, _ = model(b.dense.to(device), b.sparse.to(device))
+            labels.append(b.labels[:keep].numpy())
+            probs.append(torch.sigmoid(logits[:keep]).cpu().numpy())
     model.train(was_training)
-    return np.concatenate(labels), np.concatenate(probs)
+    if world == 1:
+        return np.concatenate(labels), np.concatenate(probs)
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, (labels, probs))
+    # batch by batch, the ranks' parts in rank order: the rows come back in the split's order
+    return tuple(np.concatenate([e[i][b] for b in range(len(labels)) for e in every]) for i in (0, 1))
 
 
 @dataclass
@@ -102,28 +122,54 @@ class TrainHooks:
     on_epoch_start: Callable[["Trainer"], None] | None = None
 
 
+class TrainBatches(Protocol):
+    """A source of training batches: the local Parquet loader, or one Ray worker's shard."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+@dataclass
+class Runtime:
+    """Where the loop runs. Local: one process, the Parquet loader, CPU. In a Ray worker: that
+    worker's data shard and device, its node's number of ranks for the sharding planner, and a
+    callback that hands every saved checkpoint to Ray (all ranks call it; rank 0 saved the files)."""
+
+    train_data: TrainBatches | None = None
+    device: torch.device = CPU
+    local_world_size: int | None = None
+    on_checkpoint: Callable[[Path, dict[str, float]], None] | None = None
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path,
-                 hooks: TrainHooks | None = None) -> None:
+                 hooks: TrainHooks | None = None, runtime: Runtime | None = None) -> None:
         self.cfg, self.t = cfg, cfg.trainer
         self.hooks = hooks or TrainHooks()
+        self.runtime = runtime or Runtime()
         self.fmap = fmap
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         run_dir.mkdir(parents=True, exist_ok=True)
         t = self.t
         split = lambda name: data_dir / fmap.splits[name].file  # noqa: E731
-        self.train_data = ParquetBatches(split("train"), fmap, t.batch_size, shuffle=t.shuffle, seed=t.seed)
+        self.train_data = self.runtime.train_data or ParquetBatches(split("train"), fmap, t.batch_size,
+                                                                    shuffle=t.shuffle, seed=t.seed)
         self.valid_data = ParquetBatches(split("valid"), fmap, t.eval_batch_size)
         self.test_data = ParquetBatches(split("test"), fmap, t.eval_batch_size)
 
     # -- building -----------------------------------------------------------------------------
     def _build(self) -> None:
         torch.manual_seed(self.t.seed)
+        self.main = dist.get_rank() == 0  # the rank that writes files and shows progress
         model = build_model(self.fmap, self.cfg.model, tables=self.hooks.tables)
         if self.hooks.attach is not None:
             self.hooks.attach(model)
-        self.model: DistributedModelParallel = shard_model(model, self.t.sparse_optimizer, self.t.sparse_lr)
+        self.model: DistributedModelParallel = shard_model(model, self.t.sparse_optimizer, self.t.sparse_lr,
+                                                           self.runtime.device, self.runtime.local_world_size)
+        if self.main and dist.get_world_size() > 1:
+            atomic_write_text(self.run_dir / "sharding.json", json.dumps(sharding_summary(self.model), indent=2) + "\n")
         if self.hooks.initial_state is not None:
             load_plain_state_dict(self.model, self.hooks.initial_state, partial=True)
         named = [(n, p) for n, p in in_backward_optimizer_filter(self.model.named_parameters()) if p.requires_grad]
@@ -148,10 +194,14 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, name: str) -> None:
+        """Collective: every rank contributes its shards, rank 0 writes the file."""
+        model, sparse = plain_state_dict(self.model), fused_optimizer_state(self.model)
+        if not self.main:
+            return
         save_checkpoint(self.ckpt_dir / name, {
-            "model": plain_state_dict(self.model),
+            "model": model,
             "dense_optimizer": self.optimizer.state_dict(),
-            "sparse_optimizer": fused_optimizer_state(self.model),
+            "sparse_optimizer": sparse,
             "sgd_optimizer": self.sgd.state_dict(),
             "loop": asdict(self.state),
             "rng": torch.get_rng_state(),
@@ -159,8 +209,8 @@ class Trainer:
             "tables": asdict(self.hooks.tables or TableLayout()),
         })
 
-    def _restore(self, name: str, with_training_state: bool = True) -> None:
-        payload = load_checkpoint(self.ckpt_dir / name)
+    def _restore(self, name: str, with_training_state: bool = True, folder: Path | None = None) -> None:
+        payload = load_checkpoint((folder or self.ckpt_dir) / name)
         load_plain_state_dict(self.model, payload["model"])
         if with_training_state:
             self.optimizer.load_state_dict(payload["dense_optimizer"])
@@ -172,6 +222,8 @@ class Trainer:
 
     # -- evaluation, early stopping ---------------------------------------------------------------
     def _record(self, event: str, metrics: dict[str, float]) -> None:
+        if not self.main:
+            return
         line = {"event": event, "epoch": self.state.epoch, "step": self.state.step, **metrics}
         append_json_line(self.run_dir / "metrics.jsonl", line)
         log.info("%s epoch %d step %d: auc %.5f logloss %.5f", event, self.state.epoch, self.state.step,
@@ -180,12 +232,12 @@ class Trainer:
     def _forget_metrics_after(self, step: int) -> None:
         """Drop metric lines written after the checkpoint a run resumes from (they will be redone)."""
         path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
+        if self.main and path.is_file():
             kept = [record for record in read_json_lines(path) if record["step"] <= step]
             atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _validate(self) -> None:
-        metrics = classification_metrics(*predict(self.model, self.valid_data))
+        metrics = classification_metrics(*predict(self.model, self.valid_data, self.runtime.device))
         self._record("valid", metrics)
         s = self.state
         s.history.append({"step": s.step, "auc": metrics["auc"], "logloss": metrics["logloss"]})
@@ -201,9 +253,16 @@ class Trainer:
                 s.stopped = True
                 log.info("early stop: no AUC gain in %d validations (best %.5f at step %d)", s.bad_evals, s.best_auc, s.best_step)
         self._save(LAST)
+        self._saved(metrics)
+
+    def _saved(self, metrics: dict[str, float]) -> None:
+        if self.runtime.on_checkpoint is not None:
+            self.runtime.on_checkpoint(self.ckpt_dir, {"epoch": self.state.epoch, "step": self.state.step, **metrics})
 
     # -- the loop ---------------------------------------------------------------------------------
-    def _step(self, batch: Any) -> float:
+    def _step(self, batch: Batch) -> float:
+        if self.runtime.device != CPU:
+            batch = batch.to(self.runtime.device)
         logits, penalty = self.model(batch.dense, batch.sparse)
         loss = binary_cross_entropy_with_logits(logits, batch.labels)
         if self.t.embedding_l2:
@@ -229,7 +288,7 @@ class Trainer:
         if self.hooks.on_epoch_start is not None and s.batch_in_epoch == 0:
             self.hooks.on_epoch_start(self)
         skip = s.batch_in_epoch
-        bar = tqdm(total=len(self.train_data), initial=skip, disable=not t.progress, desc=f"epoch {s.epoch}",
+        bar = tqdm(total=len(self.train_data), initial=skip, disable=not (t.progress and self.main), desc=f"epoch {s.epoch}",
                    unit="batch", dynamic_ncols=True)
         running, started, seen = 0.0, time.perf_counter(), 0
         for i, batch in enumerate(self.train_data):
@@ -248,6 +307,7 @@ class Trainer:
                     break
             elif t.checkpoint_every_steps and s.step % t.checkpoint_every_steps == 0:
                 self._save(LAST)
+                self._saved({})
         bar.close()
         if not s.stopped:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
@@ -255,17 +315,19 @@ class Trainer:
                 self._validate()
             else:
                 self._save(LAST)
+                self._saved({})
 
     def load_best_weights(self) -> None:
         """The weights of the best validation so far (the training state stays as it is)."""
         self._restore(BEST, with_training_state=False)
 
-    def train(self, resume: bool = False) -> float:
+    def train(self, resume: bool = False, resume_from: Path | None = None) -> float:
         """Run (or resume) the epochs until done or early-stopped; returns the seconds spent.
-        Leaves the model as it is at the end, inside the process group the caller holds."""
+        Leaves the model as it is at the end, inside the process group the caller holds.
+        ``resume_from``: the folder holding the checkpoint to resume (default: this run's)."""
         self._build()
-        if resume and (self.ckpt_dir / LAST).is_file():
-            self._restore(LAST)
+        if resume and ((resume_from or self.ckpt_dir) / LAST).is_file():
+            self._restore(LAST, folder=resume_from)
             log.info("resumed at epoch %d, batch %d (step %d)", self.state.epoch, self.state.batch_in_epoch, self.state.step)
         elif resume:
             log.info("no checkpoint was written before the interruption: starting from the beginning")
@@ -276,15 +338,17 @@ class Trainer:
             self._epoch()
         return time.perf_counter() - started
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train (or resume), reload the best checkpoint, and return its test metrics."""
+    def fit(self, resume: bool = False, resume_from: Path | None = None) -> dict[str, Any]:
+        """Train (or resume), reload the best checkpoint, and return its test metrics.
+        Uses the caller's process group (a Ray worker's) or makes a local one."""
         torch.set_num_threads(self.t.threads or default_threads())
         with local_process_group():
-            seconds = self.train(resume)
+            seconds = self.train(resume, resume_from)
             self.load_best_weights()
-            test = classification_metrics(*predict(self.model, self.test_data))
+            test = classification_metrics(*predict(self.model, self.test_data, self.runtime.device))
             self._record("test", test)
         result = {"best_valid_auc": self.state.best_auc, "best_step": self.state.best_step,
                   "steps": self.state.step, "train_seconds": seconds, **{f"test_{k}": v for k, v in test.items()}}
-        atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+        if self.main:
+            atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2) + "\n")
         return result

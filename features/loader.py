@@ -36,6 +36,14 @@ class Batch:
     def size(self) -> int:
         return int(self.labels.shape[0])
 
+    def rows(self, index: torch.Tensor) -> "Batch":
+        """The batch restricted to rows ``index`` (one rank's part of a batch)."""
+        ids = self.sparse.values().view(len(self.sparse.keys()), -1)[:, index]
+        return make_batch(self.sparse.keys(), ids, self.dense[index], self.labels[index])
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.dense.to(device), self.sparse.to(device), self.labels.to(device))
+
 
 def make_batch(keys: list[str], ids: torch.Tensor, dense: torch.Tensor, labels: torch.Tensor) -> Batch:
     """Build a batch from field-major ids [n_fields, B] (any int dtype), dense [B, D] and labels [B]."""

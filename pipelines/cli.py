@@ -37,7 +37,7 @@ def _prepare(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from pipelines.train_job import run_train
 
-    result = run_train(args.config, args.overrides, args.resume)
+    result = run_train(args.config, args.overrides, args.resume, use_ray=args.ray)
     print(json.dumps(result, indent=2))
 
 
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, nargs="?", help="experiment YAML (configs/experiments/*.yaml)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.epochs=2")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument("--ray", action="store_true",
+                       help="train on Ray Train (implied by trainer.num_workers > 1); see trainer.ray for where")
     train.set_defaults(func=_train)
 
     comp = sub.add_parser("compress", help="run the experiment's compression recipe on its trained checkpoint")

@@ -42,7 +42,9 @@ def prepared_data(cfg: ExperimentConfig) -> tuple[Path, FeatureMap]:
     return out, prepare(cfg.dataset).feature_map
 
 
-def run_train(config: Path | None, overrides: list[str], resume: Path | None = None) -> dict[str, Any]:
+def run_train(config: Path | None, overrides: list[str], resume: Path | None = None,
+              use_ray: bool = False) -> dict[str, Any]:
+    """Train locally, or on Ray Train when ``trainer.num_workers > 1`` or ``use_ray``."""
     if resume is not None:
         if config is not None or overrides:
             raise ConfigError("--resume continues a run with its saved config: give no config file or overrides")
@@ -64,4 +66,8 @@ def run_train(config: Path | None, overrides: list[str], resume: Path | None = N
         atomic_write_text(run_dir / FILE_NAME, fmap_text)
         atomic_write_text(run_dir / "data.json", json.dumps({
             "prepared": str(data_dir), "feature_map_sha256": hashlib.sha256(fmap_text.encode()).hexdigest()}, indent=2) + "\n")
+    if use_ray or cfg.trainer.num_workers > 1:
+        from pipelines.ray_train import run_ray_train  # Ray starts only when asked for
+
+        return run_ray_train(cfg, fmap, data_dir, run_dir, resume=resume is not None)
     return Trainer(cfg, fmap, data_dir, run_dir).fit(resume=resume is not None)

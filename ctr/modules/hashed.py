@@ -19,6 +19,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from ctr.config import EmbeddingConfig
 from ctr.modules import META
+from ctr.modules.pooled import ordered_values, output_keys
 from features.feature_map import FieldInfo
 from features.hashing import HASH_VERSION, bucket_torch, hash_torch, key_torch, mix_seed
 
@@ -107,6 +108,7 @@ class HashedSparseArch(nn.Module):
             EmbeddingBagConfig(name=name, embedding_dim=cfg.dim, num_embeddings=rows[name], feature_names=names,
                                pooling=PoolingType.SUM, init_fn=init)
             for name, names in tables.items()], device=device)
+        self.output_keys = output_keys(self.ebc)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Field ids [F, B] -> table rows [K, B]: hashed (or exact) per key."""
@@ -123,4 +125,4 @@ class HashedSparseArch(nn.Module):
         rows = self.rows(values.view(self.num_fields, batch))
         keyed = KeyedJaggedTensor(keys=self.key_names, values=rows.reshape(-1),
                                   lengths=torch.ones(self.num_keys * batch, dtype=torch.int32), stride=batch)
-        return self.ebc(keyed).values().view(-1, self.num_keys, self.dim)
+        return ordered_values(self.ebc(keyed), self.output_keys).view(-1, self.num_keys, self.dim)

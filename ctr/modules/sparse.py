@@ -17,6 +17,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from ctr.config import EmbeddingConfig
 from ctr.modules import META
 from ctr.modules.hashed import HashedSparseArch
+from ctr.modules.pooled import ordered_values, output_keys
 from features.feature_map import FieldInfo
 
 
@@ -72,6 +73,7 @@ class SparseArch(nn.Module):
             tables=embedding_tables(fields, widths or [dim] * len(fields), init_range, prefix, rows or vocab),
             device=device)
         self.register_buffer("columns", prefix_columns(widths, dim) if widths else None, persistent=False)
+        self.output_keys = output_keys(self.ebc)
         self.remapped = remapped
         if remapped:
             offsets = torch.tensor([0, *vocab[:-1]], dtype=torch.int64).cumsum(0)
@@ -79,7 +81,7 @@ class SparseArch(nn.Module):
             self.register_buffer("remap", torch.cat([torch.arange(v, dtype=torch.int64) for v in vocab]))
 
     def _lookup(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        flat = self.ebc(sparse).values()
+        flat = ordered_values(self.ebc(sparse), self.output_keys)
         if self.columns is None:
             return flat.view(-1, self.num_fields, self.dim)
         padded = flat.new_zeros(flat.shape[0], self.num_fields * self.dim)
