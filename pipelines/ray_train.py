@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,10 @@ from ctr.distributed import CPU
 from ctr.train import BEST, LAST, Runtime, Trainer
 from features.atomic import atomic_write
 from features.feature_map import FeatureMap
+from features.json_lines import read_json_lines
 from features.loader import Batch, make_batch
 
+log = logging.getLogger("ctr.train")
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DEDUP_LOGS": "1"}
 SHUFFLE_BUFFER_BATCHES = 4  # local shuffle buffer of each worker, in batches
 
@@ -153,5 +156,28 @@ def run_ray_train(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_d
                              failure_config=FailureConfig(max_failures=r.max_failures)),
         datasets={"train": ray.data.read_parquet(str(train_file))},
     )
-    trainer.fit()
+    log.info("training on Ray: %d workers (%s), run directory %s", t.num_workers,
+             "GPU, NCCL" if r.use_gpu else f"{r.cpus_per_worker} CPU each, gloo", run_dir)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_echo_metrics, args=(run_dir / "metrics.jsonl", stop), daemon=True)
+    watcher.start()
+    try:
+        trainer.fit()
+    finally:
+        stop.set()
+        watcher.join()
     return json.loads((run_dir / "result.json").read_text())
+
+
+def _echo_metrics(path: Path, stop: threading.Event) -> None:
+    """The workers' output stays in Ray's logs; the driver shows each validation as rank 0 records it."""
+    shown = len(read_json_lines(path))
+    while not stop.wait(2.0):
+        try:
+            lines = read_json_lines(path)
+        except json.JSONDecodeError:  # caught a line half-written: read it next time
+            continue
+        for line in lines[shown:]:
+            log.info("%s epoch %d step %d: auc %.5f logloss %.5f", line["event"], line["epoch"], line["step"],
+                     line["auc"], line["logloss"])
+        shown = len(lines)

@@ -16,7 +16,7 @@ from ctr.models import build_model
 from ctr.modules.sparse import TableLayout
 from ctr.train import Trainer
 from features.feature_map import FieldInfo
-from features.loader import Batch, ParquetBatches, make_batch
+from features.loader import Batch, ParquetBatches
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig
 
