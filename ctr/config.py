@@ -175,7 +175,51 @@ class OptEmbedStep(Strict):
     optembed: OptEmbedConfig
 
 
-CompressStep = OptFSStep | OptEmbedStep
+class RankRule(Strict):
+    """Exactly one of: a fixed rank, a fraction of the width, or the smallest rank that keeps this
+    share of the output variance (energy)."""
+
+    fixed: int | None = Field(default=None, ge=1)
+    fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    energy: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "RankRule":
+        if (self.fixed is not None) + (self.fraction is not None) + (self.energy is not None) != 1:
+            raise ValueError("a rank rule needs exactly one of fixed, fraction or energy")
+        return self
+
+
+class AFMConfig(Strict):
+    """AFM low-rank compression (Yu et al., KDD'24): PCA of Linear outputs (DNN layers, DCNv2 cross
+    layers) and of each field's looked-up embeddings, then fine-tuning. ``layers_budget_mb`` (or the
+    recipe's ``target_mb``) shares a parameter budget among the layers instead of ``layer_rank``."""
+
+    layers: bool = True
+    layer_rank: RankRule = RankRule(energy=0.99)
+    layers_budget_mb: float | None = Field(default=None, gt=0.0)
+    embeddings: bool = True
+    embedding_rank: RankRule = RankRule(energy=0.99)  # rounded up to a multiple of 4
+    calibration_rows: int = Field(default=65536, ge=256)
+    finetune_epochs: int = Field(default=1, ge=0)
+    finetune_patience: int = Field(default=1, ge=1)
+    finetune_lr_scale: float = Field(default=0.1, gt=0.0)  # of trainer.lr and trainer.sparse_lr
+    mimic_weight: float = Field(default=0.0, ge=0.0)  # feature-mimicking MSE beside logloss
+
+
+class AFMStep(Strict):
+    afm: AFMConfig
+
+
+CompressStep = OptFSStep | OptEmbedStep | AFMStep
+
+
+class CompressRecipe(Strict):
+    """The stages run in order by ``ctr compress``; ``target_mb``: the final model must fit (the AFM
+    stage sizes its ranks to it; the recipe fails if the result is larger)."""
+
+    target_mb: float | None = Field(default=None, gt=0.0)
+    stages: list[CompressStep] = Field(default_factory=list)
 
 
 class ExperimentConfig(Strict):
@@ -183,7 +227,12 @@ class ExperimentConfig(Strict):
     dataset: DatasetConfig
     model: ModelConfig
     trainer: TrainerConfig = TrainerConfig()
-    compress: list[CompressStep] = Field(default_factory=list)  # stages run in order by `ctr compress`
+    compress: CompressRecipe = CompressRecipe()  # a plain list of stages is accepted too
+
+    @field_validator("compress", mode="before")
+    @classmethod
+    def _stage_list(cls, value: object) -> object:
+        return {"stages": value} if isinstance(value, list) else value
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -55,7 +55,11 @@ class CTRModel(nn.Module):
         super().__init__()
         self.embedding = make_sparse_arch(fmap.categorical, cfg.embedding, device, tables)
         wide = self.embedding.num_keys * cfg.embedding.dim
-        widths = tables.widths if tables is not None else None
+        layout = tables or TableLayout()
+        # AFM's per-field up-projection: narrow table rows -> the widths the interactions read
+        self.projection = (FieldProjection(layout.widths, layout.expanded, cfg.embedding.dim)
+                           if layout.expanded else None)
+        widths = layout.expanded or layout.widths
         columns = (torch.cat([prefix_columns(widths, cfg.embedding.dim), wide + torch.arange(len(fmap.dense))])
                    if widths else None)
         self.register_buffer("columns", columns, persistent=False)
@@ -64,6 +68,8 @@ class CTRModel(nn.Module):
 
     def lookup(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         emb = self.embedding(sparse)
+        if self.projection is not None:
+            emb = self.projection(emb)
         return emb if self.gates is None else self.gates(emb, sparse)
 
     def flat(self, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -78,11 +84,42 @@ class CTRModel(nn.Module):
         return self.interact(self.lookup(sparse), dense, sparse)
 
 
+class FieldProjection(nn.Module):
+    """Per field f: a ``widths[f]``-wide row -> ``expanded[f]`` values (e U_f^T + mu_f), zero-padded
+    to ``dim``; the projection of AFM-compressed embeddings where an interaction needs them whole."""
+
+    def __init__(self, widths: list[int], expanded: list[int], dim: int) -> None:
+        super().__init__()
+        self.k = max(widths)
+        self.weight = nn.Parameter(torch.zeros(len(widths), self.k, dim))
+        self.bias = nn.Parameter(torch.zeros(len(widths), dim))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bfk,fkd->bfd", emb[:, :, :self.k], self.weight) + self.bias
+
+
+class LowRankLinear(nn.Sequential):
+    """A Linear replaced by two (in -> k -> out), e.g. by AFM."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int) -> None:
+        super().__init__(nn.Linear(in_features, rank), nn.Linear(rank, out_features))
+        self.in_features, self.rank, self.out_features = in_features, rank, out_features
+
+
+def restructure(model: nn.Module, layout: TableLayout) -> None:
+    """Apply the recorded module replacements: folded BatchNorms -> identity, Linear -> LowRankLinear."""
+    for path in layout.folded_norms:
+        model.set_submodule(path, nn.Identity())
+    for path, rank in layout.factorized.items():
+        linear = model.get_submodule(path)
+        model.set_submodule(path, LowRankLinear(linear.in_features, rank, linear.out_features))
+
+
 class LogisticRegression(nn.Module):
     def __init__(self, fmap: FeatureMap, cfg: ModelConfig, device: torch.device, tables: TableLayout | None) -> None:
         super().__init__()
         if tables is not None and tables != TableLayout():
-            raise ValueError("model 'lr' has only first-order weights: there are no embedding tables to reshape")
+            raise ValueError("model 'lr' has only first-order weights: no embedding table or layer to reshape")
         self.first_order = FirstOrder(fmap, cfg.embedding.init_range, device)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,4 +179,7 @@ def build_model(fmap: FeatureMap, cfg: ModelConfig, device: torch.device = META,
     """The model named by ``cfg.name``. Tables stay on the meta device (the default) until
     DistributedModelParallel places them; ``device=cpu`` gives a plain, unsharded model.
     ``tables`` rebuilds the reshaped per-field tables a compression stage left behind."""
-    return MODELS[cfg.name](fmap, cfg, device, tables)
+    model = MODELS[cfg.name](fmap, cfg, device, tables)
+    if tables is not None:
+        restructure(model, tables)
+    return model

@@ -16,7 +16,7 @@ from pipelines.train_job import prepared_data
 
 def run_compress(config: Path, overrides: list[str]) -> list[dict[str, Any]]:
     cfg = load_experiment(config, overrides)
-    if not cfg.compress:
+    if not cfg.compress.stages:
         raise ConfigError(f"{config}: no 'compress:' stages to run")
     run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
     if not (run_dir / "checkpoints" / BEST).is_file():

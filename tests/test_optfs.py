@@ -110,7 +110,7 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     source = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "stage")
     with local_process_group():
-        kept, snapshot = OptFSStage(cfg.compress[0].optfs)._search(ctx, source)
+        kept, snapshot = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source)
     assert snapshot.keys() == source["model"].keys()
     assert all(torch.equal(snapshot[k], source["model"][k]) for k in snapshot)
     assert len(kept) == len(prepared_criteo.feature_map.categorical)

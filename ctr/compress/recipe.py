@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ctr.checkpoint import load_checkpoint, save_checkpoint
+from ctr.compress.afm import AFMStage
 from ctr.compress.optembed import OptEmbedStage
 from ctr.compress.optfs import OptFSStage
 from ctr.compress.stage import Stage, StageContext, model_size, validation_metrics
@@ -23,7 +24,7 @@ from features.feature_map import FeatureMap
 from features.json_lines import append_json_line, read_json_lines
 
 log = logging.getLogger("ctr.compress")
-STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage, "optembed": OptEmbedStage}
+STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage, "optembed": OptEmbedStage, "afm": AFMStage}
 REPORT = "report.jsonl"
 CHECKPOINT = "checkpoint.pt"
 
@@ -59,10 +60,10 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path)
     if "00_baseline" not in done:
         ctx = StageContext(cfg, fmap, data_dir, out)
         append_json_line(report, _line("00_baseline", "baseline", ctx, source, 0.0, {}))
-    for i, step in enumerate(cfg.compress, 1):
+    for i, step in enumerate(cfg.compress.stages, 1):
         stage = build_stage(step)
         stage_id = f"{i:02d}_{stage.name}"
-        ctx = StageContext(cfg, fmap, data_dir, out / stage_id)
+        ctx = StageContext(cfg, fmap, data_dir, out / stage_id, cfg.compress.target_mb)
         checkpoint = ctx.work_dir / CHECKPOINT
         if checkpoint.is_file():
             log.info("stage %s: checkpoint exists, not run again", stage_id)
@@ -76,7 +77,12 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path)
         save_checkpoint(checkpoint, result.payload)
         append_json_line(report, _line(stage_id, stage.name, ctx, result.payload, time.perf_counter() - started, result.details))
         source = result.payload
-    return list(_report_lines(report).values())
+    lines = list(_report_lines(report).values())
+    target = cfg.compress.target_mb
+    if target is not None and lines[-1]["bytes"] > target * 2**20:
+        raise ValueError(f"compress.target_mb {target}: the recipe's final model is {lines[-1]['bytes'] / 2**20:.3f} MB "
+                         f"({lines[-1]['stage_id']}); add or tighten stages (OptFS, OptEmbed, AFM ranks)")
+    return lines
 
 
 def format_report(lines: list[dict[str, Any]]) -> str:

@@ -31,6 +31,7 @@ class StageContext:
     fmap: FeatureMap
     data_dir: Path
     work_dir: Path  # this stage's own directory
+    target_mb: float | None = None  # the recipe's size target, for the stage that sizes itself to it
 
     def split(self, name: str) -> ParquetBatches:
         return ParquetBatches(self.data_dir / self.fmap.splits[name].file, self.fmap, self.cfg.trainer.eval_batch_size)

@@ -7,7 +7,7 @@ materialised for evaluation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -23,13 +23,21 @@ from features.feature_map import FieldInfo
 
 @dataclass(frozen=True)
 class TableLayout:
-    """How a compression stage reshaped the per-field tables: row counts, whether ids are remapped,
-    and per-field widths (a prefix of the configured width, OptEmbed). Saved beside the model config
-    in every checkpoint, so the model can be rebuilt before loading."""
+    """How compression stages reshaped the model built from its config: per-field table rows,
+    whether ids are remapped, per-field table widths (a prefix of the configured width: OptEmbed,
+    AFM), the widths a per-field up-projection restores for the interactions (AFM), the Linear
+    layers replaced by two low-rank ones (path -> rank) and the BatchNorms folded into their Linear.
+    Saved beside the model config in every checkpoint, so the model can be rebuilt before loading."""
 
     rows: list[int] | None = None
     remapped: bool = False
     widths: list[int] | None = None
+    expanded: list[int] | None = None
+    factorized: dict[str, int] = field(default_factory=dict)
+    folded_norms: list[str] = field(default_factory=list)
+
+    def reshapes_tables(self) -> bool:
+        return bool(self.rows or self.remapped or self.widths or self.expanded)
 
 
 def embedding_tables(fields: list[FieldInfo], widths: list[int], init_range: float, prefix: str,
@@ -106,7 +114,7 @@ def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torc
     if cfg.kind == "per_field":
         return SparseArch(fields, cfg.dim, cfg.init_range, device=device, rows=layout.rows,
                           remapped=layout.remapped, widths=layout.widths)
-    if layout != TableLayout():
+    if layout.reshapes_tables():
         raise ValueError(f"embedding kind '{cfg.kind}' has shared hashed tables: per-field rows and widths "
                          "(OptFS, OptEmbed) apply to kind 'per_field' only")
     return HashedSparseArch(fields, cfg, device=device)
