@@ -2,10 +2,12 @@
 
 For each experiment: trains its baseline (if the run directory has none), runs its ``compress:``
 recipe (stages already done are reused), scores the baseline and every stage on the test split, and
-prints one table over all of them; then, per stage, what it did to each field: rows kept (OptFS)
-or widths chosen (OptEmbed), with the generator's pure-noise fields marked.
+prints one table over all of them, each row against the per-field baseline of the same model; then,
+per stage, what it did: rows kept (OptFS), widths chosen (OptEmbed), ranks (AFM), with the
+generator's pure-noise fields marked. An experiment without stages (e.g. Unified Embedding) is one
+trained row.
 
-Usage: python benchmarks/bench_compress.py [--config A.yaml B.yaml ...]
+Usage: python benchmarks/bench_compress.py [--suite optembed|afm|all] [--config A.yaml ...]
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import torch
 
 from _common import load_note
 from ctr.checkpoint import load_checkpoint
-from ctr.compress.recipe import format_report
-from ctr.compress.stage import StageContext, plain_model
+from ctr.compress.stage import StageContext, model_size, plain_model
 from ctr.config import load_experiment
 from ctr.metrics import classification_metrics
 from ctr.train import predict
@@ -32,8 +33,13 @@ from features.vocab import OOV_ID
 from pipelines.compress_job import run_compress
 from pipelines.train_job import prepared_data, run_train
 
-# OptEmbed alone, and OptFS -> OptEmbed (which shares its run directory and OptFS stage with synthetic_dnn_optfs)
-CONFIGS = [Path("configs/experiments/synthetic_dnn_optembed.yaml"), Path("configs/experiments/synthetic_dnn_optfs_optembed.yaml")]
+EXPERIMENTS = Path("configs/experiments")
+SUITES = {
+    # OptEmbed alone, and OptFS -> OptEmbed (which shares its run directory and OptFS stage with synthetic_dnn_optfs)
+    "optembed": ["synthetic_dnn_optembed", "synthetic_dnn_optfs_optembed"],
+    # per model: the full recipe (its stages give the OptFS and OptEmbed rows), AFM alone, Unified Embedding
+    "afm": [f"synthetic_{m}_{kind}" for m in ("dcnv2", "deepfm") for kind in ("full", "afm", "unified")],
+}
 QUIET = ["trainer.progress=false"]
 
 
@@ -75,45 +81,65 @@ def widths_table(line: dict[str, Any], noise: set[str]) -> None:
           f"per row kept (what the widths cost): noise fields {weighted(noisy):.2f}, other fields {weighted(informative):.2f}")
 
 
+def afm_table(line: dict[str, Any]) -> None:
+    after = line.get("valid_auc_after_finetune")
+    print(f"\n{line['stage_id']}: factorised layers (path: rank) {line['factorized']}; embedding ranks "
+          f"{line['embedding_ranks']}; valid AUC {line['valid_auc_before_finetune']:.5f} before fine-tuning"
+          + (f", {after:.5f} after ({'kept' if line['finetuned_kept'] else 'not kept'})" if after is not None else ""))
+
+
+def trained_line(ctx: StageContext, path: Path) -> dict[str, Any]:
+    payload = load_checkpoint(path)
+    params, size, embedding = model_size(payload["model"])
+    return {"stage_id": "trained", "stage": "baseline", "parameters": params, "bytes": size, "embedding_bytes": embedding}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", type=Path, nargs="+", default=CONFIGS)
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--config", type=Path, nargs="+", help="experiment files instead of a suite")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
+    names = [n for suite, ns in SUITES.items() if args.suite in (suite, "all") for n in ns]
+    configs = args.config or [EXPERIMENTS / f"{n}.yaml" for n in names]
     rows, details = [], []
-    for config in args.config:
+    for config in configs:
         cfg = load_experiment(config, QUIET)
         run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
         if not (run_dir / "checkpoints" / "best.pt").is_file():
             run_train(config, QUIET)
-        lines = run_compress(config, QUIET)
         data_dir, fmap = prepared_data(cfg)
         ctx = StageContext(cfg, fmap, data_dir, run_dir / "compress")
+        best = run_dir / "checkpoints" / "best.pt"
+        lines = run_compress(config, QUIET) if cfg.compress.stages else [trained_line(ctx, best)]
         teacher = Path(fmap.sources[0].path + ".teacher.json")
         noise = set(json.loads(teacher.read_text())["noise"]) if teacher.is_file() else set()
-        print(f"\n{cfg.name}: validation report of the recipe")
-        print(format_report(lines))
         for line in lines:
-            path = run_dir / "checkpoints" / "best.pt" if line["stage"] == "baseline" else \
-                run_dir / "compress" / line["stage_id"] / "checkpoint.pt"
+            path = best if line["stage"] == "baseline" else run_dir / "compress" / line["stage_id"] / "checkpoint.pt"
             test = classification_metrics(*predict(plain_model(fmap, load_checkpoint(path)), ctx.split("test")))
-            rows.append((cfg.name, line, test, lines[0]))
+            rows.append((cfg, line, test))
             if line["stage"] == "optfs" and "kept_rows" in line:
                 details.append(lambda line=line, fmap=fmap, d=data_dir, n=noise, p=path.parent:
                                kept_rows_table(line, p, fmap, d, n))
             elif line["stage"] == "optembed" and "widths" in line:
                 details.append(lambda line=line, n=noise: widths_table(line, n))
-    print(f"\nTest split, every stage; {load_note()}")
-    print("| experiment | stage | embedding bytes | total bytes | embedding vs baseline | total vs baseline | "
+            elif line["stage"] == "afm" and "factorized" in line:
+                details.append(lambda line=line: afm_table(line))
+    print(f"\nTest split, every stage, against the per-field baseline of the same model; {load_note()}")
+    print("| model | experiment | stage | embedding bytes | total bytes | total vs baseline | "
           "test AUC | AUC - baseline | test logloss |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    base_auc: dict[str, float] = {}
-    for name, line, test, base in rows:
-        base_auc.setdefault(name, test["auc"])
-        print(f"| {name} | {line['stage_id']} | {line['embedding_bytes']:,} | {line['bytes']:,} | "
-              f"{base['embedding_bytes'] / line['embedding_bytes']:.2f}x smaller | {base['bytes'] / line['bytes']:.2f}x smaller | "
-              f"{test['auc']:.5f} | {test['auc'] - base_auc[name]:+.5f} | {test['logloss']:.5f} |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    reference: dict[str, tuple[int, float]] = {}
+    for cfg, line, test in rows:
+        if line["stage"] == "baseline" and cfg.model.embedding.kind == "per_field":
+            reference.setdefault(cfg.model.name, (line["bytes"], test["auc"]))
+    for cfg, line, test in rows:
+        base_bytes, base_auc = reference.get(cfg.model.name, (line["bytes"], test["auc"]))
+        stage = line["stage_id"] if cfg.model.embedding.kind == "per_field" else f"trained ({cfg.model.embedding.kind})"
+        print(f"| {cfg.model.name} | {cfg.name} | {stage} | {line['embedding_bytes']:,} | {line['bytes']:,} | "
+              f"{base_bytes / line['bytes']:.2f}x smaller | {test['auc']:.5f} | {test['auc'] - base_auc:+.5f} | "
+              f"{test['logloss']:.5f} |")
     for show in details:
         show()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ctr.checkpoint import CheckpointError
 from ctr.train import TrainingDiverged
+from deploy.export import ExportError
 from features.errors import DataError
 from features.yaml_config import ConfigError
 
@@ -46,6 +47,22 @@ def _compress(args: argparse.Namespace) -> None:
     from pipelines.compress_job import run_compress
 
     print(format_report(run_compress(args.config, args.overrides)))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from deploy.export import export_model
+
+    manifest = export_model(args.run_dir, args.out, args.stage, args.embeddings)
+    parity = manifest["parity"]
+    print(f"exported {args.out} ({manifest['file_bytes']:,} bytes, {manifest['embeddings']} tables) from "
+          f"{manifest['source']['checkpoint']}; parity on {parity['rows']:,} test rows: max |diff| "
+          f"{parity['max_abs_diff']:.2e}, AUC diff {parity['auc_diff']:+.6f}; manifest beside it")
+
+
+def _score(args: argparse.Namespace) -> None:
+    from deploy.export import score_parquet
+
+    print(json.dumps(score_parquet(args.model, args.data, args.out), indent=2))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -86,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     comp.set_defaults(func=_compress)
 
+    exp = sub.add_parser("export", help="write one TorchScript file (plus manifest) that runs with torch alone")
+    exp.add_argument("run_dir", type=Path, help="a run directory (its best checkpoint) or a checkpoint file in one")
+    exp.add_argument("--out", type=Path, required=True, help="the .pt file to write")
+    exp.add_argument("--stage", help="a compression stage of the run (e.g. 02_optembed, or 'latest')")
+    exp.add_argument("--embeddings", choices=["fp32", "fp16", "int8"], default="fp32",
+                     help="how the tables are stored (int8: per-row scale and bias)")
+    exp.set_defaults(func=_export)
+
+    score = sub.add_parser("score", help="score a Parquet file with an exported model")
+    score.add_argument("model", type=Path)
+    score.add_argument("data", type=Path, help="Parquet with the feature map's columns")
+    score.add_argument("--out", type=Path, help="write the scores to this Parquet file")
+    score.set_defaults(func=_score)
+
     demo = sub.add_parser("demo", help="prepare the built-in synthetic dataset, train DCNv2, report test AUC")
     demo.add_argument("--config", type=Path, default=Path("configs/experiments/synthetic_dcnv2.yaml"))
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.epochs=2")
@@ -104,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as exc:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,191 @@
+"""Export a trained or compressed checkpoint to one TorchScript file, with a manifest and a parity check.
+
+The file is written under a temporary name, loaded back, and compared with the in-memory model on
+held-out test rows; only a file that passes is renamed into place (with ``manifest.json`` beside
+it), so a failed export leaves nothing behind. ``load_edge`` checks the file against its manifest
+before loading, so a truncated or altered file is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctr.checkpoint import load_checkpoint
+from ctr.compress.stage import model_size, plain_model
+from ctr.metrics import auc
+from deploy.edge import EMBEDDING_FORMATS, edge_model
+from features.atomic import atomic_write_text
+from features.feature_map import FeatureMap
+from features.loader import ParquetBatches
+
+MANIFEST_SUFFIX = ".manifest.json"
+FP32_TOLERANCE = 1e-5  # max |exported - in-memory| probability
+QUANTIZED_AUC_TOLERANCE = 5e-4  # |AUC difference| for fp16 / int8 tables
+
+
+class ExportError(RuntimeError):
+    """An export that failed its parity check, or an edge file that does not match its manifest."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_path(model_file: Path) -> Path:
+    return model_file.with_name(model_file.name + MANIFEST_SUFFIX)
+
+
+def resolve_source(source: Path, stage: str | None) -> tuple[Path, Path]:
+    """(run directory, checkpoint): a run's best checkpoint, one compression stage's ('latest': the
+    last stage), or a checkpoint file inside a run directory."""
+    if source.is_file():
+        run_dir = next((p for p in source.parents if (p / "feature_map.json").is_file()), None)
+        if run_dir is None:
+            raise ExportError(f"{source}: not inside a run directory (no feature_map.json above it)")
+        return run_dir, source
+    if not (source / "feature_map.json").is_file():
+        raise ExportError(f"{source}: not a run directory (no feature_map.json); give a run directory or a checkpoint")
+    if stage is None:
+        return source, source / "checkpoints" / "best.pt"
+    stages = sorted(p.parent.name for p in (source / "compress").glob("*/checkpoint.pt"))
+    if not stages:
+        raise ExportError(f"{source}: no compression stage checkpoints under compress/")
+    name = stages[-1] if stage == "latest" else stage
+    if name not in stages:
+        raise ExportError(f"{source}: no compression stage '{stage}'; there are {stages}")
+    return source, source / "compress" / name / "checkpoint.pt"
+
+
+def _sample(fmap: FeatureMap, data_dir: Path, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, rows)))
+    ids = batch.sparse.values().view(len(fmap.categorical), -1).T.contiguous()
+    return batch.dense, ids, batch.labels, batch
+
+
+def _parts(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Bytes by part, as the edge file stores the weights."""
+    groups: dict[str, dict[str, torch.Tensor]] = {"embedding tables": {}, "id remap": {}, "dense layers": {}}
+    for key, value in state.items():
+        part = "id remap" if key.endswith(".remap") else "embedding tables" if ".ebc." in key else "dense layers"
+        groups[part][key] = value
+    return {part: model_size(values)[1] for part, values in groups.items()}
+
+
+def export_model(source: Path, out: Path, stage: str | None = None, embeddings: str = "fp32",
+                 sample_rows: int = 16384) -> dict[str, Any]:
+    """Write ``out`` (TorchScript) and its manifest; returns the manifest."""
+    if embeddings not in EMBEDDING_FORMATS:
+        raise ExportError(f"export embeddings must be one of {EMBEDDING_FORMATS}, got '{embeddings}'")
+    run_dir, checkpoint = resolve_source(source, stage)
+    fmap = FeatureMap.load(run_dir)
+    data_dir = Path(json.loads((run_dir / "data.json").read_text())["prepared"])
+    payload = load_checkpoint(checkpoint)
+    model = plain_model(fmap, payload)
+    vocab = [int(f.num_embeddings or 0) for f in fmap.categorical]
+    scripted = torch.jit.script(edge_model(model, vocab, embeddings))
+    dense, ids, labels, batch = _sample(fmap, data_dir, sample_rows)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(batch.dense, batch.sparse)[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        torch.jit.save(scripted, str(temp))
+        with torch.no_grad():
+            got = torch.jit.load(str(temp))(dense, ids)
+        parity = _parity(expected, got, labels, embeddings)
+        manifest = {
+            "format": "ctr-edge-v1",
+            "file_sha256": sha256(temp), "file_bytes": temp.stat().st_size,
+            "inputs": {"dense": [f.name for f in fmap.dense], "ids": [f.name for f in fmap.categorical],
+                       "id_ranges": dict(zip((f.name for f in fmap.categorical), vocab)),
+                       "transforms": {f.name: f.transform for f in (*fmap.categorical, *fmap.dense)},
+                       "oov_id": 1, "label": fmap.label},
+            "model": payload["model_config"], "layout": payload.get("tables", {}), "embeddings": embeddings,
+            "bytes_by_part": _parts(payload["model"]),
+            "source": {"checkpoint": str(checkpoint), "sha256": sha256(checkpoint), "run_dir": str(run_dir)},
+            "parity": parity, "torch": torch.__version__, "python": platform.python_version(),
+        }
+        atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2) + "\n")
+        os.replace(temp, out)
+        return manifest
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _parity(expected: torch.Tensor, got: torch.Tensor, labels: torch.Tensor, embeddings: str) -> dict[str, Any]:
+    diff = float((expected - got).abs().max())
+    y = labels.numpy()
+    auc_diff = auc(y, got.numpy()) - auc(y, expected.numpy()) if 0 < y.sum() < y.size else float("nan")
+    result = {"rows": int(got.numel()), "max_abs_diff": diff, "auc_diff": auc_diff}
+    if embeddings == "fp32" and not diff <= FP32_TOLERANCE:
+        raise ExportError(f"parity check failed: exported and in-memory probabilities differ by {diff:.2e} "
+                          f"(> {FP32_TOLERANCE:.0e}) on {got.numel()} test rows; nothing was written")
+    if embeddings != "fp32" and not abs(auc_diff) <= QUANTIZED_AUC_TOLERANCE:
+        raise ExportError(f"parity check failed: {embeddings} tables change test AUC by {auc_diff:+.5f} "
+                          f"(> {QUANTIZED_AUC_TOLERANCE}) on {got.numel()} rows; nothing was written")
+    return result
+
+
+def load_edge(path: Path) -> torch.jit.ScriptModule:
+    """Load an edge file after checking it against its manifest (size and sha256)."""
+    if not path.is_file():
+        raise ExportError(f"{path}: no such edge model file")
+    meta = manifest_path(path)
+    if not meta.is_file():
+        raise ExportError(f"{path}: its manifest {meta.name} is missing; cannot verify the file")
+    expected = json.loads(meta.read_text())
+    size = path.stat().st_size
+    if size != expected["file_bytes"]:
+        raise ExportError(f"{path}: {size} bytes, its manifest says {expected['file_bytes']} (truncated or replaced)")
+    if sha256(path) != expected["file_sha256"]:
+        raise ExportError(f"{path}: content differs from its manifest's sha256 (altered after export)")
+    return torch.jit.load(str(path))
+
+
+def score_parquet(model_file: Path, data: Path, out: Path | None, batch_size: int = 65536) -> dict[str, Any]:
+    """Score a Parquet file with an edge model; labels present -> AUC and logloss too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctr.metrics import classification_metrics
+    from features.errors import DataError
+
+    model = load_edge(model_file)
+    inputs = json.loads(manifest_path(model_file).read_text())["inputs"]
+    file = pq.ParquetFile(data)
+    have = set(file.schema_arrow.names)
+    missing = [c for c in inputs["dense"] + inputs["ids"] if c not in have]
+    if missing:
+        raise DataError(f"{data}: columns {missing} that the model reads are missing")
+    label = inputs["label"] if inputs["label"] in have else None
+    scores, labels = [], []
+    for batch in file.iter_batches(batch_size=batch_size, columns=inputs["dense"] + inputs["ids"] + ([label] if label else [])):
+        ids = torch.from_numpy(np.stack([batch.column(c).to_numpy() for c in inputs["ids"]], 1).astype(np.int64))
+        dense = torch.from_numpy(np.stack([batch.column(c).to_numpy() for c in inputs["dense"]], 1).astype(np.float32)) \
+            if inputs["dense"] else torch.zeros(ids.shape[0], 0)
+        with torch.no_grad():
+            scores.append(model(dense, ids).numpy())
+        if label:
+            labels.append(batch.column(label).to_numpy().astype(np.float32))
+    probs = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+    result: dict[str, Any] = {"rows": int(probs.size)}
+    if out is not None:
+        temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        pq.write_table(pa.table({"score": probs}), temp)
+        os.replace(temp, out)
+        result["scores"] = str(out)
+    if label and probs.size:
+        result.update(classification_metrics(np.concatenate(labels), probs))
+    return result

@@ -1,0 +1,140 @@
+"""Edge export: TorchScript files that a torch-only process loads, parity, OOV ids, bad files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctr.compress.recipe import run_recipe
+from ctr.config import AFMConfig, AFMStep, EmbeddingConfig, ExperimentConfig, ModelConfig, RankRule, TrainerConfig
+from ctr.train import Trainer
+from deploy.edge import splitmix64
+from deploy.export import ExportError, export_model, load_edge, manifest_path, score_parquet
+from features.atomic import atomic_write_text
+from features.hashing import hash_torch
+from features.prepare import PrepareResult
+from features.schema import DatasetConfig
+
+pytestmark = pytest.mark.slow
+
+
+def test_scriptable_hash_equals_the_training_hash() -> None:
+    values = torch.tensor([[0, 1, 2, 2**40, -5, 123456789]])
+    keys = torch.tensor([[7], [-3], [2**62]])
+    assert torch.equal(splitmix64(values, keys), hash_torch(values, keys))
+
+
+@pytest.fixture(scope="module")
+def runs(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A trained DCNv2 with an AFM stage (projection + factorised layers), and a unified-embedding DNN."""
+    out = {}
+    for name, model in (("dcnv2", ModelConfig(name="dcnv2", hidden=[32, 16], cross_layers=2, embedding=EmbeddingConfig(dim=8))),
+                        ("unified", ModelConfig(name="dnn", hidden=[16], embedding=EmbeddingConfig(dim=8, kind="unified", num_rows=3000)))):
+        run_dir = tmp_path_factory.mktemp(name)
+        cfg = ExperimentConfig(
+            name=name, dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared_criteo.output)),
+            model=model, trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, progress=False, threads=1,
+                                               run_dir=str(run_dir), lr=3e-3),
+            compress=[AFMStep(afm=AFMConfig(layer_rank=RankRule(fixed=4), embedding_rank=RankRule(fixed=4),
+                                            embeddings=model.embedding.kind == "per_field", finetune_epochs=0))])
+        fmap = prepared_criteo.feature_map
+        Trainer(cfg, fmap, prepared_criteo.output, run_dir).fit()
+        (run_dir / "feature_map.json").write_text((prepared_criteo.output / "feature_map.json").read_text())
+        atomic_write_text(run_dir / "data.json", json.dumps({"prepared": str(prepared_criteo.output)}))
+        run_recipe(cfg, fmap, prepared_criteo.output, run_dir)
+        out[name] = run_dir
+    return out
+
+
+FRESH = """
+import sys, torch
+model = torch.jit.load(sys.argv[1])
+cases = torch.load(sys.argv[2])
+for dense, ids, expected in cases:
+    with torch.no_grad():
+        got = model(dense, ids)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    assert float((got - expected).abs().max()) <= 1e-6, float((got - expected).abs().max())
+leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torchrec', 'fbgemm_gpu', 'ctr', 'features', 'deploy'))
+assert not leaked, leaked
+print('ok', len(cases))
+"""
+
+
+@pytest.mark.parametrize(("run", "stage", "embeddings"), [("dcnv2", None, "fp32"), ("dcnv2", "latest", "fp32"),
+                                                          ("dcnv2", "latest", "int8"), ("unified", "latest", "fp16")])
+def test_a_torch_only_process_runs_each_export_at_any_batch_size(runs: dict[str, Path], prepared_criteo: PrepareResult,
+                                                                  tmp_path: Path, run: str, stage: str | None,
+                                                                  embeddings: str) -> None:
+    out = tmp_path / "model.pt"
+    manifest = export_model(runs[run], out, stage, embeddings)
+    assert manifest["parity"]["max_abs_diff"] <= (1e-5 if embeddings == "fp32" else 1e-1)
+    assert abs(manifest["parity"]["auc_diff"]) <= 5e-4
+    model = load_edge(out)
+    fmap = prepared_criteo.feature_map
+    gen = torch.Generator().manual_seed(0)
+    vocab = torch.tensor([f.num_embeddings for f in fmap.categorical])
+    cases = []
+    for batch in (1, 7, 4096):
+        ids = (torch.rand(batch, len(vocab), generator=gen) * vocab).long()
+        dense = torch.rand(batch, len(fmap.dense), generator=gen)
+        with torch.no_grad():
+            cases.append((dense, ids, model(dense, ids)))
+    torch.save(cases, tmp_path / "cases.pt")
+    done = subprocess.run([sys.executable, "-c", FRESH, str(out), str(tmp_path / "cases.pt")], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("ok 3"), done.stderr[-2000:]
+
+
+def test_an_id_out_of_range_reads_the_oov_row(runs: dict[str, Path], prepared_criteo: PrepareResult, tmp_path: Path) -> None:
+    export_model(runs["dcnv2"], tmp_path / "m.pt", "latest")
+    model = load_edge(tmp_path / "m.pt")
+    fmap = prepared_criteo.feature_map
+    vocab = torch.tensor([f.num_embeddings for f in fmap.categorical])
+    ids = torch.stack([vocab + 5, torch.full_like(vocab, -3), torch.full_like(vocab, 10**12), torch.ones_like(vocab)])
+    with torch.no_grad():
+        p = model(torch.zeros(4, len(fmap.dense)), ids)
+    assert torch.isfinite(p).all()
+    assert torch.allclose(p[:3], p[3].expand(3))  # every out-of-range id = the OOV id 1
+
+
+def test_failed_parity_leaves_no_file(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("deploy.export.FP32_TOLERANCE", -1.0)
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_model(runs["dcnv2"], tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_or_altered_files_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    export_model(runs["dcnv2"], out)
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match="truncated or replaced"):
+        load_edge(out)
+    with pytest.raises(RuntimeError):  # torch alone refuses it too
+        torch.jit.load(str(out))
+    altered = bytearray(data)
+    altered[len(data) // 2] ^= 0xFF
+    out.write_bytes(bytes(altered))
+    with pytest.raises(ExportError, match="altered after export"):
+        load_edge(out)
+    manifest_path(out).unlink()
+    with pytest.raises(ExportError, match="manifest"):
+        load_edge(out)
+
+
+def test_score_parquet_with_the_exported_file(runs: dict[str, Path], prepared_criteo: PrepareResult, tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    manifest = export_model(runs["dcnv2"], out, "latest")
+    split = prepared_criteo.output / prepared_criteo.feature_map.splits["test"].file
+    result = score_parquet(out, split, tmp_path / "scores.parquet")
+    assert result["rows"] == prepared_criteo.feature_map.splits["test"].rows
+    assert 0.5 < result["auc"] <= 1.0
+    import pyarrow.parquet as pq
+    scores = pq.read_table(tmp_path / "scores.parquet")["score"].to_numpy()
+    assert scores.shape == (result["rows"],) and np.all((scores > 0) & (scores < 1))
+    assert manifest["bytes_by_part"]["embedding tables"] > 0
