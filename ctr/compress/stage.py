@@ -16,13 +16,14 @@ from torch import nn
 from ctr.config import ExperimentConfig, ModelConfig
 from ctr.distributed import load_plain_state_dict
 from ctr.metrics import classification_metrics
-from ctr.models import build_model
+from ctr.models import FIRST_ORDER_DIM, build_model
 from ctr.modules.sparse import TableLayout
 from ctr.train import predict
 from features.feature_map import FeatureMap
 from features.loader import ParquetBatches
 
 REMAP_BYTES = 4  # an id remap entry is stored as int32 in the edge model
+FIRST_ORDER_TABLES = "first_order.weights."
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,15 @@ def plain_model(fmap: FeatureMap, payload: dict[str, Any]) -> nn.Module:
 
 
 def _stored_bytes(key: str, value: torch.Tensor) -> int:
+    if key.startswith(FIRST_ORDER_TABLES):  # the edge model stores the sum of fbgemm's 4 values: one weight
+        return value.numel() // FIRST_ORDER_DIM * value.element_size()
     return value.numel() * (REMAP_BYTES if key.endswith(".remap") else value.element_size())
 
 
 def model_size(state: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     """(float parameters, bytes, embedding bytes) of a model state as the edge model stores it: fp32
-    weights, int32 id remaps; integer bookkeeping buffers (offsets, salts) count at their own size.
+    weights, int32 id remaps, one weight per value for first-order tables; integer bookkeeping buffers
+    (offsets, salts) count at their own size.
     Embedding bytes are the tables and the id remaps that lead into them."""
     params = sum(v.numel() for v in state.values() if v.is_floating_point())
     size = sum(_stored_bytes(k, v) for k, v in state.items())

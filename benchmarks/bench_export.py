@@ -1,0 +1,81 @@
+"""Exported edge models: file size, batch-1 latency and batch-1024 throughput on one CPU thread.
+
+For each experiment (its run directory must hold a trained baseline and a compression recipe; see
+bench_compress.py), exports the baseline and the recipe's last stage (fp32, and the last stage with
+int8 tables too), then times each file in this process with ``torch.set_num_threads(1)``: batch-1
+latency percentiles over single test rows, and rows/s at batch 1024, all in one run.
+
+Usage: python benchmarks/bench_export.py [--config configs/experiments/synthetic_dcnv2_full.yaml ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import WORK, load_note
+from ctr.config import load_experiment
+from deploy.export import export_model, load_edge
+from features.loader import ParquetBatches
+from pipelines.train_job import prepared_data
+
+CONFIGS = [Path("configs/experiments/synthetic_dcnv2_full.yaml"), Path("configs/experiments/synthetic_deepfm_full.yaml")]
+
+
+def timings(model: torch.jit.ScriptModule, dense: torch.Tensor, ids: torch.Tensor) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms) at batch 1 over 300 single rows, and rows/s at batch 1024."""
+    with torch.no_grad():
+        for i in range(30):
+            model(dense[i:i + 1], ids[i:i + 1])
+        single = []
+        for i in range(300):
+            started = time.perf_counter()
+            model(dense[i:i + 1], ids[i:i + 1])
+            single.append((time.perf_counter() - started) * 1e3)
+        model(dense[:1024], ids[:1024])
+        started = time.perf_counter()
+        for _ in range(20):
+            model(dense[:1024], ids[:1024])
+        throughput = 20 * 1024 / (time.perf_counter() - started)
+    return float(np.percentile(single, 50)), float(np.percentile(single, 99)), throughput
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", type=Path, nargs="+", default=CONFIGS)
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    rows = []
+    for config in args.config:
+        cfg = load_experiment(config)
+        run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
+        data_dir, fmap = prepared_data(cfg)
+        batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, 1024)))
+        dense, ids = batch.dense, batch.sparse.values().view(len(fmap.categorical), -1).T.contiguous()
+        out = WORK / "export" / cfg.name
+        for label, stage, fmt in (("baseline", None, "fp32"), ("recipe", "latest", "fp32"), ("recipe", "latest", "int8")):
+            path = out / f"{label}_{fmt}.pt"
+            manifest = export_model(run_dir, path, stage, fmt)
+            p50, p99, rate = timings(load_edge(path), dense, ids)
+            rows.append((cfg.name, f"{label} ({fmt})", path.stat().st_size, p50, p99, rate, manifest["parity"]))
+    print(f"\nExported models, 1 thread; {load_note()}")
+    print("| experiment | model | file bytes | size vs baseline | batch-1 p50 ms | batch-1 p99 ms | batch-1024 rows/s | "
+          "speed vs baseline | parity: max abs diff, AUC diff |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    base: dict[str, tuple[int, float]] = {}
+    for name, model, size, p50, p99, rate, parity in rows:
+        base.setdefault(name, (size, rate))
+        print(f"| {name} | {model} | {size:,} | {base[name][0] / size:.2f}x smaller | {p50:.3f} | {p99:.3f} | "
+              f"{rate:,.0f} | {rate / base[name][1]:.2f}x | {parity['max_abs_diff']:.1e}, {parity['auc_diff']:+.5f} |")
+
+
+if __name__ == "__main__":
+    main()
