@@ -222,12 +222,19 @@ class CompressRecipe(Strict):
     stages: list[CompressStep] = Field(default_factory=list)
 
 
+class ExportConfig(Strict):
+    """``ctr export`` defaults: how the edge file stores embedding tables (int8: per-row scale and bias)."""
+
+    embeddings: Literal["fp32", "fp16", "int8"] = "fp32"
+
+
 class ExperimentConfig(Strict):
     name: str
     dataset: DatasetConfig
     model: ModelConfig
     trainer: TrainerConfig = TrainerConfig()
     compress: CompressRecipe = CompressRecipe()  # a plain list of stages is accepted too
+    export: ExportConfig = ExportConfig()
 
     @field_validator("compress", mode="before")
     @classmethod

@@ -33,11 +33,12 @@ def splitmix64(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-wise int8: q in [0, 255] with x ~ q * scale + bias per row (bias = the row's minimum)."""
-    low, high = table.min(dim=1).values, table.max(dim=1).values
-    scale = ((high - low) / 255.0).clamp(min=1e-12)
+    """Row-wise int8: q in [0, 255] with x ~ q * scale + bias per row (bias = the row's minimum);
+    scale and bias in fp16, so a 4-wide row takes 8 bytes instead of 16."""
+    low, high = table.min(dim=1).values.half().float(), table.max(dim=1).values
+    scale = ((high - low) / 255.0).clamp(min=1e-6).half().float()
     q = torch.round((table - low.unsqueeze(1)) / scale.unsqueeze(1)).clamp(0, 255).to(torch.uint8)
-    return q, scale, low
+    return q, scale.half(), low.half()
 
 
 class EdgeEmbedding(nn.Module):
@@ -57,7 +58,10 @@ class EdgeEmbedding(nn.Module):
         self.register_buffer("salts", salts.view(1, -1))
         self.register_buffer("buckets", buckets.view(1, -1).clamp(min=1))
         self.remapped = remap is not None
-        self.register_buffer("remap", remap.to(torch.int32) if remap is not None else torch.zeros(0, dtype=torch.int32))
+        # int16 when every table row number fits (OptFS/OptEmbed tables are small): half the bytes
+        small = remap is not None and int(remap.max()) < 2**15
+        self.register_buffer("remap", remap.to(torch.int16 if small else torch.int32) if remap is not None
+                             else torch.zeros(0, dtype=torch.int32))
         self.register_buffer("remap_offsets", torch.cat([torch.zeros(1, dtype=torch.int64), vocab.cumsum(0)[:-1]]).view(1, -1))
         # group keys by width; stack each group's distinct tables into one storage
         self.group_keys: list[torch.Tensor] = []
@@ -105,8 +109,8 @@ class EdgeEmbedding(nn.Module):
             kept = (r >= 0).unsqueeze(-1)
             at = r.clamp(min=0) + self.group_offsets[g]
             if self.fmt == "int8":
-                vec = self.storage[g][at].to(torch.float32) * self.scales[g][at].unsqueeze(-1) + \
-                    self.biases[g][at].unsqueeze(-1)
+                vec = self.storage[g][at].to(torch.float32) * self.scales[g][at].to(torch.float32).unsqueeze(-1) + \
+                    self.biases[g][at].to(torch.float32).unsqueeze(-1)
             else:
                 vec = self.storage[g][at].to(torch.float32)
             vec = vec * kept.to(torch.float32)

@@ -20,11 +20,13 @@ import torch
 
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import model_size, plain_model
+from ctr.config import load_experiment
 from ctr.metrics import auc
 from deploy.edge import EMBEDDING_FORMATS, edge_model
 from features.atomic import atomic_write_text
 from features.feature_map import FeatureMap
 from features.loader import ParquetBatches
+from pipelines.train_job import CONFIG_FILE
 
 MANIFEST_SUFFIX = ".manifest.json"
 FP32_TOLERANCE = 1e-5  # max |exported - in-memory| probability
@@ -83,12 +85,15 @@ def _parts(state: dict[str, torch.Tensor]) -> dict[str, int]:
     return {part: model_size(values)[1] for part, values in groups.items()}
 
 
-def export_model(source: Path, out: Path, stage: str | None = None, embeddings: str = "fp32",
+def export_model(source: Path, out: Path, stage: str | None = None, embeddings: str | None = None,
                  sample_rows: int = 16384) -> dict[str, Any]:
-    """Write ``out`` (TorchScript) and its manifest; returns the manifest."""
+    """Write ``out`` (TorchScript) and its manifest; returns the manifest. ``embeddings`` None: the
+    run config's ``export.embeddings``."""
+    run_dir, checkpoint = resolve_source(source, stage)
+    if embeddings is None:
+        embeddings = load_experiment(run_dir / CONFIG_FILE).export.embeddings if (run_dir / CONFIG_FILE).is_file() else "fp32"
     if embeddings not in EMBEDDING_FORMATS:
         raise ExportError(f"export embeddings must be one of {EMBEDDING_FORMATS}, got '{embeddings}'")
-    run_dir, checkpoint = resolve_source(source, stage)
     fmap = FeatureMap.load(run_dir)
     data_dir = Path(json.loads((run_dir / "data.json").read_text())["prepared"])
     payload = load_checkpoint(checkpoint)

@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run_dir", type=Path, help="a run directory (its best checkpoint) or a checkpoint file in one")
     exp.add_argument("--out", type=Path, required=True, help="the .pt file to write")
     exp.add_argument("--stage", help="a compression stage of the run (e.g. 02_optembed, or 'latest')")
-    exp.add_argument("--embeddings", choices=["fp32", "fp16", "int8"], default="fp32",
-                     help="how the tables are stored (int8: per-row scale and bias)")
+    exp.add_argument("--embeddings", choices=["fp32", "fp16", "int8"],
+                     help="how the tables are stored (int8: per-row scale and bias); default: export.embeddings")
     exp.set_defaults(func=_export)
 
     score = sub.add_parser("score", help="score a Parquet file with an exported model")
