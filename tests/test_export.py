@@ -138,3 +138,17 @@ def test_score_parquet_with_the_exported_file(runs: dict[str, Path], prepared_cr
     scores = pq.read_table(tmp_path / "scores.parquet")["score"].to_numpy()
     assert scores.shape == (result["rows"],) and np.all((scores > 0) & (scores < 1))
     assert manifest["bytes_by_part"]["embedding tables"] > 0
+
+
+def test_the_export_and_score_commands(runs: dict[str, Path], prepared_criteo: PrepareResult, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.cli import main
+
+    out = tmp_path / "m.pt"
+    assert main(["export", str(runs["dcnv2"]), "--stage", "01_afm", "--out", str(out), "--embeddings", "int8"]) == 0
+    assert "parity on" in capsys.readouterr().out and json.loads(manifest_path(out).read_text())["embeddings"] == "int8"
+    split = prepared_criteo.output / prepared_criteo.feature_map.splits["test"].file
+    assert main(["score", str(out), str(split)]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == prepared_criteo.feature_map.splits["test"].rows
+    assert main(["export", str(runs["dcnv2"]), "--stage", "09_nope", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "no compression stage '09_nope'" in capsys.readouterr().err
