@@ -6,26 +6,72 @@ batches: a batch average is biased and its error does not shrink with more data.
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import numpy as np
 
 
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve = P(score of a random positive > random negative), ties counting 1/2."""
+def midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their average rank."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], ordered.size]
+    ranks = np.empty_like(values)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def _classes(labels: np.ndarray) -> tuple[np.ndarray, int, int]:
     labels = np.asarray(labels).astype(bool, copy=False)
-    scores = np.asarray(scores, dtype=np.float64)
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"AUC needs both classes; got {n_pos} positives and {n_neg} negatives")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    # average 1-based rank of each run of equal scores
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], sorted_scores.size]
-    avg_rank = (starts + ends + 1) / 2.0
-    ranks = np.empty_like(scores)
-    ranks[order] = np.repeat(avg_rank, ends - starts)
+    return labels, n_pos, n_neg
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve = P(score of a random positive > random negative), ties counting 1/2."""
+    labels, n_pos, n_neg = _classes(labels)
+    ranks = midranks(scores)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def delong(labels: np.ndarray, *scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs of several scorings of the same rows and their DeLong covariance matrix (DeLong et al.
+    1988, with the midrank computation of Sun & Xu 2014: O(n log n) per model)."""
+    labels, m, n = _classes(labels)
+    aucs, v10, v01 = [], [], []
+    for s in scores:
+        s = np.asarray(s, dtype=np.float64)
+        pos, neg = s[labels], s[~labels]
+        whole = midranks(np.r_[pos, neg])
+        tx, ty = midranks(pos), midranks(neg)
+        aucs.append((whole[:m].sum() - m * (m + 1) / 2.0) / (m * n))
+        v10.append((whole[:m] - tx) / n)  # per positive: share of negatives it beats
+        v01.append(1.0 - (whole[m:] - ty) / m)  # per negative: share of positives that beat it
+    cov = np.atleast_2d(np.cov(np.array(v10), ddof=1)) / m + np.atleast_2d(np.cov(np.array(v01), ddof=1)) / n
+    return np.array(aucs), cov
+
+
+def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(AUC, low, high): a normal interval with the DeLong variance, clipped to [0, 1]."""
+    aucs, cov = delong(labels, scores)
+    half = NormalDist().inv_cdf(0.5 + level / 2.0) * math.sqrt(max(cov[0, 0], 0.0))
+    return float(aucs[0]), max(0.0, float(aucs[0]) - half), min(1.0, float(aucs[0]) + half)
+
+
+def delong_test(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Is AUC(a) different from AUC(b) on the same rows? Two-sided DeLong z test."""
+    aucs, cov = delong(labels, a, b)
+    var = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
+    diff = float(aucs[0] - aucs[1])
+    z = diff / math.sqrt(var) if var > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "difference": diff, "z": z,
+            "p_value": math.erfc(abs(z) / math.sqrt(2.0))}
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ctr.metrics import auc, logloss, normalized_entropy
+from ctr.metrics import auc, auc_interval, delong, delong_test, logloss, normalized_entropy
 
 
 def test_auc_counts_ties_as_half() -> None:
@@ -38,3 +38,29 @@ def test_metrics_match_scikit_learn(tied: bool) -> None:
         p = np.round(p, 1).clip(0.05, 0.95)
     assert auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     assert logloss(y, p) == pytest.approx(log_loss(y, p), abs=1e-9)
+
+
+def test_delong_variance_of_a_worked_example() -> None:
+    # positives 0.9, 0.4; negatives 0.5, 0.2, 0.1. Structural components: V10 = (1, 2/3),
+    # V01 = (1/2, 1, 1); AUC = 5/6; S10 = 1/18, S01 = 1/12; var = S10/2 + S01/3 = 1/18
+    labels = np.array([1, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.4, 0.5, 0.2, 0.1])
+    aucs, cov = delong(labels, scores)
+    assert aucs[0] == pytest.approx(5 / 6)
+    assert cov[0, 0] == pytest.approx(1 / 18)
+
+
+def test_delong_ties_and_agreement_with_the_rank_auc() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.random(3000) < 0.3
+    a = np.round(rng.random(3000) + labels * 0.3, 2)  # rounded: many ties
+    b = a + rng.normal(0, 0.2, 3000)
+    aucs, cov = delong(labels, a, b)
+    assert aucs[0] == pytest.approx(auc(labels, a)) and aucs[1] == pytest.approx(auc(labels, b))
+    assert cov[0, 1] == pytest.approx(cov[1, 0]) and cov[0, 0] > 0
+    value, low, high = auc_interval(labels, a)
+    assert low < value < high and high - low == pytest.approx(2 * 1.959964 * np.sqrt(cov[0, 0]), rel=1e-5)
+    same = delong_test(labels, a, a)
+    assert same["difference"] == 0 and same["p_value"] == 1.0
+    test = delong_test(labels, a, b)
+    assert test["difference"] > 0 and test["p_value"] < 0.05  # b is a plus noise: clearly worse
