@@ -12,38 +12,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from _common import WORK, load_note
 from ctr.config import load_experiment
-from deploy.export import export_model, load_edge
+from deploy.export import export_model, latency, load_edge
 from features.loader import ParquetBatches
 from pipelines.train_job import prepared_data
 
 CONFIGS = [Path("configs/experiments/synthetic_dcnv2_full.yaml"), Path("configs/experiments/synthetic_deepfm_full.yaml")]
-
-
-def timings(model: torch.jit.ScriptModule, dense: torch.Tensor, ids: torch.Tensor) -> tuple[float, float, float]:
-    """(p50 ms, p99 ms) at batch 1 over 300 single rows, and rows/s at batch 1024."""
-    with torch.no_grad():
-        for i in range(30):
-            model(dense[i:i + 1], ids[i:i + 1])
-        single = []
-        for i in range(300):
-            started = time.perf_counter()
-            model(dense[i:i + 1], ids[i:i + 1])
-            single.append((time.perf_counter() - started) * 1e3)
-        model(dense[:1024], ids[:1024])
-        started = time.perf_counter()
-        for _ in range(20):
-            model(dense[:1024], ids[:1024])
-        throughput = 20 * 1024 / (time.perf_counter() - started)
-    return float(np.percentile(single, 50)), float(np.percentile(single, 99)), throughput
 
 
 def main() -> None:
@@ -64,7 +44,8 @@ def main() -> None:
         for label, stage, fmt in (("baseline", None, "fp32"), ("recipe", "latest", "fp32"), ("recipe", "latest", "int8")):
             path = out / f"{label}_{fmt}.pt"
             manifest = export_model(run_dir, path, stage, fmt)
-            p50, p99, rate = timings(load_edge(path), dense, ids)
+            t = latency(load_edge(path), dense, ids)
+            p50, p99, rate = t["p50_ms"], t["p99_ms"], t["rows_per_s"]
             rows.append((cfg.name, f"{label} ({fmt})", path.stat().st_size, p50, p99, rate, manifest["parity"]))
     print(f"\nExported models, 1 thread; {load_note()}")
     print("| experiment | model | file bytes | size vs baseline | batch-1 p50 ms | batch-1 p99 ms | batch-1024 rows/s | "

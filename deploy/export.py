@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,28 @@ def load_edge(path: Path) -> torch.jit.ScriptModule:
     if sha256(path) != expected["file_sha256"]:
         raise ExportError(f"{path}: content differs from its manifest's sha256 (altered after export)")
     return torch.jit.load(str(path))
+
+
+def latency(model: torch.jit.ScriptModule, dense: torch.Tensor, ids: torch.Tensor, single: int = 300,
+            rounds: int = 20) -> dict[str, float]:
+    """Batch-1 latency percentiles (ms) over single rows, and rows/s at batch 1024, at the caller's
+    thread count (edge devices: set torch.set_num_threads(1) first)."""
+    batch = min(1024, ids.shape[0])
+    with torch.no_grad():
+        for i in range(min(30, ids.shape[0])):
+            model(dense[i:i + 1], ids[i:i + 1])
+        times = []
+        for i in range(single):
+            j = i % ids.shape[0]
+            started = time.perf_counter()
+            model(dense[j:j + 1], ids[j:j + 1])
+            times.append((time.perf_counter() - started) * 1e3)
+        model(dense[:batch], ids[:batch])
+        started = time.perf_counter()
+        for _ in range(rounds):
+            model(dense[:batch], ids[:batch])
+        rate = rounds * batch / (time.perf_counter() - started)
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)), "rows_per_s": rate}
 
 
 def score_parquet(model_file: Path, data: Path, out: Path | None, batch_size: int = 65536) -> dict[str, Any]:

@@ -65,11 +65,26 @@ def _score(args: argparse.Namespace) -> None:
     print(json.dumps(score_parquet(args.model, args.data, args.out), indent=2))
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from pipelines.demo import run_demo
+def _evaluate(args: argparse.Namespace) -> None:
+    from pipelines.evaluate import comparison_table, evaluate
 
-    summary = run_demo(args.config, args.overrides)
-    print(json.dumps(summary, indent=2))
+    scores_from = None
+    if args.ray:
+        from pipelines.ray_evaluate import ray_scores
+
+        scores_from = lambda scorers: ray_scores(args.data, scorers, args.slice or [])  # noqa: E731
+    result = evaluate(args.models, args.data, args.out, args.slice, args.top, scores_from=scores_from)
+    print(comparison_table(result))
+    for c in result["comparisons"]:
+        print(f"DeLong test {c['model']} vs {c['against']}: AUC difference {c['difference']:+.5f}, "
+              f"z {c['z']:.2f}, p {c['p_value']:.3g}")
+    print(f"report: {args.out / 'report.html'}; metrics: {args.out / 'metrics.json'}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from pipelines.demo import run_chain, summary_table
+
+    print(summary_table(run_chain(args.config, args.overrides)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,10 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", type=Path, help="write the scores to this Parquet file")
     score.set_defaults(func=_score)
 
-    demo = sub.add_parser("demo", help="prepare the built-in synthetic dataset, train DCNv2, report test AUC")
-    demo.add_argument("--config", type=Path, default=Path("configs/experiments/synthetic_dcnv2.yaml"))
-    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.epochs=2")
-    demo.set_defaults(func=_demo)
+    ev = sub.add_parser("evaluate", help="exact offline metrics of models on held-out Parquet, with a report")
+    ev.add_argument("models", type=Path, nargs="+", help="exported .pt files, run directories or checkpoints")
+    ev.add_argument("--data", type=Path, required=True, help="a prepared split or any Parquet with the model's columns")
+    ev.add_argument("--out", type=Path, default=Path("evaluation"), help="where metrics.json and report.html go")
+    ev.add_argument("--slice", nargs="*", help="fields to report AUC per value for (their most frequent values)")
+    ev.add_argument("--top", type=int, default=10, help="values per slice field")
+    ev.add_argument("--ray", action="store_true", help="score with Ray Data (a local Ray unless trainer.ray says)")
+    ev.set_defaults(func=_evaluate)
+
+    run = sub.add_parser("run", help="the whole chain: prepare, train, compress, export, evaluate, compare")
+    run.add_argument("config", type=Path, help="experiment YAML")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="the whole chain on the built-in synthetic dataset (DNN, OptFS + AFM)")
+    demo.add_argument("--config", type=Path, default=Path("configs/experiments/synthetic_dnn_recipe.yaml"))
+    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    demo.set_defaults(func=_run)
     return parser
 
 

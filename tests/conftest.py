@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,10 @@ from typing import Any
 import pytest
 import torch
 
+from ctr.compress.recipe import run_recipe
+from ctr.config import AFMConfig, AFMStep, EmbeddingConfig, ExperimentConfig, ModelConfig, RankRule, TrainerConfig
+from ctr.train import Trainer
+from features.atomic import atomic_write_text
 from features.prepare import PrepareResult, prepare
 from features.schema import DatasetConfig
 from pipelines.synthetic import generate
@@ -36,3 +41,25 @@ def synthetic_criteo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_criteo(synthetic_criteo: Path, tmp_path_factory: pytest.TempPathFactory) -> PrepareResult:
     return run_prepare(synthetic_criteo, tmp_path_factory.mktemp("prepared") / "criteo", min_count=2, row_group_size=2048)
+
+
+@pytest.fixture(scope="session")
+def runs(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A trained DCNv2 with an AFM stage (projection + factorised layers), and a unified-embedding DNN."""
+    out = {}
+    for name, model in (("dcnv2", ModelConfig(name="dcnv2", hidden=[32, 16], cross_layers=2, embedding=EmbeddingConfig(dim=8))),
+                        ("unified", ModelConfig(name="dnn", hidden=[16], embedding=EmbeddingConfig(dim=8, kind="unified", num_rows=3000)))):
+        run_dir = tmp_path_factory.mktemp(name)
+        cfg = ExperimentConfig(
+            name=name, dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared_criteo.output)),
+            model=model, trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, progress=False, threads=1,
+                                               run_dir=str(run_dir), lr=3e-3),
+            compress=[AFMStep(afm=AFMConfig(layer_rank=RankRule(fixed=4), embedding_rank=RankRule(fixed=4),
+                                            embeddings=model.embedding.kind == "per_field", finetune_epochs=0))])
+        fmap = prepared_criteo.feature_map
+        Trainer(cfg, fmap, prepared_criteo.output, run_dir).fit()
+        (run_dir / "feature_map.json").write_text((prepared_criteo.output / "feature_map.json").read_text())
+        atomic_write_text(run_dir / "data.json", json.dumps({"prepared": str(prepared_criteo.output)}))
+        run_recipe(cfg, fmap, prepared_criteo.output, run_dir)
+        out[name] = run_dir
+    return out

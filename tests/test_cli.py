@@ -64,3 +64,24 @@ model: {{name: dnn}}
     exp.write_text(exp.read_text() + "trainer: {epoks: 2}\n")
     assert main(["prepare", str(exp)]) == 2  # the whole experiment is validated, not just its dataset
     assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_does_the_whole_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tmp_path / "raw" / "gen.txt"
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"""
+name: chain
+dataset: {{name: syn, layout: criteo_tsv, raw: [{raw}], output: {tmp_path / 'prep'}, min_count: 2,
+          synthetic: {{kind: criteo, rows: 6000, seed: 3}}}}
+model: {{name: dnn, hidden: [16], embedding: {{dim: 8}}}}
+trainer: {{batch_size: 512, eval_batch_size: 4096, progress: false, threads: 1, run_dir: {tmp_path / 'run'}}}
+compress:
+  - afm: {{embedding_rank: {{fixed: 4}}, finetune_epochs: 0}}
+""")
+    assert main(["run", str(exp)]) == 0
+    out = capsys.readouterr().out
+    assert "| baseline |" in out and "| compressed |" in out and "teacher reaches AUC" in out
+    assert (tmp_path / "run" / "evaluation" / "report.html").is_file()
+    assert (tmp_path / "run" / "export" / "compressed.pt").is_file()
+    assert main(["run", str(exp)]) == 0  # a second run reuses the trained baseline and the stage

@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ctr.compress.recipe import run_recipe
-from ctr.config import AFMConfig, AFMStep, EmbeddingConfig, ExperimentConfig, ModelConfig, RankRule, TrainerConfig
-from ctr.train import Trainer
 from deploy.edge import splitmix64
 from deploy.export import ExportError, export_model, load_edge, manifest_path, score_parquet
-from features.atomic import atomic_write_text
 from features.hashing import hash_torch
 from features.prepare import PrepareResult
-from features.schema import DatasetConfig
 
 pytestmark = pytest.mark.slow
 
@@ -26,28 +21,6 @@ def test_scriptable_hash_equals_the_training_hash() -> None:
     values = torch.tensor([[0, 1, 2, 2**40, -5, 123456789]])
     keys = torch.tensor([[7], [-3], [2**62]])
     assert torch.equal(splitmix64(values, keys), hash_torch(values, keys))
-
-
-@pytest.fixture(scope="module")
-def runs(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A trained DCNv2 with an AFM stage (projection + factorised layers), and a unified-embedding DNN."""
-    out = {}
-    for name, model in (("dcnv2", ModelConfig(name="dcnv2", hidden=[32, 16], cross_layers=2, embedding=EmbeddingConfig(dim=8))),
-                        ("unified", ModelConfig(name="dnn", hidden=[16], embedding=EmbeddingConfig(dim=8, kind="unified", num_rows=3000)))):
-        run_dir = tmp_path_factory.mktemp(name)
-        cfg = ExperimentConfig(
-            name=name, dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared_criteo.output)),
-            model=model, trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, progress=False, threads=1,
-                                               run_dir=str(run_dir), lr=3e-3),
-            compress=[AFMStep(afm=AFMConfig(layer_rank=RankRule(fixed=4), embedding_rank=RankRule(fixed=4),
-                                            embeddings=model.embedding.kind == "per_field", finetune_epochs=0))])
-        fmap = prepared_criteo.feature_map
-        Trainer(cfg, fmap, prepared_criteo.output, run_dir).fit()
-        (run_dir / "feature_map.json").write_text((prepared_criteo.output / "feature_map.json").read_text())
-        atomic_write_text(run_dir / "data.json", json.dumps({"prepared": str(prepared_criteo.output)}))
-        run_recipe(cfg, fmap, prepared_criteo.output, run_dir)
-        out[name] = run_dir
-    return out
 
 
 FRESH = """

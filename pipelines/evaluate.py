@@ -1,0 +1,269 @@
+"""Offline evaluation: score models on held-out Parquet, exact metrics with DeLong intervals, a report.
+
+Models are exported edge files (``.pt`` with their manifest) or run directories / checkpoints. The
+data is streamed in Parquet record batches; what stays in memory is one score per row and model, the
+labels, and the values of the fields asked for per-slice AUC. Outputs: ``metrics.json`` (with the
+models' and the data's sha256) and ``report.html`` (ROC curves, reliability diagram, score
+histograms, and the size-vs-AUC chart of a compression recipe's stages, as embedded PNGs).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from ctr.checkpoint import load_checkpoint
+from ctr.compress.stage import model_size, plain_model
+from ctr.metrics import auc, auc_interval, classification_metrics, delong_test
+from deploy.export import load_edge, manifest_path, resolve_source, sha256
+from features.atomic import atomic_write_text
+from features.errors import DataError
+from features.feature_map import FeatureMap
+from features.json_lines import read_json_lines
+from features.loader import make_batch
+
+RELIABILITY_BINS = 10
+ROC_POINTS = 512
+
+
+@dataclass
+class Scorer:
+    """One model to evaluate: what it reads, how it scores a batch of columns, what it weighs."""
+
+    name: str
+    path: Path
+    sha256: str
+    bytes: int
+    ids: list[str]
+    dense: list[str]
+    label: str
+    score: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (dense [B, D], ids [B, F]) -> probabilities
+    recipe: list[dict[str, Any]] = field(default_factory=list)  # the run's compression report, if any
+
+
+def _recipe(run_dir: Path) -> list[dict[str, Any]]:
+    return read_json_lines(run_dir / "compress" / "report.jsonl")
+
+
+def load_scorer(path: Path) -> Scorer:
+    """An exported file (checked against its manifest), or a run directory / checkpoint file."""
+    if path.is_file() and manifest_path(path).is_file():
+        model = load_edge(path)
+        manifest = json.loads(manifest_path(path).read_text())
+        inputs = manifest["inputs"]
+
+        def edge(dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(dense), torch.from_numpy(ids)).numpy()
+
+        return Scorer(path.name, path, manifest["file_sha256"], manifest["file_bytes"], inputs["ids"], inputs["dense"],
+                      inputs["label"], edge, _recipe(Path(manifest["source"]["run_dir"])))
+    run_dir, checkpoint = resolve_source(path, None)
+    fmap = FeatureMap.load(run_dir)
+    payload = load_checkpoint(checkpoint)
+    net = plain_model(fmap, payload)
+    keys = [f.name for f in fmap.categorical]
+
+    def plain(dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        batch = make_batch(keys, torch.from_numpy(ids.T.copy()), torch.from_numpy(dense), torch.zeros(len(ids)))
+        with torch.no_grad():
+            return torch.sigmoid(net(batch.dense, batch.sparse)[0]).numpy()
+
+    name = checkpoint.parent.name if checkpoint.name == "checkpoint.pt" else f"{run_dir.name}/{checkpoint.stem}"
+    return Scorer(name, checkpoint, sha256(checkpoint), model_size(payload["model"])[1], keys,
+                  [f.name for f in fmap.dense], fmap.label, plain, _recipe(run_dir))
+
+
+def _check_columns(data: Path, file: pq.ParquetFile, scorers: list[Scorer], slices: list[str]) -> list[str]:
+    have = set(file.schema_arrow.names)
+    for s in scorers:
+        missing = [c for c in [s.label, *s.dense, *s.ids] if c not in have]
+        if missing:
+            raise DataError(f"{data}: model {s.path} reads columns {missing} that the file lacks "
+                            f"(its feature map does not match this data)")
+    unknown = [c for c in slices if c not in have]
+    if unknown:
+        raise DataError(f"{data}: slice field(s) {unknown} are not columns of the file")
+    if file.metadata.num_rows == 0:
+        raise DataError(f"{data}: the file has no rows")
+    return sorted({scorers[0].label, *(c for s in scorers for c in (*s.dense, *s.ids)), *slices})
+
+
+def _score_stream(data: Path, scorers: list[Scorer], slices: list[str], batch_size: int,
+                  progress: bool) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+    file = pq.ParquetFile(data)
+    columns = _check_columns(data, file, scorers, slices)
+    label = scorers[0].label
+    labels, scores, slice_values = [], [[] for _ in scorers], {c: [] for c in slices}
+    seen = 0
+    with tqdm(total=file.metadata.num_rows, unit="row", unit_scale=True, desc="scoring", disable=not progress) as bar:
+        for batch in file.iter_batches(batch_size=batch_size, columns=columns):
+            y = batch.column(label).to_numpy(zero_copy_only=False)
+            bad = ~np.isin(y, (0, 1))
+            if bad.any():
+                row = seen + int(np.flatnonzero(bad)[0])
+                raise DataError(f"{data}: row {row}: label {y[bad][0].item()} is not 0 or 1")
+            labels.append(y.astype(np.float32))
+            for s, out in zip(scorers, scores):
+                ids = np.stack([batch.column(c).to_numpy() for c in s.ids], 1).astype(np.int64)
+                dense = (np.stack([batch.column(c).to_numpy() for c in s.dense], 1).astype(np.float32)
+                         if s.dense else np.zeros((len(y), 0), np.float32))
+                out.append(s.score(dense, ids).astype(np.float32))
+            for c in slices:
+                slice_values[c].append(batch.column(c).to_numpy(zero_copy_only=False))
+            seen += len(y)
+            bar.update(len(y))
+    return (np.concatenate(labels), [np.concatenate(s) for s in scores],
+            {c: np.concatenate(v) for c, v in slice_values.items()})
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = RELIABILITY_BINS) -> list[dict[str, float]]:
+    """Equal-count bins of predicted CTR: mean prediction against observed click rate in each."""
+    order = np.argsort(probs, kind="mergesort")
+    return [{"rows": int(part.size), "predicted": float(probs[part].mean()), "observed": float(labels[part].mean())}
+            for part in np.array_split(order, bins) if part.size]
+
+
+def slice_aucs(labels: np.ndarray, probs: np.ndarray, values: np.ndarray, top: int) -> list[dict[str, Any]]:
+    """AUC for each of the ``top`` most frequent values of a field (None where one class is absent)."""
+    uniques, counts = np.unique(values, return_counts=True)
+    out = []
+    for value in uniques[np.argsort(-counts, kind="mergesort")[:top]]:
+        mask = values == value
+        y = labels[mask]
+        both = 0 < y.sum() < y.size
+        out.append({"value": value.item(), "rows": int(mask.sum()), "ctr": float(y.mean()),
+                    "auc": auc(y, probs[mask]) if both else None})
+    return out
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _plots(labels: np.ndarray, scores: list[np.ndarray], names: list[str], results: list[dict[str, Any]],
+           recipe: list[dict[str, Any]]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, s, r in zip(names, scores, results):
+        order = np.argsort(-s, kind="mergesort")
+        tp = np.cumsum(labels[order]) / labels.sum()
+        fp = np.cumsum(1 - labels[order]) / (labels.size - labels.sum())
+        keep = np.linspace(0, s.size - 1, min(ROC_POINTS, s.size)).astype(int)
+        ax.plot(np.r_[0, fp[keep]], np.r_[0, tp[keep]], label=f"{name} (AUC {r['auc']:.4f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    ax.legend(fontsize=7)
+    plots["ROC curves"] = _png(fig)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, r in zip(names, results):
+        table = r["reliability"]
+        ax.plot([b["predicted"] for b in table], [b["observed"] for b in table], marker="o", label=name)
+    top = max(max(b["predicted"], b["observed"]) for r in results for b in r["reliability"])
+    ax.plot([0, top], [0, top], color="grey", linestyle=":")
+    ax.set(xlabel="mean predicted CTR (equal-count bins)", ylabel="observed CTR", title="Reliability")
+    ax.legend(fontsize=7)
+    plots["Reliability diagram"] = _png(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in zip(names, scores):
+        ax.hist(s, bins=50, range=(0, 1), histtype="step", label=name)
+    ax.set(xlabel="predicted click probability", ylabel="rows", title="Score histograms")
+    ax.legend(fontsize=7)
+    plots["Score histograms"] = _png(fig)
+    if recipe:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([line["bytes"] for line in recipe], [line["valid_auc"] for line in recipe], marker="o")
+        for line in recipe:
+            ax.annotate(line["stage_id"], (line["bytes"], line["valid_auc"]), fontsize=7)
+        ax.set(xscale="log", xlabel="model bytes", ylabel="validation AUC", title="Compression recipe: size vs AUC")
+        plots["Size vs AUC of the recipe's stages"] = _png(fig)
+    plt.close("all")
+    return plots
+
+
+def comparison_table(result: dict[str, Any]) -> str:
+    rows = ["| model | bytes | AUC [95% CI] | logloss | NE | calibration | DeLong p vs first |",
+            "|---|---:|---|---:|---:|---:|---:|"]
+    p_values = {c["model"]: c["p_value"] for c in result["comparisons"]}
+    for m in result["models"]:
+        low, high = m["auc_ci"]
+        p = p_values.get(m["name"])
+        rows.append(f"| {m['name']} | {m['bytes']:,} | {m['auc']:.5f} [{low:.5f}, {high:.5f}] | {m['logloss']:.5f} | "
+                    f"{m['ne']:.5f} | {m['calibration']:.4f} | {'' if p is None else f'{p:.3g}'} |")
+    return "\n".join(rows)
+
+
+def _html(result: dict[str, Any], plots: dict[str, str]) -> str:
+    table = comparison_table(result).splitlines()
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    figures = "".join(f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{png}'>"
+                      f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, png in plots.items())
+    slices = "".join(
+        f"<h3>{html.escape(m['name'])}: AUC by {html.escape(f)}</h3><table><tr><th>value</th><th>rows</th><th>CTR</th>"
+        f"<th>AUC</th></tr>" + "".join(
+            f"<tr><td>{s['value']}</td><td>{s['rows']:,}</td><td>{s['ctr']:.4f}</td>"
+            f"<td>{'-' if s['auc'] is None else format(s['auc'], '.4f')}</td></tr>" for s in rows) + "</table>"
+        for m in result["models"] for f, rows in m["slices"].items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>ctr evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:3px 8px}}table{{border-collapse:collapse}}
+figure{{display:inline-block;margin:1em}}</style></head>
+<body><h1>Offline evaluation</h1><p>Data: {html.escape(result['data']['path'])} ({result['data']['rows']:,} rows,
+sha256 {result['data']['sha256'][:16]}...)</p>
+<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{cells}</table>{figures}{slices}
+<script>window.addEventListener("load", () => {{
+  const shown = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute("data-plots-rendered", String(shown));
+}});</script></body></html>
+"""
+
+
+def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | None = None, top_values: int = 10,
+             batch_size: int = 65536, progress: bool = True,
+             scores_from: Callable[[list[Scorer]], tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]] | None = None
+             ) -> dict[str, Any]:
+    """Evaluate every model on ``data``; writes ``metrics.json`` and ``report.html`` into ``out_dir``.
+    ``scores_from``: another scoring backend (the Ray one) in place of the local stream."""
+    if not data.is_file():
+        raise DataError(f"{data}: no such Parquet file")
+    scorers = [load_scorer(m) for m in models]
+    slices = slices or []
+    if scores_from is None:
+        labels, scores, slice_values = _score_stream(data, scorers, slices, batch_size, progress)
+    else:
+        _check_columns(data, pq.ParquetFile(data), scorers, slices)
+        labels, scores, slice_values = scores_from(scorers)
+    results = []
+    for s, probs in zip(scorers, scores):
+        metrics = classification_metrics(labels, probs)
+        _, low, high = auc_interval(labels, probs)
+        results.append({"name": s.name, "path": str(s.path), "sha256": s.sha256, "bytes": s.bytes, **metrics,
+                        "auc_ci": [low, high], "reliability": reliability(labels, probs),
+                        "slices": {c: slice_aucs(labels, probs, slice_values[c], top_values) for c in slices}})
+    comparisons = [{"model": r["name"], "against": results[0]["name"], **delong_test(labels, probs, scores[0])}
+                   for r, probs in zip(results[1:], scores[1:])]
+    result = {"data": {"path": str(data), "sha256": sha256(data), "rows": int(labels.size)},
+              "models": results, "comparisons": comparisons}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = next((s.recipe for s in scorers if s.recipe), [])
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.html", _html(result, _plots(labels, scores, [s.name for s in scorers], results, recipe)))
+    return result
