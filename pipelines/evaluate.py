@@ -10,12 +10,13 @@ histograms, and the size-vs-AUC chart of a compression recipe's stages, as embed
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,6 +34,7 @@ from features.json_lines import read_json_lines
 from features.loader import make_batch
 
 RELIABILITY_BINS = 10
+BATCH_ROWS = 65536
 ROC_POINTS = 512
 
 
@@ -84,47 +86,82 @@ def load_scorer(path: Path) -> Scorer:
                   [f.name for f in fmap.dense], fmap.label, plain, _recipe(run_dir))
 
 
-def _check_columns(data: Path, file: pq.ParquetFile, scorers: list[Scorer], slices: list[str]) -> list[str]:
-    have = set(file.schema_arrow.names)
-    for s in scorers:
-        missing = [c for c in [s.label, *s.dense, *s.ids] if c not in have]
-        if missing:
-            raise DataError(f"{data}: model {s.path} reads columns {missing} that the file lacks "
-                            f"(its feature map does not match this data)")
-    unknown = [c for c in slices if c not in have]
-    if unknown:
-        raise DataError(f"{data}: slice field(s) {unknown} are not columns of the file")
-    if file.metadata.num_rows == 0:
-        raise DataError(f"{data}: the file has no rows")
+def parquet_files(data: Path) -> list[Path]:
+    """The file itself, or every ``*.parquet`` of a directory in name order (the row order used)."""
+    files = sorted(data.glob("*.parquet")) if data.is_dir() else [data] if data.is_file() else []
+    if not files:
+        raise DataError(f"{data}: no such Parquet file (or a directory without *.parquet files)")
+    return files
+
+
+def data_hash(files: list[Path]) -> str:
+    """The file's sha256; for several files, the sha256 of their names and sha256s in order."""
+    if len(files) == 1:
+        return sha256(files[0])
+    return hashlib.sha256("".join(f"{f.name}:{sha256(f)}\n" for f in files).encode()).hexdigest()
+
+
+def check_columns(files: list[Path], scorers: list[Scorer], slices: list[str]) -> list[str]:
+    """The columns to read; every file must hold what every model reads, and rows."""
+    rows = 0
+    for path in files:
+        meta = pq.ParquetFile(path)
+        have = set(meta.schema_arrow.names)
+        for s in scorers:
+            missing = [c for c in [s.label, *s.dense, *s.ids] if c not in have]
+            if missing:
+                raise DataError(f"{path}: model {s.path} reads columns {missing} that the file lacks "
+                                f"(its feature map does not match this data)")
+        unknown = [c for c in slices if c not in have]
+        if unknown:
+            raise DataError(f"{path}: slice field(s) {unknown} are not columns of the file")
+        rows += meta.metadata.num_rows
+    if rows == 0:
+        raise DataError(f"{files[0] if len(files) == 1 else files[0].parent}: the file has no rows")
     return sorted({scorers[0].label, *(c for s in scorers for c in (*s.dense, *s.ids)), *slices})
 
 
-def _score_stream(data: Path, scorers: list[Scorer], slices: list[str], batch_size: int,
+def score_file(path: Path, scorers: list[Scorer], slices: list[str], columns: list[str],
+               batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Per record batch of one file: labels (checked to be 0/1), each model's scores, slice values.
+    Both the local stream and each Ray task score a file through this, batch for batch, so their
+    scores are the same bits."""
+    label, seen = scorers[0].label, 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+        y = batch.column(label).to_numpy(zero_copy_only=False)
+        bad = ~np.isin(y, (0, 1))
+        if bad.any():
+            raise DataError(f"{path}: row {seen + int(np.flatnonzero(bad)[0])}: label {y[bad][0].item()} is not 0 or 1")
+        out = {"label": y.astype(np.float32)}
+        for i, s in enumerate(scorers):
+            ids = np.stack([batch.column(c).to_numpy() for c in s.ids], 1).astype(np.int64)
+            dense = (np.stack([batch.column(c).to_numpy() for c in s.dense], 1).astype(np.float32)
+                     if s.dense else np.zeros((len(y), 0), np.float32))
+            out[f"score_{i}"] = s.score(dense, ids).astype(np.float32)
+        for c in slices:
+            out[f"slice_{c}"] = batch.column(c).to_numpy(zero_copy_only=False)
+        seen += len(y)
+        yield out
+
+
+def gather(parts: list[dict[str, np.ndarray]], models: int,
+           slices: list[str]) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+    """(labels, scores per model, slice values) from per-batch parts in row order."""
+    cat = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
+    return cat("label"), [cat(f"score_{i}") for i in range(models)], {c: cat(f"slice_{c}") for c in slices}
+
+
+def _score_stream(files: list[Path], scorers: list[Scorer], slices: list[str], batch_size: int,
                   progress: bool) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
-    file = pq.ParquetFile(data)
-    columns = _check_columns(data, file, scorers, slices)
-    label = scorers[0].label
-    labels, scores, slice_values = [], [[] for _ in scorers], {c: [] for c in slices}
-    seen = 0
-    with tqdm(total=file.metadata.num_rows, unit="row", unit_scale=True, desc="scoring", disable=not progress) as bar:
-        for batch in file.iter_batches(batch_size=batch_size, columns=columns):
-            y = batch.column(label).to_numpy(zero_copy_only=False)
-            bad = ~np.isin(y, (0, 1))
-            if bad.any():
-                row = seen + int(np.flatnonzero(bad)[0])
-                raise DataError(f"{data}: row {row}: label {y[bad][0].item()} is not 0 or 1")
-            labels.append(y.astype(np.float32))
-            for s, out in zip(scorers, scores):
-                ids = np.stack([batch.column(c).to_numpy() for c in s.ids], 1).astype(np.int64)
-                dense = (np.stack([batch.column(c).to_numpy() for c in s.dense], 1).astype(np.float32)
-                         if s.dense else np.zeros((len(y), 0), np.float32))
-                out.append(s.score(dense, ids).astype(np.float32))
-            for c in slices:
-                slice_values[c].append(batch.column(c).to_numpy(zero_copy_only=False))
-            seen += len(y)
-            bar.update(len(y))
-    return (np.concatenate(labels), [np.concatenate(s) for s in scores],
-            {c: np.concatenate(v) for c, v in slice_values.items()})
+    columns = check_columns(files, scorers, slices)
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    parts = []
+    with tqdm(total=total, unit="row", unit_scale=True, desc="scoring", disable=not progress) as bar:
+        for path in files:
+            for part in score_file(path, scorers, slices, columns, batch_size):
+                parts.append(part)
+                bar.update(len(part["label"]))
+    return gather(parts, len(scorers), slices)
 
 
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = RELIABILITY_BINS) -> list[dict[str, float]]:
@@ -237,19 +274,19 @@ sha256 {result['data']['sha256'][:16]}...)</p>
 
 
 def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | None = None, top_values: int = 10,
-             batch_size: int = 65536, progress: bool = True,
+             batch_size: int = BATCH_ROWS, progress: bool = True,
              scores_from: Callable[[list[Scorer]], tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]] | None = None
              ) -> dict[str, Any]:
-    """Evaluate every model on ``data``; writes ``metrics.json`` and ``report.html`` into ``out_dir``.
-    ``scores_from``: another scoring backend (the Ray one) in place of the local stream."""
-    if not data.is_file():
-        raise DataError(f"{data}: no such Parquet file")
+    """Evaluate every model on ``data`` (a Parquet file or a directory of them); writes
+    ``metrics.json`` and ``report.html`` into ``out_dir``. ``scores_from``: another scoring backend
+    (the Ray one) in place of the local stream."""
+    files = parquet_files(data)
     scorers = [load_scorer(m) for m in models]
     slices = slices or []
     if scores_from is None:
-        labels, scores, slice_values = _score_stream(data, scorers, slices, batch_size, progress)
+        labels, scores, slice_values = _score_stream(files, scorers, slices, batch_size, progress)
     else:
-        _check_columns(data, pq.ParquetFile(data), scorers, slices)
+        check_columns(files, scorers, slices)
         labels, scores, slice_values = scores_from(scorers)
     results = []
     for s, probs in zip(scorers, scores):
@@ -260,7 +297,7 @@ def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | 
                         "slices": {c: slice_aucs(labels, probs, slice_values[c], top_values) for c in slices}})
     comparisons = [{"model": r["name"], "against": results[0]["name"], **delong_test(labels, probs, scores[0])}
                    for r, probs in zip(results[1:], scores[1:])]
-    result = {"data": {"path": str(data), "sha256": sha256(data), "rows": int(labels.size)},
+    result = {"data": {"path": str(data), "files": len(files), "sha256": data_hash(files), "rows": int(labels.size)},
               "models": results, "comparisons": comparisons}
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = next((s.recipe for s in scorers if s.recipe), [])

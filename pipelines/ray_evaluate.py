@@ -1,8 +1,8 @@
-"""Scoring with Ray Data: the same models over the Parquet file(s), spread over a Ray cluster's CPUs.
+"""Scoring with Ray Data: the same models over many Parquet files, spread over a Ray cluster's CPUs.
 
-Each Ray worker loads the models once (a callable class in an actor pool) and scores whole record
-batches; Ray Data keeps the rows in file order, so the scores line up with the labels exactly as in
-the local stream and the metrics are the same.
+The unit of work is one file: each task (an actor that loads the models once) scores its file
+through the same per-batch code as the local stream, so the scores are the same bits; Ray Data
+keeps the files' order, so they line up with the labels exactly as in the local run.
 """
 
 from __future__ import annotations
@@ -15,38 +15,31 @@ import ray
 import ray.data
 
 from ctr.config import RayConfig
-from pipelines.evaluate import Scorer, load_scorer
+from pipelines.evaluate import BATCH_ROWS, Scorer, check_columns, gather, load_scorer, parquet_files, score_file
 from pipelines.ray_train import start_ray
 
 
-class ScoreBatch:
-    def __init__(self, paths: list[str], slices: list[str]) -> None:
-        self.scorers = [load_scorer(Path(p)) for p in paths]
-        self.slices = slices
+class ScoreFiles:
+    def __init__(self, models: list[str], slices: list[str], columns: list[str], batch_size: int) -> None:
+        self.scorers = [load_scorer(Path(m)) for m in models]
+        self.slices, self.columns, self.batch_size = slices, columns, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        label = self.scorers[0].label
-        out = {"label": batch[label].astype(np.float32)}
-        for i, s in enumerate(self.scorers):
-            ids = np.stack([batch[c] for c in s.ids], 1).astype(np.int64)
-            dense = (np.stack([batch[c] for c in s.dense], 1).astype(np.float32) if s.dense
-                     else np.zeros((len(ids), 0), np.float32))
-            out[f"score_{i}"] = s.score(dense, ids).astype(np.float32)
-        for c in self.slices:
-            out[f"slice_{c}"] = batch[c]
-        return out
+        parts = [part for path in batch["path"]
+                 for part in score_file(Path(str(path)), self.scorers, self.slices, self.columns, self.batch_size)]
+        labels, scores, values = gather(parts, len(self.scorers), self.slices)
+        return {"label": labels, **{f"score_{i}": s for i, s in enumerate(scores)},
+                **{f"slice_{c}": v for c, v in values.items()}}
 
 
-def ray_scores(data: Path, scorers: list[Scorer], slices: list[str],
-               cfg: RayConfig = RayConfig()) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
+def ray_scores(data: Path, scorers: list[Scorer], slices: list[str], cfg: RayConfig = RayConfig(),
+               batch_size: int = BATCH_ROWS) -> tuple[np.ndarray, list[np.ndarray], dict[str, Any]]:
+    files = parquet_files(data)
+    columns = check_columns(files, scorers, slices)
     start_ray(cfg)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    columns = sorted({scorers[0].label, *(c for s in scorers for c in (*s.dense, *s.ids)), *slices})
-    scored = ray.data.read_parquet(str(data.resolve()), columns=columns).map_batches(
-        ScoreBatch, fn_constructor_args=([str(s.path) for s in scorers], slices), batch_format="numpy",
-        concurrency=1, num_cpus=cfg.cpus_per_worker)
-    parts = list(scored.iter_batches(batch_format="numpy", batch_size=None))
-    labels = np.concatenate([p["label"] for p in parts])
-    scores = [np.concatenate([p[f"score_{i}"] for p in parts]) for i in range(len(scorers))]
-    return labels, scores, {c: np.concatenate([p[f"slice_{c}"] for p in parts]) for c in slices}
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    scored = ray.data.from_items([{"path": str(f.resolve())} for f in files]).map_batches(
+        ScoreFiles, fn_constructor_args=([str(s.path) for s in scorers], slices, columns, batch_size),
+        batch_size=1, batch_format="numpy", num_cpus=cfg.cpus_per_worker,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=len(files)))
+    return gather(list(scored.iter_batches(batch_format="numpy", batch_size=None)), len(scorers), slices)

@@ -69,7 +69,11 @@ def test_ray_scoring_equals_the_local_stream(models: list[Path], prepared_criteo
 
     from pipelines.ray_evaluate import ray_scores
 
-    data = prepared_criteo.output / prepared_criteo.feature_map.splits["test"].file
+    table = pq.read_table(prepared_criteo.output / prepared_criteo.feature_map.splits["test"].file)
+    data = tmp_path / "parts"  # a directory of files: both paths read them in name order
+    data.mkdir()
+    for i, start in enumerate(range(0, table.num_rows, 700)):
+        pq.write_table(table.slice(start, 700), data / f"part-{i:03d}.parquet")
     local = evaluate(models, data, tmp_path / "local", slices=["C1"], progress=False)
     try:
         remote = evaluate(models, data, tmp_path / "ray", slices=["C1"],
@@ -78,6 +82,7 @@ def test_ray_scoring_equals_the_local_stream(models: list[Path], prepared_criteo
         ray.shutdown()
     assert remote["models"] == local["models"]  # exactly: the same scores, row for row
     assert remote["comparisons"] == local["comparisons"]
+    assert local["data"]["files"] == 3 and local["data"]["rows"] == table.num_rows
 
 
 def test_bad_input_is_named(models: list[Path], prepared_criteo: PrepareResult, tmp_path: Path) -> None:
