@@ -290,7 +290,7 @@ class Trainer:
         skip = s.batch_in_epoch
         bar = tqdm(total=len(self.train_data), initial=skip, disable=not (t.progress and self.main), desc=f"epoch {s.epoch}",
                    unit="batch", dynamic_ncols=True)
-        running, started, seen = 0.0, time.perf_counter(), 0
+        running, started, seen = None, time.perf_counter(), 0
         for i, batch in enumerate(self.train_data):
             if i < skip:  # resuming mid-epoch: the seeded loader replays the same order, skip what was done
                 continue
@@ -298,7 +298,7 @@ class Trainer:
             s.step += 1
             s.batch_in_epoch = i + 1
             seen += batch.size
-            running = loss if s.step == 1 else 0.98 * running + 0.02 * loss
+            running = loss if running is None else 0.98 * running + 0.02 * loss  # per epoch
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - started):,.0f}", refresh=False)
             if t.eval_every_steps and s.step % t.eval_every_steps == 0:
