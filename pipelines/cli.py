@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("evaluation"), help="where metrics.json and report.html go")
     ev.add_argument("--slice", nargs="*", help="fields to report AUC per value for (their most frequent values)")
     ev.add_argument("--top", type=int, default=10, help="values per slice field")
-    ev.add_argument("--ray", action="store_true", help="score with Ray Data (a local Ray unless trainer.ray says)")
+    ev.add_argument("--ray", action="store_true", help="score with Ray Data (one task per file, a local Ray instance)")
     ev.set_defaults(func=_evaluate)
 
     run = sub.add_parser("run", help="the whole chain: prepare, train, compress, export, evaluate, compare")
