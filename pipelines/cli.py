@@ -70,9 +70,11 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     scores_from = None
     if args.ray:
+        from ctr.config import RayConfig
         from pipelines.ray_evaluate import ray_scores
 
-        scores_from = lambda scorers: ray_scores(args.data, scorers, args.slice or [])  # noqa: E731
+        cluster = RayConfig(address=args.ray_address)
+        scores_from = lambda scorers: ray_scores(args.data, scorers, args.slice or [], cluster)  # noqa: E731
     result = evaluate(args.models, args.data, args.out, args.slice, args.top, scores_from=scores_from)
     print(comparison_table(result))
     for c in result["comparisons"]:
@@ -138,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("evaluation"), help="where metrics.json and report.html go")
     ev.add_argument("--slice", nargs="*", help="fields to report AUC per value for (their most frequent values)")
     ev.add_argument("--top", type=int, default=10, help="values per slice field")
-    ev.add_argument("--ray", action="store_true", help="score with Ray Data (one task per file, a local Ray instance)")
+    ev.add_argument("--ray", action="store_true", help="score with Ray Data (one task per file)")
+    ev.add_argument("--ray-address", help="a Ray cluster to join (default: a private local instance)")
     ev.set_defaults(func=_evaluate)
 
     run = sub.add_parser("run", help="the whole chain: prepare, train, compress, export, evaluate, compare")
