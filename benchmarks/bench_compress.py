@@ -88,7 +88,7 @@ def afm_table(line: dict[str, Any]) -> None:
           + (f", {after:.5f} after ({'kept' if line['finetuned_kept'] else 'not kept'})" if after is not None else ""))
 
 
-def trained_line(ctx: StageContext, path: Path) -> dict[str, Any]:
+def trained_line(path: Path) -> dict[str, Any]:
     payload = load_checkpoint(path)
     params, size, embedding = model_size(payload["model"])
     return {"stage_id": "trained", "stage": "baseline", "parameters": params, "bytes": size, "embedding_bytes": embedding}
@@ -112,7 +112,7 @@ def main() -> None:
         data_dir, fmap = prepared_data(cfg)
         ctx = StageContext(cfg, fmap, data_dir, run_dir / "compress")
         best = run_dir / "checkpoints" / "best.pt"
-        lines = run_compress(config, QUIET) if cfg.compress.stages else [trained_line(ctx, best)]
+        lines = run_compress(config, QUIET) if cfg.compress.stages else [trained_line(best)]
         teacher = Path(fmap.sources[0].path + ".teacher.json")
         noise = set(json.loads(teacher.read_text())["noise"]) if teacher.is_file() else set()
         for line in lines:

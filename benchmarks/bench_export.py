@@ -39,7 +39,7 @@ def main() -> None:
         run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
         data_dir, fmap = prepared_data(cfg)
         batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, 1024)))
-        dense, ids = batch.dense, batch.sparse.values().view(len(fmap.categorical), -1).T.contiguous()
+        dense, ids = batch.dense, batch.ids()
         out = WORK / "export" / cfg.name
         for label, stage, fmt in (("baseline", None, "fp32"), ("recipe", "latest", "fp32"), ("recipe", "latest", "int8")):
             path = out / f"{label}_{fmt}.pt"

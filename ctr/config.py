@@ -16,6 +16,7 @@ from features.schema import DatasetConfig, Strict
 from features.yaml_config import load_config
 
 FBGEMM_WIDTH_MULTIPLE = 4
+CONFIG_FILE = "config.yaml"  # the resolved experiment, as saved in a run directory
 
 
 class EmbeddingConfig(Strict):

@@ -21,13 +21,12 @@ import torch
 
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import model_size, plain_model
-from ctr.config import load_experiment
+from ctr.config import CONFIG_FILE, load_experiment
 from ctr.metrics import auc
 from deploy.edge import EMBEDDING_FORMATS, edge_model
 from features.atomic import atomic_write_text
 from features.feature_map import FeatureMap
 from features.loader import ParquetBatches
-from pipelines.train_job import CONFIG_FILE
 
 MANIFEST_SUFFIX = ".manifest.json"
 FP32_TOLERANCE = 1e-5  # max |exported - in-memory| probability
@@ -71,12 +70,6 @@ def resolve_source(source: Path, stage: str | None) -> tuple[Path, Path]:
     return source, source / "compress" / name / "checkpoint.pt"
 
 
-def _sample(fmap: FeatureMap, data_dir: Path, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-    batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, rows)))
-    ids = batch.sparse.values().view(len(fmap.categorical), -1).T.contiguous()
-    return batch.dense, ids, batch.labels, batch
-
-
 def _parts(state: dict[str, torch.Tensor]) -> dict[str, int]:
     """Bytes by part, as the edge file stores the weights."""
     groups: dict[str, dict[str, torch.Tensor]] = {"embedding tables": {}, "id remap": {}, "dense layers": {}}
@@ -101,7 +94,7 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
     model = plain_model(fmap, payload)
     vocab = [int(f.num_embeddings or 0) for f in fmap.categorical]
     scripted = torch.jit.script(edge_model(model, vocab, embeddings))
-    dense, ids, labels, batch = _sample(fmap, data_dir, sample_rows)
+    batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, sample_rows)))
     with torch.no_grad():
         expected = torch.sigmoid(model(batch.dense, batch.sparse)[0])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,8 +102,8 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
     try:
         torch.jit.save(scripted, str(temp))
         with torch.no_grad():
-            got = torch.jit.load(str(temp))(dense, ids)
-        parity = _parity(expected, got, labels, embeddings)
+            got = torch.jit.load(str(temp))(batch.dense, batch.ids())
+        parity = _parity(expected, got, batch.labels, embeddings)
         manifest = {
             "format": "ctr-edge-v1",
             "file_sha256": sha256(temp), "file_bytes": temp.stat().st_size,
@@ -180,40 +173,3 @@ def latency(model: torch.jit.ScriptModule, dense: torch.Tensor, ids: torch.Tenso
             model(dense[:batch], ids[:batch])
         rate = rounds * batch / (time.perf_counter() - started)
     return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)), "rows_per_s": rate}
-
-
-def score_parquet(model_file: Path, data: Path, out: Path | None, batch_size: int = 65536) -> dict[str, Any]:
-    """Score a Parquet file with an edge model; labels present -> AUC and logloss too."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from ctr.metrics import classification_metrics
-    from features.errors import DataError
-
-    model = load_edge(model_file)
-    inputs = json.loads(manifest_path(model_file).read_text())["inputs"]
-    file = pq.ParquetFile(data)
-    have = set(file.schema_arrow.names)
-    missing = [c for c in inputs["dense"] + inputs["ids"] if c not in have]
-    if missing:
-        raise DataError(f"{data}: columns {missing} that the model reads are missing")
-    label = inputs["label"] if inputs["label"] in have else None
-    scores, labels = [], []
-    for batch in file.iter_batches(batch_size=batch_size, columns=inputs["dense"] + inputs["ids"] + ([label] if label else [])):
-        ids = torch.from_numpy(np.stack([batch.column(c).to_numpy() for c in inputs["ids"]], 1).astype(np.int64))
-        dense = torch.from_numpy(np.stack([batch.column(c).to_numpy() for c in inputs["dense"]], 1).astype(np.float32)) \
-            if inputs["dense"] else torch.zeros(ids.shape[0], 0)
-        with torch.no_grad():
-            scores.append(model(dense, ids).numpy())
-        if label:
-            labels.append(batch.column(label).to_numpy().astype(np.float32))
-    probs = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
-    result: dict[str, Any] = {"rows": int(probs.size)}
-    if out is not None:
-        temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        pq.write_table(pa.table({"score": probs}), temp)
-        os.replace(temp, out)
-        result["scores"] = str(out)
-    if label and probs.size:
-        result.update(classification_metrics(np.concatenate(labels), probs))
-    return result

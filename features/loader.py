@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +36,17 @@ class Batch:
     def size(self) -> int:
         return int(self.labels.shape[0])
 
+    def field_ids(self) -> torch.Tensor:
+        """The ids as [n_fields, B] (a view: the KJT holds them field-major)."""
+        return self.sparse.values().view(len(self.sparse.keys()), -1)
+
+    def ids(self) -> torch.Tensor:
+        """The ids as [B, n_fields], the edge model's input layout."""
+        return self.field_ids().T.contiguous()
+
     def rows(self, index: torch.Tensor) -> "Batch":
         """The batch restricted to rows ``index`` (one rank's part of a batch)."""
-        ids = self.sparse.values().view(len(self.sparse.keys()), -1)[:, index]
-        return make_batch(self.sparse.keys(), ids, self.dense[index], self.labels[index])
+        return make_batch(self.sparse.keys(), self.field_ids()[:, index], self.dense[index], self.labels[index])
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.dense.to(device), self.sparse.to(device), self.labels.to(device))
@@ -52,6 +59,27 @@ def make_batch(keys: list[str], ids: torch.Tensor, dense: torch.Tensor, labels: 
     lengths = torch.ones(n_fields * size, dtype=torch.int32)
     kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=size)
     return Batch(dense=dense.to(torch.float32), sparse=kjt, labels=labels.to(torch.float32))
+
+
+def head(batches: Iterable[Batch], rows: int) -> list[Batch]:
+    """The first batches, enough of them to hold at least ``rows`` rows (fewer if the split ends)."""
+    out, seen = [], 0
+    for batch in batches:
+        out.append(batch)
+        seen += batch.size
+        if seen >= rows:
+            break
+    return out
+
+
+def stack_columns(column: Callable[[str], np.ndarray], ids: list[str], dense: list[str],
+                  size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs from a batch of named columns (Arrow or NumPy): dense float32 [B, n_dense] and
+    ids int64 [B, n_fields], each in one stack."""
+    id_block = np.stack([column(c) for c in ids], 1).astype(np.int64)
+    dense_block = (np.stack([column(c) for c in dense], 1).astype(np.float32) if dense
+                   else np.zeros((size, 0), np.float32))
+    return dense_block, id_block
 
 
 @dataclass

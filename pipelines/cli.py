@@ -60,7 +60,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from deploy.export import score_parquet
+    from pipelines.evaluate import score_parquet
 
     print(json.dumps(score_parquet(args.model, args.data, args.out), indent=2))
 

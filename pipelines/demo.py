@@ -53,11 +53,10 @@ def run_chain(config: Path, overrides: list[str] | None = None) -> dict[str, Any
     log.info("evaluating on %s", test)
     result = evaluate(list(exported.values()), test, run_dir / "evaluation")
     batch = next(iter(ParquetBatches(test, fmap, 1024)))
-    ids = batch.sparse.values().view(len(fmap.categorical), -1).T.contiguous()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        timing = {name: latency(load_edge(path), batch.dense, ids) for name, path in exported.items()}
+        timing = {name: latency(load_edge(path), batch.dense, batch.ids()) for name, path in exported.items()}
     finally:
         torch.set_num_threads(threads)
     summary = {"experiment": cfg.name, "run_dir": str(run_dir), "report": str(run_dir / "evaluation" / "report.html"),

@@ -14,11 +14,13 @@ import hashlib
 import html
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
@@ -31,7 +33,7 @@ from features.atomic import atomic_write_text
 from features.errors import DataError
 from features.feature_map import FeatureMap
 from features.json_lines import read_json_lines
-from features.loader import make_batch
+from features.loader import make_batch, stack_columns
 
 RELIABILITY_BINS = 10
 BATCH_ROWS = 65536
@@ -134,14 +136,15 @@ def score_file(path: Path, scorers: list[Scorer], slices: list[str], columns: li
             raise DataError(f"{path}: row {seen + int(np.flatnonzero(bad)[0])}: label {y[bad][0].item()} is not 0 or 1")
         out = {"label": y.astype(np.float32)}
         for i, s in enumerate(scorers):
-            ids = np.stack([batch.column(c).to_numpy() for c in s.ids], 1).astype(np.int64)
-            dense = (np.stack([batch.column(c).to_numpy() for c in s.dense], 1).astype(np.float32)
-                     if s.dense else np.zeros((len(y), 0), np.float32))
-            out[f"score_{i}"] = s.score(dense, ids).astype(np.float32)
+            out[f"score_{i}"] = s.score(*stack_columns(_arrow_column(batch), s.ids, s.dense, len(y))).astype(np.float32)
         for c in slices:
             out[f"slice_{c}"] = batch.column(c).to_numpy(zero_copy_only=False)
         seen += len(y)
         yield out
+
+
+def _arrow_column(batch: pa.RecordBatch) -> Callable[[str], np.ndarray]:
+    return lambda name: batch.column(name).to_numpy()
 
 
 def gather(parts: list[dict[str, np.ndarray]], models: int,
@@ -303,4 +306,31 @@ def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | 
     recipe = next((s.recipe for s in scorers if s.recipe), [])
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out_dir / "report.html", _html(result, _plots(labels, scores, [s.name for s in scorers], results, recipe)))
+    return result
+
+
+def score_parquet(model_file: Path, data: Path, out: Path | None, batch_size: int = BATCH_ROWS) -> dict[str, Any]:
+    """``ctr score``: an exported model over a Parquet file, the scores written atomically to ``out``;
+    where the file has labels, AUC, logloss, NE and calibration too."""
+    scorer = load_scorer(model_file)
+    file = pq.ParquetFile(data)
+    have = set(file.schema_arrow.names)
+    missing = [c for c in scorer.dense + scorer.ids if c not in have]
+    if missing:
+        raise DataError(f"{data}: columns {missing} that the model reads are missing")
+    label = scorer.label if scorer.label in have else None
+    scores, labels = [], []
+    for batch in file.iter_batches(batch_size=batch_size, columns=scorer.dense + scorer.ids + ([label] if label else [])):
+        scores.append(scorer.score(*stack_columns(_arrow_column(batch), scorer.ids, scorer.dense, batch.num_rows)))
+        if label:
+            labels.append(batch.column(label).to_numpy().astype(np.float32))
+    probs = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+    result: dict[str, Any] = {"rows": int(probs.size)}
+    if out is not None:
+        temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        pq.write_table(pa.table({"score": probs}), temp)
+        os.replace(temp, out)
+        result["scores"] = str(out)
+    if label and probs.size:
+        result.update(classification_metrics(np.concatenate(labels), probs))
     return result

@@ -40,7 +40,7 @@ from ctr.train import BEST, LAST, Runtime, Trainer
 from features.atomic import atomic_write
 from features.feature_map import FeatureMap
 from features.json_lines import read_json_lines
-from features.loader import Batch, make_batch
+from features.loader import Batch, make_batch, stack_columns
 
 log = logging.getLogger("ctr.train")
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DEDUP_LOGS": "1"}
@@ -69,11 +69,9 @@ class ColumnsToBatch(NumpyBatchCollateFn):
         self.label = fmap.label
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
-        ids = torch.from_numpy(np.stack([batch[k] for k in self.keys]))
         labels = torch.from_numpy(batch[self.label].astype(np.float32))
-        dense = (torch.from_numpy(np.stack([batch[d] for d in self.dense], axis=1).astype(np.float32))
-                 if self.dense else torch.zeros(labels.shape[0], 0))
-        return make_batch(self.keys, ids, dense, labels)
+        dense, ids = stack_columns(batch.__getitem__, self.keys, self.dense, len(labels))
+        return make_batch(self.keys, torch.from_numpy(ids.T), torch.from_numpy(dense), labels)
 
 
 class ShardBatches:

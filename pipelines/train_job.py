@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ctr.config import ExperimentConfig, load_experiment
+from ctr.config import CONFIG_FILE, ExperimentConfig, load_experiment
 from ctr.train import Trainer
 from features.atomic import atomic_write_text
 from features.feature_map import FILE_NAME, FeatureMap
@@ -26,7 +26,6 @@ from features.yaml_config import ConfigError
 from pipelines.prepare_job import ensure_synthetic_raw
 
 log = logging.getLogger("ctr.train")
-CONFIG_FILE = "config.yaml"
 
 
 def prepared_data(cfg: ExperimentConfig) -> tuple[Path, FeatureMap]:

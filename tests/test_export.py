@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from deploy.edge import splitmix64
-from deploy.export import ExportError, export_model, load_edge, manifest_path, score_parquet
+from deploy.export import ExportError, export_model, load_edge, manifest_path
 from features.hashing import hash_torch
 from features.prepare import PrepareResult
+from pipelines.evaluate import score_parquet
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ from ctr.distributed import plain_state_dict
 from ctr.models import DNN, CTRModel, LowRankLinear
 from ctr.modules.sparse import TableLayout
 from ctr.train import Trainer, TrainHooks
-from features.loader import ParquetBatches
+from features.loader import ParquetBatches, head
 
 log = logging.getLogger("ctr.compress.afm")
 EMBEDDING_STEP = 4  # fbgemm's width rule for the compressed tables
@@ -135,17 +135,6 @@ def linear_targets(model: CTRModel) -> list[str]:
     return paths
 
 
-def _calibration(ctx: StageContext, rows: int) -> list[Any]:
-    data = ParquetBatches(ctx.data_dir / ctx.fmap.splits["train"].file, ctx.fmap, ctx.cfg.trainer.eval_batch_size)
-    batches, seen = [], 0
-    for batch in data:
-        batches.append(batch)
-        seen += batch.size
-        if seen >= rows:
-            break
-    return batches
-
-
 def _moments(model: nn.Module, paths: list[str], batches: list[Any]) -> dict[str, Moments]:
     """Output moments of the modules at ``paths`` over the calibration batches (one forward pass)."""
     found = {p: Moments(model.get_submodule(p).out_features) for p in paths}
@@ -219,9 +208,8 @@ class AFMStage:
     def _layer_budget(self, ctx: StageContext, model: CTRModel, targets: list[str]) -> int | None:
         if self.cfg.layers_budget_mb is None and ctx.target_mb is None:  # ranks by rule, no budget
             return None
-        sizes = {p: model.get_submodule(p).weight.numel() + model.get_submodule(p).bias.numel() for p in targets}
-        _, total, _ = model_size({k: v for k, v in model.state_dict().items()})
-        others = total - BYTES_PER_PARAM * sum(sizes.values())
+        factorisable = sum(model.get_submodule(p).weight.numel() + model.get_submodule(p).bias.numel() for p in targets)
+        others = model_size(model.state_dict())[1] - BYTES_PER_PARAM * factorisable
         budget_bytes = (self.cfg.layers_budget_mb * 2**20 if self.cfg.layers_budget_mb is not None
                         else ctx.target_mb * 2**20 - others)
         if budget_bytes <= 0:
@@ -297,7 +285,8 @@ class AFMStage:
                              f"model '{source['model_config']['name']}'")
         if ctx.cfg.model.embedding.kind != "per_field" and c.embeddings:
             raise ValueError("afm.embeddings needs per-field tables (embedding kind 'per_field')")
-        batches = _calibration(ctx, c.calibration_rows)
+        train = ParquetBatches(ctx.data_dir / ctx.fmap.splits["train"].file, ctx.fmap, ctx.cfg.trainer.eval_batch_size)
+        batches = head(train, c.calibration_rows)
         layout = self._fold_norms(model, layout)
         if c.embeddings:
             state, layout = self._compress_embeddings(ctx, model, layout, batches)
@@ -313,9 +302,9 @@ class AFMStage:
             teacher = plain_model(ctx.fmap, source) if c.mimic_weight > 0 else None
             tuned = {**payload, "model": self._finetune(ctx, payload, layout, teacher)}
             after = validation_metrics(ctx, tuned)["auc"]
-            if after > before:  # fine-tuning can overfit a model that was already at its best epoch
-                payload = tuned
+        kept = after is not None and after > before  # fine-tuning can overfit a model already at its best epoch
+        if kept:
+            payload = tuned
         details = {"factorized": layout.factorized, "embedding_ranks": layout.widths if c.embeddings else None,
-                   "valid_auc_before_finetune": before, "valid_auc_after_finetune": after,
-                   "finetuned_kept": after is not None and after > before}
+                   "valid_auc_before_finetune": before, "valid_auc_after_finetune": after, "finetuned_kept": kept}
         return StageOutput(payload=payload, details=details)

@@ -42,7 +42,7 @@ from ctr.modules.sparse import TableLayout
 from ctr.train import LAST, Trainer, TrainHooks
 from features.atomic import atomic_write_text
 from features.json_lines import append_json_line, read_json_lines
-from features.loader import Batch
+from features.loader import Batch, head
 
 log = logging.getLogger("ctr.compress.optembed")
 WIDTH_STEP = 4  # fbgemm's width rule: every candidate width is a multiple of 4
@@ -259,13 +259,9 @@ class OptEmbedStage:
         model.gates = OptEmbedMask(len(ctx.fmap.categorical), dim, self.cfg.rows)
         load_plain_state_dict(model, state)
         model.eval()
-        cache, cached = [], 0
         with torch.no_grad():
-            for batch in ctx.split("valid"):
-                cache.append((model.lookup(batch.sparse), batch))
-                cached += batch.size
-                if cached >= self.cfg.search_rows:
-                    break
+            cache = [(model.lookup(b.sparse), b) for b in head(ctx.split("valid"), self.cfg.search_rows)]
+        cached = sum(b.size for _, b in cache)
         rows = np.array([int(k.sum()) for k in kept])
         full = sum(state[table_key(f.name)].shape[0] for f in ctx.fmap.categorical) * dim
         search = WidthSearch(self.cfg, model, cache, rows, full, cfg.trainer.seed)
