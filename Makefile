@@ -34,10 +34,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Every benchmark beside FuxiCTR 2.3.10 (its own venv under benchmarks/_work), about 30 min on 2 cores:
+# writes benchmarks/RESULTS.md. ROWS=... sets the generated dataset's size.
+ROWS ?= 1000000
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_prepare.py
-	$(BIN)/python benchmarks/bench_loader.py
-	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/run_all.py --rows $(ROWS)
 
 clean:
 	rm -rf data/prepared runs benchmarks/_work

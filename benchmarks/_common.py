@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,16 +35,68 @@ def prepared(rows: int) -> tuple[Path, FeatureMap]:
         return out, prepare(cfg, raw=[criteo_raw(rows)]).feature_map
 
 
-def run_measured(code: str) -> tuple[float, float, str]:
-    """Run Python ``code`` in a fresh process: (wall seconds, peak RSS in MB, stdout)."""
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def tree_pss_mb(root: int) -> float:
+    """Proportional set size of ``root`` and all its descendants, in MB.
+
+    PSS splits shared pages (Ray's object store, shared libraries) among the processes mapping them,
+    so the sum over a process tree counts each page once, unlike a sum of RSS."""
+    tree, todo, total = _children(), [root], 0
+    while todo:
+        pid = todo.pop()
+        todo.extend(tree.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            continue
+    return total / 1024
+
+
+def run_measured(argv: list[str], log: Path | None = None, interval: float = 0.2) -> tuple[float, float, str]:
+    """Run a command: (wall seconds, peak memory of its whole process tree in MB, stdout); its
+    stderr goes to ``log`` (or nowhere).
+
+    Peak memory is the largest PSS sum over the tree seen in samples every ``interval`` seconds, so
+    helper processes (Ray's workers and object store) count too; a single process's peak RSS would
+    miss them."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    errors = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True)
+    peak = 0.0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(interval):
+            peak = max(peak, tree_pss_mb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
     seconds = time.perf_counter() - started
-    out = proc.stdout.read() if proc.stdout else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"benchmark child failed ({status}):\n{code}")
-    return seconds, usage.ru_maxrss / 1024, out
+    done.set()
+    sampler.join()
+    if log is not None:
+        errors.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}"
+                           + (f"; see {log}" if log is not None else ""))
+    return seconds, peak, out
 
 
 def load_note() -> str:

@@ -94,6 +94,51 @@ def trained_line(path: Path) -> dict[str, Any]:
     return {"stage_id": "trained", "stage": "baseline", "parameters": params, "bytes": size, "embedding_bytes": embedding}
 
 
+def measure(config: Path, overrides: list[str]) -> tuple[list[tuple], list]:
+    """Train (if needed) and compress one experiment; (cfg, stage line, test metrics) per stage, and
+    the per-stage detail printers."""
+    cfg = load_experiment(config, overrides)
+    run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
+    if not (run_dir / "checkpoints" / "best.pt").is_file():
+        run_train(config, overrides)
+    data_dir, fmap = prepared_data(cfg)
+    ctx = StageContext(cfg, fmap, data_dir, run_dir / "compress")
+    best = run_dir / "checkpoints" / "best.pt"
+    lines = run_compress(config, overrides) if cfg.compress.stages else [trained_line(best)]
+    teacher = Path(fmap.sources[0].path + ".teacher.json")
+    noise = set(json.loads(teacher.read_text())["noise"]) if teacher.is_file() else set()
+    rows, details = [], []
+    for line in lines:
+        path = best if line["stage"] == "baseline" else run_dir / "compress" / line["stage_id"] / "checkpoint.pt"
+        test = classification_metrics(*predict(plain_model(fmap, load_checkpoint(path)), ctx.split("test")))
+        rows.append((cfg, line, test))
+        if line["stage"] == "optfs" and "kept_rows" in line:
+            details.append(lambda line=line, fmap=fmap, d=data_dir, n=noise, p=path.parent:
+                           kept_rows_table(line, p, fmap, d, n))
+        elif line["stage"] == "optembed" and "widths" in line:
+            details.append(lambda line=line, n=noise: widths_table(line, n))
+        elif line["stage"] == "afm" and "factorized" in line:
+            details.append(lambda line=line: afm_table(line))
+    return rows, details
+
+
+def size_auc_table(rows: list[tuple]) -> str:
+    """Every stage's size and test AUC against the per-field baseline of the same model."""
+    lines = ["| model | experiment | stage | embedding bytes | total bytes | total vs baseline | "
+             "test AUC | AUC - baseline | test logloss |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    reference: dict[str, tuple[int, float]] = {}
+    for cfg, line, test in rows:
+        if line["stage"] == "baseline" and cfg.model.embedding.kind == "per_field":
+            reference.setdefault(cfg.model.name, (line["bytes"], test["auc"]))
+    for cfg, line, test in rows:
+        base_bytes, base_auc = reference.get(cfg.model.name, (line["bytes"], test["auc"]))
+        stage = line["stage_id"] if cfg.model.embedding.kind == "per_field" else f"trained ({cfg.model.embedding.kind})"
+        lines.append(f"| {cfg.model.name} | {cfg.name} | {stage} | {line['embedding_bytes']:,} | {line['bytes']:,} | "
+                     f"{base_bytes / line['bytes']:.2f}x smaller | {test['auc']:.5f} | {test['auc'] - base_auc:+.5f} | "
+                     f"{test['logloss']:.5f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
@@ -102,44 +147,13 @@ def main() -> None:
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     names = [n for suite, ns in SUITES.items() if args.suite in (suite, "all") for n in ns]
-    configs = args.config or [EXPERIMENTS / f"{n}.yaml" for n in names]
     rows, details = [], []
-    for config in configs:
-        cfg = load_experiment(config, QUIET)
-        run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
-        if not (run_dir / "checkpoints" / "best.pt").is_file():
-            run_train(config, QUIET)
-        data_dir, fmap = prepared_data(cfg)
-        ctx = StageContext(cfg, fmap, data_dir, run_dir / "compress")
-        best = run_dir / "checkpoints" / "best.pt"
-        lines = run_compress(config, QUIET) if cfg.compress.stages else [trained_line(best)]
-        teacher = Path(fmap.sources[0].path + ".teacher.json")
-        noise = set(json.loads(teacher.read_text())["noise"]) if teacher.is_file() else set()
-        for line in lines:
-            path = best if line["stage"] == "baseline" else run_dir / "compress" / line["stage_id"] / "checkpoint.pt"
-            test = classification_metrics(*predict(plain_model(fmap, load_checkpoint(path)), ctx.split("test")))
-            rows.append((cfg, line, test))
-            if line["stage"] == "optfs" and "kept_rows" in line:
-                details.append(lambda line=line, fmap=fmap, d=data_dir, n=noise, p=path.parent:
-                               kept_rows_table(line, p, fmap, d, n))
-            elif line["stage"] == "optembed" and "widths" in line:
-                details.append(lambda line=line, n=noise: widths_table(line, n))
-            elif line["stage"] == "afm" and "factorized" in line:
-                details.append(lambda line=line: afm_table(line))
+    for config in args.config or [EXPERIMENTS / f"{n}.yaml" for n in names]:
+        more_rows, more_details = measure(config, QUIET)
+        rows += more_rows
+        details += more_details
     print(f"\nTest split, every stage, against the per-field baseline of the same model; {load_note()}")
-    print("| model | experiment | stage | embedding bytes | total bytes | total vs baseline | "
-          "test AUC | AUC - baseline | test logloss |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    reference: dict[str, tuple[int, float]] = {}
-    for cfg, line, test in rows:
-        if line["stage"] == "baseline" and cfg.model.embedding.kind == "per_field":
-            reference.setdefault(cfg.model.name, (line["bytes"], test["auc"]))
-    for cfg, line, test in rows:
-        base_bytes, base_auc = reference.get(cfg.model.name, (line["bytes"], test["auc"]))
-        stage = line["stage_id"] if cfg.model.embedding.kind == "per_field" else f"trained ({cfg.model.embedding.kind})"
-        print(f"| {cfg.model.name} | {cfg.name} | {stage} | {line['embedding_bytes']:,} | {line['bytes']:,} | "
-              f"{base_bytes / line['bytes']:.2f}x smaller | {test['auc']:.5f} | {test['auc'] - base_auc:+.5f} | "
-              f"{test['logloss']:.5f} |")
+    print(size_auc_table(rows))
     for show in details:
         show()
 

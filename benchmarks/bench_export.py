@@ -20,10 +20,37 @@ import torch
 from _common import WORK, load_note
 from ctr.config import load_experiment
 from deploy.export import export_model, latency, load_edge
+from features.feature_map import FeatureMap
 from features.loader import ParquetBatches
 from pipelines.train_job import prepared_data
 
 CONFIGS = [Path("configs/experiments/synthetic_dcnv2_full.yaml"), Path("configs/experiments/synthetic_deepfm_full.yaml")]
+
+
+def exported(name: str, run_dir: Path, data_dir: Path, fmap: FeatureMap) -> list[tuple]:
+    """(name, model, file bytes, batch-1 p50 ms, p99 ms, batch-1024 rows/s, parity) for the baseline
+    (fp32) and the recipe's last stage (fp32, int8), each file exported, reloaded and timed here."""
+    batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, 1024)))
+    dense, ids = batch.dense, batch.ids()
+    rows = []
+    for label, stage, fmt in (("baseline", None, "fp32"), ("recipe", "latest", "fp32"), ("recipe", "latest", "int8")):
+        path = WORK / "export" / name / f"{label}_{fmt}.pt"
+        manifest = export_model(run_dir, path, stage, fmt)
+        t = latency(load_edge(path), dense, ids)
+        rows.append((name, f"{label} ({fmt})", path.stat().st_size, t["p50_ms"], t["p99_ms"], t["rows_per_s"],
+                     manifest["parity"]))
+    return rows
+
+
+def export_table(rows: list[tuple]) -> str:
+    lines = ["| experiment | model | file bytes | size vs baseline | batch-1 p50 ms | batch-1 p99 ms | batch-1024 rows/s | "
+             "speed vs baseline | parity: max abs diff, AUC diff |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    base: dict[str, tuple[int, float]] = {}
+    for name, model, size, p50, p99, rate, parity in rows:
+        base.setdefault(name, (size, rate))
+        lines.append(f"| {name} | {model} | {size:,} | {base[name][0] / size:.2f}x smaller | {p50:.3f} | {p99:.3f} | "
+                     f"{rate:,.0f} | {rate / base[name][1]:.2f}x | {parity['max_abs_diff']:.1e}, {parity['auc_diff']:+.5f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -36,26 +63,10 @@ def main() -> None:
     rows = []
     for config in args.config:
         cfg = load_experiment(config)
-        run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
         data_dir, fmap = prepared_data(cfg)
-        batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, 1024)))
-        dense, ids = batch.dense, batch.ids()
-        out = WORK / "export" / cfg.name
-        for label, stage, fmt in (("baseline", None, "fp32"), ("recipe", "latest", "fp32"), ("recipe", "latest", "int8")):
-            path = out / f"{label}_{fmt}.pt"
-            manifest = export_model(run_dir, path, stage, fmt)
-            t = latency(load_edge(path), dense, ids)
-            p50, p99, rate = t["p50_ms"], t["p99_ms"], t["rows_per_s"]
-            rows.append((cfg.name, f"{label} ({fmt})", path.stat().st_size, p50, p99, rate, manifest["parity"]))
+        rows += exported(cfg.name, Path(cfg.trainer.run_dir or f"runs/{cfg.name}"), data_dir, fmap)
     print(f"\nExported models, 1 thread; {load_note()}")
-    print("| experiment | model | file bytes | size vs baseline | batch-1 p50 ms | batch-1 p99 ms | batch-1024 rows/s | "
-          "speed vs baseline | parity: max abs diff, AUC diff |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
-    base: dict[str, tuple[int, float]] = {}
-    for name, model, size, p50, p99, rate, parity in rows:
-        base.setdefault(name, (size, rate))
-        print(f"| {name} | {model} | {size:,} | {base[name][0] / size:.2f}x smaller | {p50:.3f} | {p99:.3f} | "
-              f"{rate:,.0f} | {rate / base[name][1]:.2f}x | {parity['max_abs_diff']:.1e}, {parity['auc_diff']:+.5f} |")
+    print(export_table(rows))
 
 
 if __name__ == "__main__":

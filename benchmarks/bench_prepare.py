@@ -1,6 +1,6 @@
 """Prepare throughput and peak memory on 1M and 4M generated Criteo rows.
 
-Each run is a fresh process (peak RSS is that process's own). The baseline, in the same run, is the
+Each run is a fresh process; peak memory is the PSS of its process tree, sampled. The baseline, in the same run, is the
 eager way: ``polars.read_csv`` of the whole file into memory, whose peak grows with the input; the
 streaming prepare should stay nearly flat (4M peak well under 4x the 1M peak).
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 
 from _common import WORK, criteo_raw, load_note, run_measured
 
@@ -39,17 +40,17 @@ def main() -> None:
         raw = criteo_raw(rows)
         out = WORK / f"prepared_{rows}"
         shutil.rmtree(out, ignore_errors=True)
-        seconds, rss, _ = run_measured(PREPARE.format(out=out, raw=raw))
-        _, eager_rss, _ = run_measured(EAGER.format(raw=raw))
+        seconds, rss, _ = run_measured([sys.executable, "-c", PREPARE.format(out=out, raw=raw)])
+        _, eager_rss, _ = run_measured([sys.executable, "-c", EAGER.format(raw=raw)])
         results.append((rows, seconds, rss, eager_rss, raw.stat().st_size / 1e6))
     print(f"\nprepare (raw Criteo TSV -> Parquet splits + vocabularies, min_count 10); {load_note()}")
-    print("| rows | input MB | seconds | rows/s | peak RSS MB | eager read_csv peak RSS MB (baseline) |")
+    print("| rows | input MB | seconds | rows/s | peak memory MB | eager read_csv peak memory MB (baseline) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for rows, seconds, rss, eager_rss, mb in results:
         print(f"| {rows:,} | {mb:.0f} | {seconds:.1f} | {rows / seconds:,.0f} | {rss:,.0f} | {eager_rss:,.0f} |")
     if len(results) >= 2:
         (r0, _, a, ea, _), (r1, _, b, eb, _) = results[0], results[-1]
-        print(f"\npeak RSS ratio {r1:,} / {r0:,} rows: prepare {b / a:.2f}x, eager baseline {eb / ea:.2f}x "
+        print(f"\npeak memory ratio {r1:,} / {r0:,} rows: prepare {b / a:.2f}x, eager baseline {eb / ea:.2f}x "
               f"(input grew {r1 / r0:.1f}x)")
 
 

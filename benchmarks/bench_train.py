@@ -57,10 +57,11 @@ def matmul_rate(shapes: list[tuple[int, int]], repeats: int = 10) -> float:
     return repeats * BATCH * model_flops_per_sample(shapes) / (time.perf_counter() - started)
 
 
-def train_rate(fmap: FeatureMap, model_cfg: ModelConfig, batches: list[Batch], steps: int) -> tuple[float, list[tuple[int, int]]]:
+def step_rate(model: nn.Module, batches: list[Batch], steps: int) -> float:
+    """Samples/s of the real training step (fused sparse update, Adam on the dense part) of a built model."""
     t = TrainerConfig()
     torch.manual_seed(0)
-    model = shard_model(build_model(fmap, model_cfg), t.sparse_optimizer, t.sparse_lr)
+    model = shard_model(model, t.sparse_optimizer, t.sparse_lr)
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     dense = torch.optim.Adam([p for _, p in in_backward_optimizer_filter(model.named_parameters())], lr=t.lr)
@@ -76,7 +77,12 @@ def train_rate(fmap: FeatureMap, model_cfg: ModelConfig, batches: list[Batch], s
     started = time.perf_counter()
     for i in range(steps):
         step(batches[i % len(batches)])
-    return steps * BATCH / (time.perf_counter() - started), linear_shapes(model)
+    return steps * BATCH / (time.perf_counter() - started)
+
+
+def train_rate(fmap: FeatureMap, model_cfg: ModelConfig, batches: list[Batch], steps: int) -> tuple[float, list[tuple[int, int]]]:
+    model = build_model(fmap, model_cfg)
+    return step_rate(model, batches, steps), linear_shapes(model)
 
 
 def grown(fmap: FeatureMap, total_rows: int) -> FeatureMap:

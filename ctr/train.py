@@ -158,6 +158,8 @@ class Trainer:
                                                                     shuffle=t.shuffle, seed=t.seed)
         self.valid_data = ParquetBatches(split("valid"), fmap, t.eval_batch_size)
         self.test_data = ParquetBatches(split("test"), fmap, t.eval_batch_size)
+        # The training loop alone (loading + steps, no validation or checkpoints): what throughput means.
+        self.loop_seconds, self.loop_samples = 0.0, 0
 
     # -- building -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -302,12 +304,17 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - started):,.0f}", refresh=False)
             if t.eval_every_steps and s.step % t.eval_every_steps == 0:
+                self._account(started, seen)
+                started, seen = time.perf_counter(), 0
                 self._validate()
                 if s.stopped:
                     break
             elif t.checkpoint_every_steps and s.step % t.checkpoint_every_steps == 0:
+                self._account(started, seen)
+                started, seen = time.perf_counter(), 0
                 self._save(LAST)
                 self._saved({})
+        self._account(started, seen)
         bar.close()
         if not s.stopped:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
@@ -316,6 +323,10 @@ class Trainer:
             else:
                 self._save(LAST)
                 self._saved({})
+
+    def _account(self, started: float, samples: int) -> None:
+        self.loop_seconds += time.perf_counter() - started
+        self.loop_samples += samples
 
     def load_best_weights(self) -> None:
         """The weights of the best validation so far (the training state stays as it is)."""
@@ -348,7 +359,8 @@ class Trainer:
             test = classification_metrics(*predict(self.model, self.test_data, self.runtime.device))
             self._record("test", test)
         result = {"best_valid_auc": self.state.best_auc, "best_step": self.state.best_step,
-                  "steps": self.state.step, "train_seconds": seconds, **{f"test_{k}": v for k, v in test.items()}}
+                  "steps": self.state.step, "train_seconds": seconds,
+                  "train_samples_per_s": self.loop_samples / max(self.loop_seconds, 1e-9), **{f"test_{k}": v for k, v in test.items()}}
         if self.main:
             atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2) + "\n")
         return result

@@ -10,11 +10,13 @@ Bucketing uses the top 63 bits, ``(h >> 1) mod M``, which is the same for signed
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import numpy as np
 import polars as pl
-import torch
+
+if TYPE_CHECKING:  # the data pipeline hashes without torch, whose import alone costs a second
+    import torch
 
 HASH_VERSION = "splitmix64-v1"
 
@@ -22,7 +24,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MUL1 = 0xBF58476D1CE4E5B9
 _MUL2 = 0x94D049BB133111EB
 
-T = TypeVar("T", np.ndarray, pl.Expr, torch.Tensor)
+T = TypeVar("T")  # np.ndarray, pl.Expr or torch.Tensor
 
 
 def _splitmix64(x: T, const: Callable[[int], object], shr: Callable[[T, int], T]) -> T:
@@ -66,7 +68,7 @@ def hash_torch(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
     Scriptable torch ops only, so an exported model hashes exactly like the training model.
     """
-    x = values.to(torch.int64) ^ keys
+    x = values.long() ^ keys
     return _splitmix64(x, _as_int64, lambda z, k: (z >> k) & ((1 << (64 - k)) - 1))
 
 

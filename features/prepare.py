@@ -20,10 +20,12 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.atomic import publish_dir, scratch_dir_beside
@@ -66,7 +68,7 @@ def _stage_file(path: Path, cfg: DatasetConfig, layout: Layout, specs: list[Feat
         *time_col,
     )
     try:
-        staged.sink_parquet(target, compression="lz4", engine="streaming")
+        staged.sink_parquet(target, compression="lz4", statistics=False, engine="streaming")  # scratch: read whole
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
         raise explain_read_failure(path, exc) from None
     n = pq.ParquetFile(target).metadata.num_rows
@@ -100,21 +102,36 @@ def _check_rejects(staged: pl.LazyFrame, total: int, limit: float, rejects_path:
 
 def _write_splits(staged: pl.LazyFrame, n_rows: int, split: pl.Expr, needed: list[str], encoded: list[pl.Expr],
                   work: Path, row_group_size: int) -> dict[str, int]:
-    """Pass 4: staged rows -> one Parquet per split, in fixed slices of rows; returns rows per split."""
+    """Pass 4: staged rows -> one Parquet per split, in fixed slices of rows; returns rows per split.
+
+    A writer thread compresses and writes one slice while the next is read and encoded (pyarrow
+    releases the GIL); at most one slice waits for it, so memory stays at about two slices."""
     writers: dict[str, pq.ParquetWriter] = {}
     counts = dict.fromkeys(SPLITS, 0)
+
+    def write(tables: list[tuple[str, pa.Table]]) -> None:
+        for name, table in tables:
+            if name not in writers:
+                writers[name] = pq.ParquetWriter(work / f"{name}.parquet", table.schema, compression="zstd")
+            if table.num_rows:
+                writers[name].write_table(table, row_group_size=row_group_size)
+
+    pending: Future[None] | None = None
     try:
-        for start in range(0, n_rows, CHUNK_ROWS):
-            chunk = (staged.slice(start, CHUNK_ROWS).filter(pl.col(REASON).is_null())
-                     .select(split.alias(SPLIT_COLUMN), *needed).collect())
-            chunk = chunk.select(pl.col(SPLIT_COLUMN), *encoded)
-            for s_id, name in enumerate(SPLITS):
-                table = chunk.filter(pl.col(SPLIT_COLUMN) == s_id).drop(SPLIT_COLUMN).to_arrow()
-                if name not in writers:
-                    writers[name] = pq.ParquetWriter(work / f"{name}.parquet", table.schema, compression="zstd")
-                if table.num_rows:
-                    writers[name].write_table(table, row_group_size=row_group_size)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-writer") as pool:
+            for start in range(0, n_rows, CHUNK_ROWS):
+                chunk = (staged.slice(start, CHUNK_ROWS).filter(pl.col(REASON).is_null())
+                         .select(split.alias(SPLIT_COLUMN), *needed).collect())
+                chunk = chunk.select(pl.col(SPLIT_COLUMN), *encoded)
+                tables = [(name, chunk.filter(pl.col(SPLIT_COLUMN) == s_id).drop(SPLIT_COLUMN).to_arrow())
+                          for s_id, name in enumerate(SPLITS)]
+                for name, table in tables:
                     counts[name] += table.num_rows
+                if pending is not None:
+                    pending.result()  # raises the writer's error here
+                pending = pool.submit(write, tables)
+            if pending is not None:
+                pending.result()
     finally:
         for writer in writers.values():
             writer.close()

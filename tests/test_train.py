@@ -33,10 +33,16 @@ def metrics_lines(run_dir: Path) -> list[dict]:
 
 def test_training_learns_and_is_deterministic(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
     # two threads, the default on this machine: a race in any backward would show up here
-    a = experiment(prepared_criteo, tmp_path / "a", model="dcnv2", threads=2).fit()
+    trainer = experiment(prepared_criteo, tmp_path / "a", model="dcnv2", threads=2)
+    a = trainer.fit()
     b = experiment(prepared_criteo, tmp_path / "b", model="dcnv2", threads=2).fit()
     assert a["test_auc"] > 0.70  # teacher AUC is ~0.80; random is 0.5
-    assert {k: v for k, v in a.items() if k != "train_seconds"} == {k: v for k, v in b.items() if k != "train_seconds"}
+    timing = ("train_seconds", "train_samples_per_s")
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    # throughput counts every trained row (2 epochs, last batch kept) over the loop's own time
+    assert trainer.loop_samples == 2 * prepared_criteo.feature_map.splits["train"].rows
+    assert a["train_samples_per_s"] == pytest.approx(trainer.loop_samples / trainer.loop_seconds)
+    assert trainer.loop_seconds < a["train_seconds"]  # validation and checkpoints are outside it
     lines = metrics_lines(tmp_path / "a")
     assert [l["event"] for l in lines][-1] == "test" and lines[0]["step"] == 10
     assert {"auc", "logloss", "ne", "calibration"} <= set(lines[0])
