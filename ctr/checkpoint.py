@@ -13,11 +13,8 @@ from typing import Any
 
 import torch
 
+from ctr.errors import CheckpointError
 from features.atomic import atomic_write
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated or not ours; the message names the file."""
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

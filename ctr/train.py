@@ -15,9 +15,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Iterator
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -33,6 +33,7 @@ from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.config import ExperimentConfig
 from ctr.distributed import (CPU, fused_optimizer_state, load_fused_optimizer_state, load_plain_state_dict,
                              local_process_group, plain_state_dict, set_sparse_lr, shard_model, sharding_summary)
+from ctr.errors import TrainingDiverged
 from ctr.metrics import classification_metrics
 from ctr.models import build_model
 from ctr.modules.sparse import TableLayout
@@ -44,10 +45,6 @@ from features.loader import Batch, ParquetBatches
 log = logging.getLogger("ctr.train")
 LAST, BEST = "last.pt", "best.pt"
 MIN_IMPROVEMENT = 1e-6
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import model_size, plain_model
 from ctr.config import CONFIG_FILE, load_experiment
+from ctr.errors import ExportError
 from ctr.metrics import auc
 from deploy.edge import EMBEDDING_FORMATS, edge_model
 from features.atomic import atomic_write_text
@@ -31,10 +32,6 @@ from features.loader import ParquetBatches
 MANIFEST_SUFFIX = ".manifest.json"
 FP32_TOLERANCE = 1e-5  # max |exported - in-memory| probability
 QUANTIZED_AUC_TOLERANCE = 5e-4  # |AUC difference| for fp16 / int8 tables
-
-
-class ExportError(RuntimeError):
-    """An export that failed its parity check, or an edge file that does not match its manifest."""
 
 
 def sha256(path: Path) -> str:

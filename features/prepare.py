@@ -50,6 +50,7 @@ class PrepareResult:
     output: Path
     feature_map: FeatureMap
     seconds: float
+    passes: dict[str, float]  # seconds per pass: where a prepare spends its time
 
 
 def _stage_file(path: Path, cfg: DatasetConfig, layout: Layout, specs: list[FeatureSpec], row_offset: int,
@@ -160,6 +161,14 @@ def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | No
                         f"categorical fields are {categorical}")
     out = Path(output or cfg.output)
     work = scratch_dir_beside(out)
+    passes: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def done(name: str) -> None:
+        nonlocal mark
+        passes[name] = time.perf_counter() - mark
+        mark = time.perf_counter()
+
     try:
         (work / "staged").mkdir()
         sources, offset = [], 0
@@ -168,9 +177,11 @@ def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | No
             sources.append(SourceInfo(path=str(path), bytes=path.stat().st_size, rows=n))
             offset += n
             log.info("parsed %s: %d rows", path, n)
+        done("parse + stage")
         staged = pl.scan_parquet(work / "staged" / "*.parquet")
         n_rejected = _check_rejects(staged, offset, cfg.max_reject_fraction, work / REJECTS_FILE,
                                     out.parent / f"{out.name}.{REJECTS_FILE}")
+        done("rejects")
         good = staged.filter(pl.col(REASON).is_null())
         cuts = time_cut_points(good, cfg.split) if cfg.split.method == "time" else None
         min_counts = {f: cfg.min_count_per_field.get(f, cfg.min_count) for f in categorical}
@@ -179,10 +190,12 @@ def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | No
         (work / "vocab").mkdir()
         for field, vocab in vocabs.items():
             vocab.write_parquet(work / "vocab" / f"{field}.parquet", compression="zstd")
+        done("vocabularies")
         encoded = [pl.col(LABEL_COLUMN), *(pl.col(d) for d in dense), *(encode(c, vocabs[c]) for c in categorical)]
         needed = [LABEL_COLUMN, *dense, *categorical]
         counts = _write_splits(staged, offset, split_expr(cfg.split, offset, cuts), needed, encoded, work,
                                cfg.row_group_size)
+        done("encode + write splits")
         splits = {name: SplitInfo(file=f"{name}.parquet", rows=counts[name]) for name in SPLITS}
         if splits["train"].rows == 0:
             raise DataError(f"dataset '{cfg.name}': the train split is empty ({offset} rows read, split {cfg.split})")
@@ -206,4 +219,4 @@ def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | No
         raise
     seconds = time.perf_counter() - started
     log.info("prepared %s: %d rows (%d rejected) in %.1fs -> %s", cfg.name, offset, n_rejected, seconds, out)
-    return PrepareResult(output=out, feature_map=fmap, seconds=seconds)
+    return PrepareResult(output=out, feature_map=fmap, seconds=seconds, passes=passes)

@@ -10,9 +10,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from ctr.checkpoint import CheckpointError
-from ctr.train import TrainingDiverged
-from deploy.export import ExportError
+from ctr.errors import CheckpointError, ExportError, TrainingDiverged
 from features.errors import DataError
 from features.yaml_config import ConfigError
 
@@ -33,6 +31,7 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"prepared {fmap.dataset}: {fmap.rows_read} rows read, {fmap.rows_rejected} rejected; {rows}; "
           f"{len(fmap.categorical)} categorical + {len(fmap.dense)} dense fields; "
           f"{result.seconds:.1f}s -> {result.output}")
+    print("seconds per pass: " + ", ".join(f"{name} {sec:.2f}" for name, sec in result.passes.items()))
 
 
 def _train(args: argparse.Namespace) -> None:

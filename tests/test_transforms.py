@@ -40,6 +40,12 @@ def test_vocabulary_min_count_order_and_specials() -> None:
     assert vocab.rows() == [("b", 3, 3), ("a", 2, 4)]
     ids = pl.DataFrame({"c": ["a", "b", "c", None, "zzz"]}).select(encode("c", vocab)).to_series().to_list()
     assert ids == [4, 3, OOV_ID, BLANK_ID, OOV_ID]
+    # a vocabulary not in id order takes the lookup path, with the same ids
+    shuffled = pl.DataFrame({"c": ["a", "b", "c", None, "zzz"]}).select(encode("c", vocab.reverse())).to_series()
+    assert shuffled.to_list() == ids
+    # integer tokens (bucketed Criteo integers) too
+    ints = fit_vocabularies(pl.LazyFrame({"i": [7, 7, 5, 5, 5, 9]}), {"i": 2})["i"]
+    assert pl.DataFrame({"i": [5, 7, 9, None]}).select(encode("i", ints)).to_series().to_list() == [3, 4, OOV_ID, BLANK_ID]
 
 
 def test_random_split_shares_and_determinism() -> None:
