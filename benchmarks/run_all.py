@@ -46,7 +46,12 @@ from ctr.config import load_experiment
 from ctr.distributed import local_process_group
 from ctr.models import build_model
 from ctr.train import Trainer, default_threads
+from features.atomic import atomic_write_text
+from features.feature_map import FeatureMap
 from features.loader import ParquetBatches
+from features.parse import ROW
+from features.schema import SplitConfig
+from features.split import SPLITS, split_expr
 from peer_env import peer_python
 from pipelines.train_job import prepared_data, run_train
 
@@ -78,10 +83,8 @@ class Report:
         table = ["| target | measured | met |", "|---|---|---|"] + [
             f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in self.targets]
         text = "\n\n".join([header, "## Targets\n\n" + "\n".join(table), *self.sections]) + "\n"
-        tmp = self.out.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(self.out)
-        self.raw_numbers.write_text(json.dumps(self.numbers, indent=2, default=str))
+        atomic_write_text(self.out, text)
+        atomic_write_text(self.raw_numbers, json.dumps(self.numbers, indent=2, default=str))
 
 
 def peer(python: Path, log: Path, *args: str) -> tuple[float, float, dict[str, Any]]:
@@ -93,14 +96,14 @@ def peer(python: Path, log: Path, *args: str) -> tuple[float, float, dict[str, A
     return seconds, peak, json.loads(result)
 
 
-def headed_csv_splits(raw: Path, out: Path, ratios: tuple[float, float]) -> None:
-    """The raw rows as FuxiCTR reads them (CSV with a header), split by row order like our prepare."""
+def headed_csv_splits(raw: Path, out: Path, split: SplitConfig) -> None:
+    """The raw rows as FuxiCTR reads them (CSV with a header), each in the split our prepare gives it."""
     names = ["label", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27))]
     df = pl.read_csv(raw, separator="\t", has_header=False, new_columns=names, infer_schema=False, quote_char=None)
-    a, b = int(ratios[0] * df.height), int((ratios[0] + ratios[1]) * df.height)
+    which = df.with_row_index(ROW).select(split_expr(split, df.height)).to_series()
     out.mkdir(parents=True, exist_ok=True)
-    for name, lo, hi in (("train", 0, a), ("valid", a, b), ("test", b, df.height)):
-        df.slice(lo, hi - lo).write_csv(out / f"{name}.csv")
+    for s_id, name in enumerate(SPLITS):
+        df.filter(which == s_id).write_csv(out / f"{name}.csv")
 
 
 def machine() -> str:
@@ -124,7 +127,7 @@ def prepare_section(rep: Report, args: argparse.Namespace, raw: Path, dirs: dict
     dataset = [o for o in args.overrides if o.startswith("dataset.")]
     ours_s, ours_mb, printed = run_measured([str(ctr), "prepare", str(EXPERIMENTS / "synthetic_dnn.yaml"), *dataset],
                                       log=dirs["logs"] / "prepare_ours.log")
-    headed_csv_splits(raw, dirs["csv"], tuple(cfg.dataset.split.ratios[:2]))
+    headed_csv_splits(raw, dirs["csv"], cfg.dataset.split)
     peer_s, peer_mb, _ = peer(python, dirs["logs"] / "prepare_fuxictr.log", "prepare", "--csv-dir", str(dirs["csv"]),
                               "--out", str(dirs["fuxictr"]), "--min-count", str(cfg.dataset.min_count))
     rows = args.rows
@@ -145,8 +148,14 @@ def prepare_section(rep: Report, args: argparse.Namespace, raw: Path, dirs: dict
         "process start and imports."]))
 
 
+def bench_data(args: argparse.Namespace) -> tuple[Path, FeatureMap]:
+    """The prepared splits of the benchmark's dataset (written by the prepare section)."""
+    return prepared_data(load_experiment(EXPERIMENTS / "synthetic_dnn.yaml", args.overrides))
+
+
 def dense_parameters(rep: Report, args: argparse.Namespace) -> None:
-    _, fmap = prepared_data(load_experiment(EXPERIMENTS / "synthetic_dnn.yaml", args.overrides))
+    _, fmap = bench_data(args)
+    args.train_rows = fmap.splits["train"].rows
     rep.numbers["dense_params"] = {}
     for model, name in MODELS.items():
         net = build_model(fmap, load_experiment(EXPERIMENTS / f"{name}.yaml").model)
@@ -212,8 +221,7 @@ def large_vocab_section(rep: Report, args: argparse.Namespace, dirs: dict[str, P
 
 
 def limit_section(rep: Report, args: argparse.Namespace) -> None:
-    cfg = load_experiment(EXPERIMENTS / "synthetic_dnn.yaml", args.overrides)
-    data_dir, fmap = prepared_data(cfg)
+    data_dir, fmap = bench_data(args)
     started = time.perf_counter()
     loaded = sum(b.size for b in ParquetBatches(data_dir / fmap.splits["train"].file, fmap, BATCH, shuffle=True, seed=1))
     loader_rate = loaded / (time.perf_counter() - started)
@@ -240,10 +248,9 @@ def limit_section(rep: Report, args: argparse.Namespace) -> None:
 
 
 def recipe_section(rep: Report, args: argparse.Namespace) -> None:
-    overrides = [*args.overrides]
     rows: list[tuple] = []
     for name in (MODELS["dcnv2"], "synthetic_dcnv2_unified"):
-        more, _ = measure(EXPERIMENTS / f"{name}.yaml", [*overrides, f"trainer.run_dir={args.runs / name}"])
+        more, _ = measure(EXPERIMENTS / f"{name}.yaml", [*args.overrides, f"trainer.run_dir={args.runs / name}"])
         rows += more
     rep.numbers["compression"] = [{"experiment": cfg.name, "line": line, "test": test} for cfg, line, test in rows]
     rep.add("Compression", "\n".join([
@@ -254,8 +261,7 @@ def recipe_section(rep: Report, args: argparse.Namespace) -> None:
 
 def recipe_speed_section(rep: Report, args: argparse.Namespace) -> None:
     name = MODELS["dcnv2"]
-    cfg = load_experiment(EXPERIMENTS / f"{name}.yaml", args.overrides)
-    data_dir, fmap = prepared_data(cfg)
+    data_dir, fmap = bench_data(args)
     run_dir = args.runs / name
     last = sorted((run_dir / "compress").glob("0*/checkpoint.pt"))[-1]
     loader = ParquetBatches(data_dir / fmap.splits["train"].file, fmap, BATCH, shuffle=True, seed=1, drop_last=True)
@@ -302,7 +308,6 @@ def main() -> None:
     raw = criteo_raw(args.rows)
     args.overrides = [f"dataset.raw=[{raw}]", f"dataset.synthetic.rows={args.rows}", f"dataset.output={root / 'prepared'}",
                       "trainer.progress=false"]
-    args.train_rows = int(0.8 * args.rows)
     python = peer_python()
     header = "\n".join([
         "# Benchmarks: ours beside FuxiCTR 2.3.10", "",

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 from _common import run_measured  # noqa: E402
 from run_all import headed_csv_splits  # noqa: E402
+from features.schema import SplitConfig  # noqa: E402
 from pipelines.synthetic import generate  # noqa: E402
 
 # A child that starts a grandchild holding 300 MB of touched memory for a second, then prints.
@@ -35,7 +36,7 @@ def test_failed_command_names_its_log(tmp_path: Path) -> None:
 def test_peer_splits_are_our_order_split_with_a_header(tmp_path: Path) -> None:
     raw = tmp_path / "raw.txt"
     generate("criteo", 1000, raw, seed=3)
-    headed_csv_splits(raw, tmp_path / "csv", (0.8, 0.1))
+    headed_csv_splits(raw, tmp_path / "csv", SplitConfig(method="order", ratios=(0.8, 0.1, 0.1)))
     lines = raw.read_text().splitlines()
     frames = {s: pl.read_csv(tmp_path / "csv" / f"{s}.csv", infer_schema=False) for s in ("train", "valid", "test")}
     assert [f.height for f in frames.values()] == [800, 100, 100]
