@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from features.errors import DataError
+from common.errors import DataError
 from features.feature_map import FeatureMap
 from features.prepare import prepare
 from features.schema import DatasetConfig

@@ -27,11 +27,12 @@ from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import StageContext, model_size, plain_model
 from ctr.config import load_experiment
 from ctr.metrics import classification_metrics
+from ctr.run_dir import STAGE_CHECKPOINT, RunDir
 from ctr.train import predict
 from features.feature_map import FeatureMap
 from features.vocab import OOV_ID
 from pipelines.compress_job import run_compress
-from pipelines.train_job import prepared_data, run_train
+from pipelines.train_job import prepared_data, run_dir_of, run_train
 
 EXPERIMENTS = Path("configs/experiments")
 SUITES = {
@@ -88,28 +89,28 @@ def afm_table(line: dict[str, Any]) -> None:
           + (f", {after:.5f} after ({'kept' if line['finetuned_kept'] else 'not kept'})" if after is not None else ""))
 
 
-def trained_line(path: Path) -> dict[str, Any]:
-    payload = load_checkpoint(path)
-    params, size, embedding = model_size(payload["model"])
-    return {"stage_id": "trained", "stage": "baseline", "parameters": params, "bytes": size, "embedding_bytes": embedding}
+def trained_line(fmap: FeatureMap, path: Path) -> dict[str, Any]:
+    params, parts = model_size(fmap, load_checkpoint(path))
+    return {"stage_id": "trained", "stage": "baseline", "parameters": params, "bytes": sum(parts.values()),
+            "embedding_bytes": parts["embedding tables"] + parts["id remap"]}
 
 
 def measure(config: Path, overrides: list[str]) -> tuple[list[tuple], list]:
     """Train (if needed) and compress one experiment; (cfg, stage line, test metrics) per stage, and
     the per-stage detail printers."""
     cfg = load_experiment(config, overrides)
-    run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
-    if not (run_dir / "checkpoints" / "best.pt").is_file():
+    run = RunDir(run_dir_of(cfg))
+    if not run.best.is_file():
         run_train(config, overrides)
     data_dir, fmap = prepared_data(cfg)
-    ctx = StageContext(cfg, fmap, data_dir, run_dir / "compress")
-    best = run_dir / "checkpoints" / "best.pt"
-    lines = run_compress(config, overrides) if cfg.compress.stages else [trained_line(best)]
+    ctx = StageContext(cfg, fmap, data_dir, run.compress)
+    best = run.best
+    lines = run_compress(config, overrides) if cfg.compress.stages else [trained_line(fmap, best)]
     teacher = Path(fmap.sources[0].path + ".teacher.json")
     noise = set(json.loads(teacher.read_text())["noise"]) if teacher.is_file() else set()
     rows, details = [], []
     for line in lines:
-        path = best if line["stage"] == "baseline" else run_dir / "compress" / line["stage_id"] / "checkpoint.pt"
+        path = best if line["stage"] == "baseline" else run.compress / line["stage_id"] / STAGE_CHECKPOINT
         test = classification_metrics(*predict(plain_model(fmap, load_checkpoint(path)), ctx.split("test")))
         rows.append((cfg, line, test))
         if line["stage"] == "optfs" and "kept_rows" in line:

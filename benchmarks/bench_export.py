@@ -21,7 +21,7 @@ from _common import WORK, load_note
 from ctr.config import load_experiment
 from deploy.export import export_model, latency, load_edge
 from features.feature_map import FeatureMap
-from features.loader import ParquetBatches
+from ctr.loader import ParquetBatches
 from pipelines.train_job import prepared_data
 
 CONFIGS = [Path("configs/experiments/synthetic_dcnv2_full.yaml"), Path("configs/experiments/synthetic_deepfm_full.yaml")]

@@ -18,10 +18,10 @@ import torch
 
 from _common import load_note, prepared
 from bench_train import BATCH, train_rate
-from ctr.config import ModelConfig
+from ctr.models import model_config
 from ctr.distributed import local_process_group
 from ctr.train import default_threads
-from features.loader import ParquetBatches
+from ctr.loader import ParquetBatches
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     batches = list(loader)
     loader_rate = len(batches) * BATCH / (time.perf_counter() - started)
     with local_process_group():
-        step_rate, _ = train_rate(fmap, ModelConfig(name="dnn"), batches[:8], args.steps)
+        step_rate, _ = train_rate(fmap, model_config(name="dnn"), batches[:8], args.steps)
     print(f"\nbatch loader vs training step (batch {BATCH}, {len(fmap.categorical)} fields x dim 16); {load_note()}")
     print("| stage | rows/s | ms per batch |")
     print("|---|---:|---:|")

@@ -22,13 +22,13 @@ from torch import nn
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from _common import load_note
-from ctr.config import ModelConfig
+from ctr.models import model_config
 from ctr.distributed import local_process_group, shard_model
 from ctr.metrics import classification_metrics
 from ctr.models import build_model
 from ctr.train import default_threads, predict
 from features.feature_map import FeatureMap
-from features.loader import ParquetBatches
+from ctr.loader import ParquetBatches
 
 BATCH = 4096
 
@@ -56,7 +56,7 @@ def main() -> None:
     fmap = FeatureMap.load(args.data)
     train = ParquetBatches(args.data / fmap.splits["train"].file, fmap, BATCH, shuffle=True, seed=1)
     test = ParquetBatches(args.data / fmap.splits["test"].file, fmap, 16384)
-    cfg = ModelConfig(name=args.model)
+    cfg = model_config(name=args.model)
     rows = []
     torch.manual_seed(0)
     peer = build_model(fmap, cfg, device=torch.device("cpu"))

@@ -12,6 +12,8 @@ Usage: python benchmarks/bench_train.py [--rows 1000000] [--steps 40] [--threads
 
 from __future__ import annotations
 
+from typing import Any
+
 import argparse
 import logging
 import time
@@ -21,12 +23,13 @@ import torch
 from torch import nn
 
 from _common import load_note, prepared
-from ctr.config import ModelConfig, TrainerConfig
+from ctr.config import TrainerConfig
+from ctr.models import model_config
 from ctr.distributed import local_process_group, shard_model
 from ctr.models import build_model
 from ctr.train import default_threads
 from features.feature_map import FeatureMap
-from features.loader import Batch, ParquetBatches
+from ctr.loader import Batch, ParquetBatches
 
 BATCH = 4096
 
@@ -80,7 +83,7 @@ def step_rate(model: nn.Module, batches: list[Batch], steps: int) -> float:
     return steps * BATCH / (time.perf_counter() - started)
 
 
-def train_rate(fmap: FeatureMap, model_cfg: ModelConfig, batches: list[Batch], steps: int) -> tuple[float, list[tuple[int, int]]]:
+def train_rate(fmap: FeatureMap, model_cfg: Any, batches: list[Batch], steps: int) -> tuple[float, list[tuple[int, int]]]:
     model = build_model(fmap, model_cfg)
     return step_rate(model, batches, steps), linear_shapes(model)
 
@@ -111,12 +114,12 @@ def main() -> None:
     rows = []
     with local_process_group():
         for name in ("dnn", "dcnv2"):
-            rate, shapes = train_rate(fmap, ModelConfig(name=name), batches, args.steps)
+            rate, shapes = train_rate(fmap, model_config(name=name), batches, args.steps)
             peak = matmul_rate(shapes)
             flops = model_flops_per_sample(shapes)
             rows.append((name, sum(f.num_embeddings for f in fmap.categorical), rate, flops, peak))
         big = grown(fmap, args.big_rows)
-        rate, shapes = train_rate(big, ModelConfig(name="dcnv2"), batches, args.steps)
+        rate, shapes = train_rate(big, model_config(name="dcnv2"), batches, args.steps)
         rows.append(("dcnv2, large vocabulary", sum(f.num_embeddings for f in big.categorical), rate,
                      model_flops_per_sample(shapes), matmul_rate(shapes)))
     print(f"\ntraining throughput (batch {BATCH}, emb 16, {args.threads} thread(s)); {load_note()}")

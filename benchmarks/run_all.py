@@ -45,10 +45,11 @@ from ctr.compress.stage import plain_model
 from ctr.config import load_experiment
 from ctr.distributed import local_process_group
 from ctr.models import build_model
+from ctr.run_dir import RunDir
 from ctr.train import Trainer, default_threads
-from features.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from features.feature_map import FeatureMap
-from features.loader import ParquetBatches
+from ctr.loader import ParquetBatches
 from features.parse import ROW
 from features.schema import SplitConfig
 from features.split import SPLITS, split_expr
@@ -199,7 +200,7 @@ def large_vocab_section(rep: Report, args: argparse.Namespace, dirs: dict[str, P
     big = grown(fmap, args.big_rows)
     torch.set_num_threads(default_threads())
     ours = Trainer(cfg, big, data_dir, args.runs / "dcnv2_large").fit()
-    shutil.rmtree(args.runs / "dcnv2_large" / "checkpoints", ignore_errors=True)  # 2 x 1.3 GB of grown tables
+    shutil.rmtree(RunDir(args.runs / "dcnv2_large").checkpoints, ignore_errors=True)  # 2 x 1.3 GB of grown tables
     _, _, theirs = peer(python, dirs["logs"] / "train_dcnv2_large_fuxictr.log", "train", "--data", str(dirs["fuxictr"]),
                         "--model", "dcnv2", "--grow-rows", str(args.big_rows), "--steps", str(args.peer_steps))
     rows = sum(f.num_embeddings for f in big.categorical)
@@ -263,13 +264,13 @@ def recipe_speed_section(rep: Report, args: argparse.Namespace) -> None:
     name = MODELS["dcnv2"]
     data_dir, fmap = bench_data(args)
     run_dir = args.runs / name
-    last = sorted((run_dir / "compress").glob("0*/checkpoint.pt"))[-1]
+    last = RunDir(run_dir).stage_checkpoints()[-1]
     loader = ParquetBatches(data_dir / fmap.splits["train"].file, fmap, BATCH, shuffle=True, seed=1, drop_last=True)
     batches = [b for _, b in zip(range(8), loader)]
     torch.set_num_threads(default_threads())
     rates = {}
     with local_process_group():
-        for label, path in (("baseline", run_dir / "checkpoints" / "best.pt"), ("full recipe", last)):
+        for label, path in (("baseline", RunDir(run_dir).best), ("full recipe", last)):
             rates[label] = step_rate(plain_model(fmap, load_checkpoint(path)).train(), batches, args.steps)
     torch.set_num_threads(1)
     served = exported(name, run_dir, data_dir, fmap)

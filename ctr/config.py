@@ -1,7 +1,7 @@
 """Experiment config: one YAML file = dataset + model + trainer sections.
 
 Each section maps straight onto the constructor that consumes it (FuxiCTR-style): ``model`` onto
-``ctr.models.build_model``, ``trainer`` onto ``ctr.train.Trainer``, ``dataset`` onto the prepare job.
+``ctr.models.build_model`` (one config class per model), ``trainer`` onto ``ctr.train.Trainer``, ``dataset`` onto the prepare job.
 Validation is strict, so a typo fails before any data is read.
 """
 
@@ -12,65 +12,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from features.schema import DatasetConfig, Strict
-from features.yaml_config import load_config
-
-FBGEMM_WIDTH_MULTIPLE = 4
-CONFIG_FILE = "config.yaml"  # the resolved experiment, as saved in a run directory
-
-
-class EmbeddingConfig(Strict):
-    """``per_field``: one exact table per field. ``unified``: feature multiplexing, every (field, chunk)
-    reads row h(field, chunk, id) mod M of one shared table (or ``num_tables`` sub-tables).
-    ``hashed``: the classic baseline, one hashed table per field, sizes proportional to vocabularies.
-    For both hashed kinds the size is ``num_rows`` (M) or ``budget_mb`` (fp32 bytes of all tables),
-    and fields with at most ``collisionless_max`` values keep an exact table of their own."""
-
-    kind: Literal["per_field", "unified", "hashed"] = "per_field"
-    dim: int = Field(default=16, gt=0)  # width of one chunk; a field is chunks x dim wide
-    init_range: float = Field(default=0.05, gt=0.0)  # uniform(-r, r)
-    num_rows: int | None = Field(default=None, gt=0)
-    budget_mb: float | None = Field(default=None, gt=0.0)
-    num_tables: int = Field(default=1, ge=1)
-    chunks: dict[str, int] = Field(default_factory=dict)
-    collisionless_max: int = Field(default=64, ge=0)
-    hash_seed: int = 0
-
-    @model_validator(mode="after")
-    def _size(self) -> "EmbeddingConfig":
-        sized = (self.num_rows is not None) + (self.budget_mb is not None)
-        if self.kind == "per_field" and (sized or self.chunks or self.num_tables != 1):
-            raise ValueError("num_rows, budget_mb, chunks and num_tables apply to kind 'unified' or 'hashed'")
-        if self.kind != "per_field" and sized != 1:
-            raise ValueError(f"kind '{self.kind}' needs exactly one of num_rows or budget_mb")
-        if self.kind == "hashed" and (self.chunks or self.num_tables != 1):
-            raise ValueError("chunks and num_tables apply to kind 'unified' only")
-        if any(c < 1 for c in self.chunks.values()):
-            raise ValueError(f"chunks must be >= 1, got {self.chunks}")
-        return self
-
-    @field_validator("dim")
-    @classmethod
-    def _fbgemm_width(cls, dim: int) -> int:
-        if dim % FBGEMM_WIDTH_MULTIPLE:
-            raise ValueError(f"embedding width {dim} is not a multiple of {FBGEMM_WIDTH_MULTIPLE} "
-                             f"(fbgemm's embedding kernels need widths divisible by {FBGEMM_WIDTH_MULTIPLE})")
-        return dim
-
-
-class ModelConfig(Strict):
-    """``lr``: first-order only; ``dnn``: MLP over concatenated embeddings; ``deepfm``: first order +
-    FM + DNN; ``dcnv2``: cross network (``stacked`` or ``parallel`` with the DNN, optional low rank)."""
-
-    name: Literal["lr", "dnn", "deepfm", "dcnv2"]
-    embedding: EmbeddingConfig = EmbeddingConfig()
-    hidden: list[int] = Field(default_factory=lambda: [400, 400, 400])
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    batch_norm: bool = False
-    cross_layers: int = Field(default=3, ge=1)
-    structure: Literal["stacked", "parallel"] = "parallel"
-    low_rank: int | None = Field(default=None, gt=0)
-
+from common.strict import Strict
+from common.yaml_config import load_config
+from ctr.models import ModelConfig
+from features.schema import DatasetConfig
 
 class RayConfig(Strict):
     """Where and how ``trainer.num_workers > 1`` (or ``ctr train --ray``) runs on Ray.

@@ -33,17 +33,17 @@ from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.config import ExperimentConfig
 from ctr.distributed import (CPU, fused_optimizer_state, load_fused_optimizer_state, load_plain_state_dict,
                              local_process_group, plain_state_dict, set_sparse_lr, shard_model, sharding_summary)
-from ctr.errors import TrainingDiverged
+from common.errors import TrainingDiverged
 from ctr.metrics import classification_metrics
 from ctr.models import build_model
-from ctr.modules.sparse import TableLayout
-from features.atomic import atomic_write_text
+from ctr.run_dir import BEST, LAST, RunDir
+from ctr.structure import Step, step_to_dict
+from common.atomic import atomic_write_text
 from features.feature_map import FeatureMap
-from features.json_lines import append_json_line, read_json_lines
-from features.loader import Batch, ParquetBatches
+from common.json_lines import append_json_line, read_json_lines
+from ctr.loader import Batch, ParquetBatches
 
 log = logging.getLogger("ctr.train")
-LAST, BEST = "last.pt", "best.pt"
 MIN_IMPROVEMENT = 1e-6
 
 
@@ -110,7 +110,7 @@ def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device = C
 class TrainHooks:
     """What a compression stage adds to the plain loop (e.g. OptFS: gates, a penalty, a schedule)."""
 
-    tables: TableLayout | None = None  # reshaped per-field tables to build (and to record in checkpoints)
+    steps: tuple[Step, ...] = ()  # the structure to build (and to record in checkpoints)
     initial_state: dict[str, torch.Tensor] | None = None  # plain weights loaded after sharding
     attach: Callable[[nn.Module], None] | None = None  # adds modules to the model before sharding
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
@@ -147,7 +147,8 @@ class Trainer:
         self.runtime = runtime or Runtime()
         self.fmap = fmap
         self.run_dir = run_dir
-        self.ckpt_dir = run_dir / "checkpoints"
+        self.paths = RunDir(run_dir)
+        self.ckpt_dir = self.paths.checkpoints
         run_dir.mkdir(parents=True, exist_ok=True)
         t = self.t
         split = lambda name: data_dir / fmap.splits[name].file  # noqa: E731
@@ -162,7 +163,7 @@ class Trainer:
     def _build(self) -> None:
         torch.manual_seed(self.t.seed)
         self.main = dist.get_rank() == 0  # the rank that writes files and shows progress
-        model = build_model(self.fmap, self.cfg.model, tables=self.hooks.tables)
+        model = build_model(self.fmap, self.cfg.model, steps=self.hooks.steps)
         if self.hooks.attach is not None:
             self.hooks.attach(model)
         self.model: DistributedModelParallel = shard_model(model, self.t.sparse_optimizer, self.t.sparse_lr,
@@ -205,7 +206,7 @@ class Trainer:
             "loop": asdict(self.state),
             "rng": torch.get_rng_state(),
             "model_config": self.cfg.model.model_dump(mode="json"),
-            "tables": asdict(self.hooks.tables or TableLayout()),
+            "steps": [step_to_dict(s) for s in self.hooks.steps],
         })
 
     def _restore(self, name: str, with_training_state: bool = True, folder: Path | None = None) -> None:
@@ -224,13 +225,13 @@ class Trainer:
         if not self.main:
             return
         line = {"event": event, "epoch": self.state.epoch, "step": self.state.step, **metrics}
-        append_json_line(self.run_dir / "metrics.jsonl", line)
+        append_json_line(self.paths.metrics, line)
         log.info("%s epoch %d step %d: auc %.5f logloss %.5f", event, self.state.epoch, self.state.step,
                  metrics["auc"], metrics["logloss"])
 
     def _forget_metrics_after(self, step: int) -> None:
         """Drop metric lines written after the checkpoint a run resumes from (they will be redone)."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.paths.metrics
         if self.main and path.is_file():
             kept = [record for record in read_json_lines(path) if record["step"] <= step]
             atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
@@ -359,5 +360,5 @@ class Trainer:
                   "steps": self.state.step, "train_seconds": seconds,
                   "train_samples_per_s": self.loop_samples / max(self.loop_seconds, 1e-9), **{f"test_{k}": v for k, v in test.items()}}
         if self.main:
-            atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+            atomic_write_text(self.paths.result, json.dumps(result, indent=2) + "\n")
         return result

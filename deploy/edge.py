@@ -1,9 +1,11 @@
-"""The edge model: plain-torch modules that TorchScript compiles, rebuilt from a trained checkpoint.
+"""The edge model: the trained model's own dense arch (and AFM projection) behind a torch-only
+sparse side, compiled by TorchScript.
 
 No TorchRec, fbgemm or project code is needed to run the result: the tables are ordinary tensors
 (fp32, fp16, or int8 with a scale and bias per row), lookups are index arithmetic, unified-embedding
-hashing is the same splitmix64 written in scriptable torch ops, and the layers after the embeddings
-are the trained model's own modules (MLP, cross network, factorised layers, projection).
+hashing is the same splitmix64 written in scriptable torch ops. Only the sparse side is written
+here; the layers after the embeddings are the very modules the model trained with, so no model's
+forward is written twice.
 
 Input: dense float [B, n_dense] and ids int64 [B, n_fields] in the feature map's id space; output:
 click probability [B]. An id outside a field's range reads that field's OOV row.
@@ -14,9 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ctr.models import DNN, DCNv2, DeepFM, FirstOrder
+from ctr.models.base import CTRModel, flat_input
 from ctr.modules.hashed import HashedSparseArch
-from ctr.modules.interactions import factorization_machine
 from ctr.modules.sparse import SparseArch
 from features.vocab import OOV_ID
 
@@ -144,82 +145,58 @@ def edge_embedding(arch: nn.Module, vocab: list[int], fmt: str) -> EdgeEmbedding
     return _per_field(arch, vocab, fmt) if isinstance(arch, SparseArch) else _hashed(arch, vocab, fmt)
 
 
-class EdgeFirstOrder(nn.Module):
-    """One weight per feature value (the four fbgemm-width values summed), plus the dense term."""
+def _first_order(model: CTRModel, vocab: list[int], fmt: str) -> EdgeEmbedding | None:
+    """One weight per feature value (fbgemm's four values summed); None for a model without."""
+    if model.first_order is None:
+        return None
+    tables = [t.weight.detach().sum(1, keepdim=True) for t in model.first_order.ebc.embedding_bags.values()]
+    n = len(tables)
+    return EdgeEmbedding(torch.arange(n), torch.tensor(vocab[:n], dtype=torch.int64), torch.ones(n, dtype=torch.bool),
+                         torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.int64), None,
+                         tables, list(range(n)), [1] * n, 1, "fp32" if fmt == "int8" else fmt)
 
-    def __init__(self, first: FirstOrder, vocab: list[int], fmt: str) -> None:
+
+class EdgeModel(nn.Module):
+    """Torch-only tables -> the trained projection -> flat input -> the trained dense arch."""
+
+    def __init__(self, model: CTRModel, vocab: list[int], fmt: str) -> None:
         super().__init__()
-        summed = [t.weight.detach().sum(1, keepdim=True) for t in first.weights.ebc.embedding_bags.values()]
-        n = len(summed)
-        self.weights = EdgeEmbedding(torch.arange(n), torch.tensor(vocab, dtype=torch.int64), torch.ones(n, dtype=torch.bool),
-                                     torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.int64), None,
-                                     summed, list(range(n)), [1] * n, 1, "fp32" if fmt == "int8" else fmt)
-        self.dense = first.dense if first.dense is not None else nn.Linear(0, 1, bias=False)
-        self.bias = first.bias
-
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.weights(ids).sum(dim=(1, 2)) + self.bias + self.dense(dense).squeeze(1)
-
-
-class EdgeFront(nn.Module):
-    """Embeddings -> optional AFM projection -> the flat input's stored columns."""
-
-    def __init__(self, model: nn.Module, vocab: list[int], fmt: str) -> None:
-        super().__init__()
+        if model.embedding is None:
+            raise ValueError("model 'lr' has no embedding tables; the edge export covers models with embeddings")
         self.embedding = edge_embedding(model.embedding, vocab, fmt)
+        self.first_order = _first_order(model, vocab, fmt)
         self.projection = model.projection if model.projection is not None else nn.Identity()
-        self.register_buffer("columns", model.columns if model.columns is not None else torch.arange(model.flat_width))
-
-    def emb(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.embedding(ids))
-
-    def flat(self, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return torch.cat([emb.flatten(1), dense], dim=1).index_select(1, self.columns)
-
-
-class EdgeDNN(nn.Module):
-    def __init__(self, model: DNN, vocab: list[int], fmt: str) -> None:
-        super().__init__()
-        self.front, self.mlp, self.head = EdgeFront(model, vocab, fmt), model.mlp, model.head
+        self.register_buffer("columns", model.columns if model.columns is not None else
+                             torch.arange(model.embedding.num_keys * model.dim + model.num_dense))
+        self.arch = model.arch
 
     def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        x = self.front.flat(self.front.emb(ids), dense)
-        return torch.sigmoid(self.head(self.mlp(x)).squeeze(1))
+        emb = self.projection(self.embedding(ids))
+        linear = torch.zeros(ids.shape[0])
+        if self.first_order is not None:
+            linear = self.first_order(ids).sum(dim=(1, 2))
+        return torch.sigmoid(self.arch(emb, flat_input(emb, dense, self.columns), dense, linear))
 
 
-class EdgeDeepFM(nn.Module):
-    def __init__(self, model: DeepFM, vocab: list[int], fmt: str) -> None:
-        super().__init__()
-        self.front, self.mlp, self.head = EdgeFront(model, vocab, fmt), model.mlp, model.head
-        self.first_order = EdgeFirstOrder(model.first_order, vocab, fmt)
-
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        emb = self.front.emb(ids)
-        logit = self.first_order(dense, ids) + factorization_machine(emb) + \
-            self.head(self.mlp(self.front.flat(emb, dense))).squeeze(1)
-        return torch.sigmoid(logit)
-
-
-class EdgeDCNv2(nn.Module):
-    def __init__(self, model: DCNv2, vocab: list[int], fmt: str) -> None:
-        super().__init__()
-        self.front, self.mlp, self.head, self.cross = EdgeFront(model, vocab, fmt), model.mlp, model.head, model.cross
-        self.stacked = model.structure == "stacked"
-
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        x0 = self.front.flat(self.front.emb(ids), dense)
-        out = self.mlp(self.cross(x0)) if self.stacked else torch.cat([self.cross(x0), self.mlp(x0)], dim=1)
-        return torch.sigmoid(self.head(out).squeeze(1))
-
-
-EDGE_MODELS: dict[type, type] = {DNN: EdgeDNN, DeepFM: EdgeDeepFM, DCNv2: EdgeDCNv2}
-
-
-def edge_model(model: nn.Module, vocab: list[int], fmt: str = "fp32") -> nn.Module:
+def edge_model(model: CTRModel, vocab: list[int], fmt: str = "fp32") -> EdgeModel:
     """The edge form of a plain (unsharded, CPU) trained model, in evaluation mode."""
     if fmt not in EMBEDDING_FORMATS:
         raise ValueError(f"export.embeddings must be one of {EMBEDDING_FORMATS}, got '{fmt}'")
-    kind = EDGE_MODELS.get(type(model))
-    if kind is None:
-        raise ValueError(f"no edge export for {type(model).__name__} (DNN, DeepFM and DCNv2 export)")
-    return kind(model, vocab, fmt).eval()
+    return EdgeModel(model, vocab, fmt).eval()
+
+
+def _tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def edge_bytes(edge: EdgeModel) -> dict[str, int]:
+    """What the edge file stores, by part: the tables of both lookups (with their scales and biases
+    and per-key bookkeeping), the id remap, and everything else (dense layers, projection, columns)."""
+    tables, remap = 0, 0
+    for lookup in (edge.embedding, edge.first_order) if edge.first_order is not None else (edge.embedding,):
+        remap += _tensor_bytes([lookup.remap])
+        tables += _tensor_bytes([*lookup.storage, *lookup.scales, *lookup.biases, *lookup.group_keys,
+                                 *lookup.group_offsets])
+        tables += _tensor_bytes([b for name, b in lookup.named_buffers() if name != "remap"])
+    dense = _tensor_bytes([*edge.projection.parameters(), *edge.arch.parameters(), *edge.arch.buffers(), edge.columns])
+    return {"embedding tables": tables, "id remap": remap, "dense layers": dense}

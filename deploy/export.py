@@ -8,7 +8,6 @@ before loading, so a truncated or altered file is refused with the reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -19,78 +18,73 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.atomic import atomic_write_text
+from common.digest import sha256_file
+from common.errors import ExportError
 from ctr.checkpoint import load_checkpoint
-from ctr.compress.stage import model_size, plain_model
-from ctr.config import CONFIG_FILE, load_experiment
-from ctr.errors import ExportError
+from ctr.compress.stage import plain_model
+from ctr.config import load_experiment
+from ctr.loader import ParquetBatches
 from ctr.metrics import auc
-from deploy.edge import EMBEDDING_FORMATS, edge_model
-from features.atomic import atomic_write_text
+from ctr.run_dir import RunDir
+from deploy.edge import EMBEDDING_FORMATS, edge_bytes, edge_model
 from features.feature_map import FeatureMap
-from features.loader import ParquetBatches
 
 MANIFEST_SUFFIX = ".manifest.json"
 FP32_TOLERANCE = 1e-5  # max |exported - in-memory| probability
 QUANTIZED_AUC_TOLERANCE = 5e-4  # |AUC difference| for fp16 / int8 tables
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manifest_path(model_file: Path) -> Path:
     return model_file.with_name(model_file.name + MANIFEST_SUFFIX)
 
 
-def resolve_source(source: Path, stage: str | None) -> tuple[Path, Path]:
+def resolve_source(source: Path, stage: str | None) -> tuple[RunDir, Path]:
     """(run directory, checkpoint): a run's best checkpoint, one compression stage's ('latest': the
     last stage), or a checkpoint file inside a run directory."""
     if source.is_file():
-        run_dir = next((p for p in source.parents if (p / "feature_map.json").is_file()), None)
-        if run_dir is None:
+        run = next((RunDir(p) for p in source.parents if RunDir(p).is_run()), None)
+        if run is None:
             raise ExportError(f"{source}: not inside a run directory (no feature_map.json above it)")
-        return run_dir, source
-    if not (source / "feature_map.json").is_file():
+        return run, source
+    run = RunDir(source)
+    if not run.is_run():
         raise ExportError(f"{source}: not a run directory (no feature_map.json); give a run directory or a checkpoint")
     if stage is None:
-        return source, source / "checkpoints" / "best.pt"
-    stages = sorted(p.parent.name for p in (source / "compress").glob("*/checkpoint.pt"))
+        return run, run.best
+    stages = {p.parent.name: p for p in run.stage_checkpoints()}
     if not stages:
         raise ExportError(f"{source}: no compression stage checkpoints under compress/")
-    name = stages[-1] if stage == "latest" else stage
+    name = sorted(stages)[-1] if stage == "latest" else stage
     if name not in stages:
-        raise ExportError(f"{source}: no compression stage '{stage}'; there are {stages}")
-    return source, source / "compress" / name / "checkpoint.pt"
+        raise ExportError(f"{source}: no compression stage '{stage}'; there are {sorted(stages)}")
+    return run, stages[name]
 
 
-def _parts(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Bytes by part, as the edge file stores the weights."""
-    groups: dict[str, dict[str, torch.Tensor]] = {"embedding tables": {}, "id remap": {}, "dense layers": {}}
-    for key, value in state.items():
-        part = "id remap" if key.endswith(".remap") else "embedding tables" if ".ebc." in key else "dense layers"
-        groups[part][key] = value
-    return {part: model_size(values)[1] for part, values in groups.items()}
+def manifest_relative(path: Path, manifest_dir: Path) -> str:
+    """A path as a manifest stores it: relative to the manifest's folder, so both can move together."""
+    return os.path.relpath(path.resolve(), manifest_dir.resolve())
 
 
 def export_model(source: Path, out: Path, stage: str | None = None, embeddings: str | None = None,
                  sample_rows: int = 16384) -> dict[str, Any]:
     """Write ``out`` (TorchScript) and its manifest; returns the manifest. ``embeddings`` None: the
     run config's ``export.embeddings``."""
-    run_dir, checkpoint = resolve_source(source, stage)
+    run, checkpoint = resolve_source(source, stage)
     if embeddings is None:
-        embeddings = load_experiment(run_dir / CONFIG_FILE).export.embeddings if (run_dir / CONFIG_FILE).is_file() else "fp32"
+        embeddings = load_experiment(run.config).export.embeddings if run.config.is_file() else "fp32"
     if embeddings not in EMBEDDING_FORMATS:
         raise ExportError(f"export embeddings must be one of {EMBEDDING_FORMATS}, got '{embeddings}'")
-    fmap = FeatureMap.load(run_dir)
-    data_dir = Path(json.loads((run_dir / "data.json").read_text())["prepared"])
+    fmap = FeatureMap.load(run.root)
+    data_dir = run.prepared_data()
     payload = load_checkpoint(checkpoint)
     model = plain_model(fmap, payload)
     vocab = [int(f.num_embeddings or 0) for f in fmap.categorical]
-    scripted = torch.jit.script(edge_model(model, vocab, embeddings))
+    try:
+        edge = edge_model(model, vocab, embeddings)
+    except ValueError as exc:
+        raise ExportError(f"{checkpoint}: {exc}") from None
+    scripted = torch.jit.script(edge)
     batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, sample_rows)))
     with torch.no_grad():
         expected = torch.sigmoid(model(batch.dense, batch.sparse)[0])
@@ -102,15 +96,16 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
             got = torch.jit.load(str(temp))(batch.dense, batch.ids())
         parity = _parity(expected, got, batch.labels, embeddings)
         manifest = {
-            "format": "ctr-edge-v1",
-            "file_sha256": sha256(temp), "file_bytes": temp.stat().st_size,
+            "format": "ctr-edge-v2",
+            "file_sha256": sha256_file(temp), "file_bytes": temp.stat().st_size,
             "inputs": {"dense": [f.name for f in fmap.dense], "ids": [f.name for f in fmap.categorical],
                        "id_ranges": dict(zip((f.name for f in fmap.categorical), vocab)),
                        "transforms": {f.name: f.transform for f in (*fmap.categorical, *fmap.dense)},
                        "oov_id": 1, "label": fmap.label},
-            "model": payload["model_config"], "layout": payload.get("tables", {}), "embeddings": embeddings,
-            "bytes_by_part": _parts(payload["model"]),
-            "source": {"checkpoint": str(checkpoint), "sha256": sha256(checkpoint), "run_dir": str(run_dir)},
+            "model": payload["model_config"], "steps": payload.get("steps", []), "embeddings": embeddings,
+            "bytes_by_part": edge_bytes(edge),
+            "source": {"checkpoint": manifest_relative(checkpoint, out.parent), "sha256": sha256_file(checkpoint),
+                       "run_dir": manifest_relative(run.root, out.parent)},
             "parity": parity, "torch": torch.__version__, "python": platform.python_version(),
         }
         atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2) + "\n")
@@ -145,7 +140,7 @@ def load_edge(path: Path) -> torch.jit.ScriptModule:
     size = path.stat().st_size
     if size != expected["file_bytes"]:
         raise ExportError(f"{path}: {size} bytes, its manifest says {expected['file_bytes']} (truncated or replaced)")
-    if sha256(path) != expected["file_sha256"]:
+    if sha256_file(path) != expected["file_sha256"]:
         raise ExportError(f"{path}: content differs from its manifest's sha256 (altered after export)")
     return torch.jit.load(str(path))
 

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from features.atomic import atomic_write_text
-from features.errors import DataError
+from common.atomic import atomic_write_text
+from common.errors import DataError
 from features.schema import SplitConfig
 
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.errors import DataError
+from common.errors import DataError
 from features.schema import ColumnSpec, Layout
 
 LINE, ROW, REASON, RAW = "_line", "_row", "_reason", "_raw"

@@ -28,8 +28,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.atomic import publish_dir, scratch_dir_beside
-from features.errors import DataError
+from common.atomic import publish_dir, scratch_dir_beside
+from common.errors import DataError
 from features.feature_map import FeatureMap, FieldInfo, SourceInfo, SplitInfo
 from features.hashing import HASH_VERSION
 from features.parse import LINE, RAW, REASON, ROW, check_readable, explain_read_failure, scan_delimited, scan_parquet_raw

@@ -11,13 +11,11 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from common.strict import Strict
 
 ColumnKind = Literal["label", "categorical", "integer", "numeric", "yymmddhh", "drop"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ColumnSpec(Strict):

@@ -10,9 +10,9 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from ctr.errors import CheckpointError, ExportError, TrainingDiverged
-from features.errors import DataError
-from features.yaml_config import ConfigError
+from common.errors import CheckpointError, ExportError, TrainingDiverged
+from common.errors import DataError
+from common.errors import ConfigError
 
 
 def _generate(args: argparse.Namespace) -> None:

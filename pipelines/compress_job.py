@@ -1,4 +1,10 @@
-"""The compress job: the experiment's trained run directory -> the stages of its ``compress:`` recipe."""
+"""The compress job: the experiment's trained run directory -> the stages of its ``compress:`` recipe.
+
+The stages run on the trained run's own saved config (its data, model and trainer), with the
+recipe (``compress:``, ``export:``) and the runtime settings (threads, progress bars) from today's
+YAML. A YAML whose data or model differs from the trained run is refused, naming the keys: the
+recipe would otherwise describe a model that was never trained.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,40 @@ from typing import Any
 
 import torch
 
+from common.errors import ConfigError
+from common.yaml_config import differing_keys
 from ctr.compress.recipe import run_recipe
-from ctr.config import load_experiment
-from ctr.train import BEST, default_threads
-from features.yaml_config import ConfigError
-from pipelines.train_job import prepared_data
+from ctr.config import ExperimentConfig, load_experiment
+from ctr.run_dir import RunDir
+from ctr.train import default_threads
+from features.feature_map import FeatureMap
+from pipelines.train_job import run_dir_of
+
+COMPARED = ("dataset", "model")
+
+
+def recipe_config(config: Path, overrides: list[str]) -> tuple[ExperimentConfig, RunDir]:
+    """Today's recipe on the trained run's saved config; refuses a YAML whose data or model differ."""
+    cfg = load_experiment(config, overrides)
+    run = RunDir(run_dir_of(cfg))
+    if not run.best.is_file():
+        raise ConfigError(f"{run.best}: no trained checkpoint; run 'ctr train {config}' first")
+    saved = load_experiment(run.config)
+    today, trained = cfg.model_dump(mode="json"), saved.model_dump(mode="json")
+    changed = [k for section in COMPARED for k in differing_keys(today[section], trained[section], f"{section}.")]
+    if changed:
+        raise ConfigError(f"{config}: {', '.join(changed)} differ(s) from the trained run {run.root} "
+                          f"(restore the trained values, or train a new run with another trainer.run_dir)")
+    runtime = {"threads": cfg.trainer.threads, "progress": cfg.trainer.progress}
+    merged = saved.model_copy(update={"compress": cfg.compress, "export": cfg.export,
+                                      "trainer": saved.trainer.model_copy(update=runtime)})
+    return merged, run
 
 
 def run_compress(config: Path, overrides: list[str]) -> list[dict[str, Any]]:
-    cfg = load_experiment(config, overrides)
+    cfg, run = recipe_config(config, overrides)
     if not cfg.compress.stages:
         raise ConfigError(f"{config}: no 'compress:' stages to run")
-    run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
-    if not (run_dir / "checkpoints" / BEST).is_file():
-        raise ConfigError(f"{run_dir / 'checkpoints' / BEST}: no trained checkpoint; run 'ctr train {config}' first")
-    data_dir, fmap = prepared_data(cfg)
+    data_dir = run.prepared_data()
     torch.set_num_threads(cfg.trainer.threads or default_threads())
-    return run_recipe(cfg, fmap, data_dir, run_dir)
+    return run_recipe(cfg, FeatureMap.load(data_dir), data_dir, run.root)

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from ctr.config import load_experiment
-from ctr.train import BEST
+from ctr.run_dir import RunDir
 from deploy.export import export_model, latency, load_edge
-from features.loader import ParquetBatches
+from ctr.loader import ParquetBatches
 from pipelines.compress_job import run_compress
 from pipelines.evaluate import evaluate
-from pipelines.train_job import prepared_data, run_train
+from pipelines.train_job import prepared_data, run_dir_of, run_train
 
 log = logging.getLogger("ctr.run")
 DEFAULT_EXPERIMENT = Path("configs/experiments/synthetic_dnn_recipe.yaml")
@@ -32,10 +32,11 @@ DEFAULT_EXPERIMENT = Path("configs/experiments/synthetic_dnn_recipe.yaml")
 def run_chain(config: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     overrides = list(overrides or [])
     cfg = load_experiment(config, overrides)
-    run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
+    run = RunDir(run_dir_of(cfg))
+    run_dir = run.root
     started = time.perf_counter()
     data_dir, fmap = prepared_data(cfg)
-    if not (run_dir / "checkpoints" / BEST).is_file():
+    if not run.best.is_file():
         log.info("training the baseline into %s", run_dir)
         run_train(config, overrides)
     stage = None
@@ -43,15 +44,15 @@ def run_chain(config: Path, overrides: list[str] | None = None) -> dict[str, Any
         log.info("compression recipe: %s", ", ".join(next(k for k, v in s if v is not None) for s in cfg.compress.stages))
         run_compress(config, overrides)
         stage = "latest"
-    exported = {"baseline": run_dir / "export" / "baseline.pt"}
+    exported = {"baseline": run.export / "baseline.pt"}
     if stage:
-        exported["compressed"] = run_dir / "export" / "compressed.pt"
+        exported["compressed"] = run.export / "compressed.pt"
     for name, path in exported.items():
         log.info("exporting the %s model to %s", name, path)
         export_model(run_dir, path, None if name == "baseline" else stage)
     test = data_dir / fmap.splits["test"].file
     log.info("evaluating on %s", test)
-    result = evaluate(list(exported.values()), test, run_dir / "evaluation")
+    result = evaluate(list(exported.values()), test, run.evaluation)
     batch = next(iter(ParquetBatches(test, fmap, 1024)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -59,7 +60,7 @@ def run_chain(config: Path, overrides: list[str] | None = None) -> dict[str, Any
         timing = {name: latency(load_edge(path), batch.dense, batch.ids()) for name, path in exported.items()}
     finally:
         torch.set_num_threads(threads)
-    summary = {"experiment": cfg.name, "run_dir": str(run_dir), "report": str(run_dir / "evaluation" / "report.html"),
+    summary = {"experiment": cfg.name, "run_dir": str(run_dir), "report": str(run.evaluation / "report.html"),
                "seconds": round(time.perf_counter() - started, 1), "models": {}}
     p_values = {c["model"]: c["p_value"] for c in result["comparisons"]}
     for (name, path), m in zip(exported.items(), result["models"]):

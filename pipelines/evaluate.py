@@ -28,12 +28,14 @@ from tqdm import tqdm
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import model_size, plain_model
 from ctr.metrics import auc, auc_interval, classification_metrics, delong_test
-from deploy.export import load_edge, manifest_path, resolve_source, sha256
-from features.atomic import atomic_write_text
-from features.errors import DataError
+from common.digest import sha256_file
+from ctr.run_dir import STAGE_CHECKPOINT, RunDir
+from deploy.export import load_edge, manifest_path, resolve_source
+from common.atomic import atomic_write_text
+from common.errors import DataError
 from features.feature_map import FeatureMap
-from features.json_lines import read_json_lines
-from features.loader import make_batch, stack_columns
+from common.json_lines import read_json_lines
+from ctr.loader import make_batch, stack_columns
 
 RELIABILITY_BINS = 10
 BATCH_ROWS = 65536
@@ -55,8 +57,8 @@ class Scorer:
     recipe: list[dict[str, Any]] = field(default_factory=list)  # the run's compression report, if any
 
 
-def _recipe(run_dir: Path) -> list[dict[str, Any]]:
-    return read_json_lines(run_dir / "compress" / "report.jsonl")
+def _recipe(run: RunDir) -> list[dict[str, Any]]:
+    return read_json_lines(run.report)
 
 
 def load_scorer(path: Path) -> Scorer:
@@ -71,9 +73,9 @@ def load_scorer(path: Path) -> Scorer:
                 return model(torch.from_numpy(dense), torch.from_numpy(ids)).numpy()
 
         return Scorer(path.name, path, manifest["file_sha256"], manifest["file_bytes"], inputs["ids"], inputs["dense"],
-                      inputs["label"], edge, _recipe(Path(manifest["source"]["run_dir"])))
-    run_dir, checkpoint = resolve_source(path, None)
-    fmap = FeatureMap.load(run_dir)
+                      inputs["label"], edge, _recipe(RunDir(path.parent / manifest["source"]["run_dir"])))
+    run, checkpoint = resolve_source(path, None)
+    fmap = FeatureMap.load(run.root)
     payload = load_checkpoint(checkpoint)
     net = plain_model(fmap, payload)
     keys = [f.name for f in fmap.categorical]
@@ -83,9 +85,9 @@ def load_scorer(path: Path) -> Scorer:
         with torch.no_grad():
             return torch.sigmoid(net(batch.dense, batch.sparse)[0]).numpy()
 
-    name = checkpoint.parent.name if checkpoint.name == "checkpoint.pt" else f"{run_dir.name}/{checkpoint.stem}"
-    return Scorer(name, checkpoint, sha256(checkpoint), model_size(payload["model"])[1], keys,
-                  [f.name for f in fmap.dense], fmap.label, plain, _recipe(run_dir))
+    name = checkpoint.parent.name if checkpoint.name == STAGE_CHECKPOINT else f"{run.root.name}/{checkpoint.stem}"
+    return Scorer(name, checkpoint, sha256_file(checkpoint), sum(model_size(fmap, payload)[1].values()), keys,
+                  [f.name for f in fmap.dense], fmap.label, plain, _recipe(run))
 
 
 def parquet_files(data: Path) -> list[Path]:
@@ -99,8 +101,8 @@ def parquet_files(data: Path) -> list[Path]:
 def data_hash(files: list[Path]) -> str:
     """The file's sha256; for several files, the sha256 of their names and sha256s in order."""
     if len(files) == 1:
-        return sha256(files[0])
-    return hashlib.sha256("".join(f"{f.name}:{sha256(f)}\n" for f in files).encode()).hexdigest()
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
 def check_columns(files: list[Path], scorers: list[Scorer], slices: list[str]) -> list[str]:

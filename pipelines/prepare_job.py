@@ -7,7 +7,7 @@ from pathlib import Path
 
 from features.prepare import PrepareResult, prepare
 from features.schema import DatasetConfig, DatasetFile
-from features.yaml_config import read_config, validate_tree
+from common.yaml_config import read_config, validate_tree
 from pipelines.synthetic import generate
 
 log = logging.getLogger("ctr.prepare")

@@ -36,11 +36,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ctr.checkpoint import load_checkpoint
 from ctr.config import ExperimentConfig, RayConfig
 from ctr.distributed import CPU
-from ctr.train import BEST, LAST, Runtime, Trainer
-from features.atomic import atomic_write
+from ctr.run_dir import BEST, LAST, RunDir
+from ctr.train import Runtime, Trainer
+from common.atomic import atomic_write
 from features.feature_map import FeatureMap
-from features.json_lines import read_json_lines
-from features.loader import Batch, make_batch, stack_columns
+from common.json_lines import read_json_lines
+from ctr.loader import Batch, make_batch, stack_columns
 
 log = logging.getLogger("ctr.train")
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DEDUP_LOGS": "1"}
@@ -127,7 +128,7 @@ def _worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         # a restart before the first checkpoint reached Ray: start over, dropping metric lines already written
-        trainer.fit(resume=config["resume"] or (run_dir / "metrics.jsonl").is_file())
+        trainer.fit(resume=config["resume"] or RunDir(run_dir).metrics.is_file())
         return
     with checkpoint.as_directory() as folder:  # a restart after a failure: Ray's last checkpoint wins
         if context.get_world_rank() == 0 and (Path(folder) / BEST).is_file():
@@ -157,14 +158,14 @@ def run_ray_train(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_d
     log.info("training on Ray: %d workers (%s), run directory %s", t.num_workers,
              "GPU, NCCL" if r.use_gpu else f"{r.cpus_per_worker} CPU each, gloo", run_dir)
     stop = threading.Event()
-    watcher = threading.Thread(target=_echo_metrics, args=(run_dir / "metrics.jsonl", stop), daemon=True)
+    watcher = threading.Thread(target=_echo_metrics, args=(RunDir(run_dir).metrics, stop), daemon=True)
     watcher.start()
     try:
         trainer.fit()
     finally:
         stop.set()
         watcher.join()
-    return json.loads((run_dir / "result.json").read_text())
+    return json.loads(RunDir(run_dir).result.read_text())
 
 
 def _echo_metrics(path: Path, stop: threading.Event) -> None:

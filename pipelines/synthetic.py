@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from ctr.metrics import auc
-from features.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from features.schema import AVAZU_CATEGORIES, CRITEO_CATEGORIES, CRITEO_INTEGERS
 
 Kind = Literal["criteo", "avazu"]

@@ -8,21 +8,20 @@ Run directory layout: ``config.yaml`` (the resolved experiment, all defaults fil
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ctr.config import CONFIG_FILE, ExperimentConfig, load_experiment
+from ctr.config import ExperimentConfig, load_experiment
+from ctr.run_dir import RunDir
 from ctr.train import Trainer
-from features.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from features.feature_map import FILE_NAME, FeatureMap
 from features.prepare import prepare
 from features.schema import config_fingerprint
-from features.yaml_config import ConfigError
+from common.errors import ConfigError
 from pipelines.prepare_job import ensure_synthetic_raw
 
 log = logging.getLogger("ctr.train")
@@ -41,30 +40,38 @@ def prepared_data(cfg: ExperimentConfig) -> tuple[Path, FeatureMap]:
     return out, prepare(cfg.dataset).feature_map
 
 
+def run_dir_of(cfg: ExperimentConfig) -> Path:
+    """Where an experiment's run lives: ``trainer.run_dir``, or ``runs/<name>``."""
+    return Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
+
+
 def run_train(config: Path | None, overrides: list[str], resume: Path | None = None,
               use_ray: bool = False) -> dict[str, Any]:
     """Train locally, or on Ray Train when ``trainer.num_workers > 1`` or ``use_ray``."""
     if resume is not None:
         if config is not None or overrides:
             raise ConfigError("--resume continues a run with its saved config: give no config file or overrides")
-        cfg = load_experiment(resume / CONFIG_FILE)
+        cfg = load_experiment(RunDir(resume).config)
         run_dir = resume
     else:
         if config is None:
             raise ConfigError("ctr train needs an experiment config (or --resume RUN_DIR)")
         cfg = load_experiment(config, overrides)
-        run_dir = Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
-        if (run_dir / "metrics.jsonl").exists():
+        run_dir = run_dir_of(cfg)
+        if RunDir(run_dir).metrics.exists():
             raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                               f"or set trainer.run_dir to a new directory")
-    data_dir, fmap = prepared_data(cfg)
-    if resume is None:
+    if resume is not None:  # the data the run was trained on, wherever the command runs from
+        data_dir = RunDir(resume).prepared_data()
+        fmap = FeatureMap.load(data_dir)
+    else:
+        data_dir, fmap = prepared_data(cfg)
+        run = RunDir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(run.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         fmap_text = (data_dir / FILE_NAME).read_text(encoding="utf-8")
-        atomic_write_text(run_dir / FILE_NAME, fmap_text)
-        atomic_write_text(run_dir / "data.json", json.dumps({
-            "prepared": str(data_dir), "feature_map_sha256": hashlib.sha256(fmap_text.encode()).hexdigest()}, indent=2) + "\n")
+        atomic_write_text(run.feature_map, fmap_text)
+        run.write_data_json(data_dir, fmap_text)
     if use_ray or cfg.trainer.num_workers > 1:
         from pipelines.ray_train import run_ray_train  # Ray starts only when asked for
 

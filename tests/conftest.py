@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from ctr.compress.recipe import run_recipe
-from ctr.config import AFMConfig, AFMStep, EmbeddingConfig, ExperimentConfig, ModelConfig, RankRule, TrainerConfig
+from ctr.config import AFMConfig, AFMStep, ExperimentConfig, RankRule, TrainerConfig
+from ctr.models import model_config
+from ctr.embedding_config import embedding_config
 from ctr.train import Trainer
-from features.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from features.prepare import PrepareResult, prepare
 from features.schema import DatasetConfig
 from pipelines.synthetic import generate
@@ -47,8 +49,8 @@ def prepared_criteo(synthetic_criteo: Path, tmp_path_factory: pytest.TempPathFac
 def runs(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A trained DCNv2 with an AFM stage (projection + factorised layers), and a unified-embedding DNN."""
     out = {}
-    for name, model in (("dcnv2", ModelConfig(name="dcnv2", hidden=[32, 16], cross_layers=2, embedding=EmbeddingConfig(dim=8))),
-                        ("unified", ModelConfig(name="dnn", hidden=[16], embedding=EmbeddingConfig(dim=8, kind="unified", num_rows=3000)))):
+    for name, model in (("dcnv2", model_config(name="dcnv2", hidden=[32, 16], cross_layers=2, embedding=embedding_config(dim=8))),
+                        ("unified", model_config(name="dnn", hidden=[16], embedding=embedding_config(dim=8, kind="unified", num_rows=3000)))):
         run_dir = tmp_path_factory.mktemp(name)
         cfg = ExperimentConfig(
             name=name, dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared_criteo.output)),

@@ -12,10 +12,11 @@ from ctr.compress.afm import Moments, allocate_ranks, fold_batch_norm, pca_pair,
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import plain_model
 from ctr.checkpoint import load_checkpoint
-from ctr.config import (AFMConfig, AFMStep, EmbeddingConfig, ExperimentConfig, ModelConfig, RankRule,
-                        TrainerConfig)
+from ctr.config import AFMConfig, AFMStep, ExperimentConfig, RankRule, TrainerConfig
+from ctr.models import model_config
+from ctr.embedding_config import embedding_config
 from ctr.train import Trainer, predict
-from features.loader import ParquetBatches
+from ctr.loader import ParquetBatches
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig
 
@@ -103,7 +104,8 @@ def test_budget_goes_to_the_layer_whose_variance_it_buys_most() -> None:
 def experiment(prepared: PrepareResult, run_dir: Path, model: str, afm: AFMConfig) -> ExperimentConfig:
     return ExperimentConfig(
         name="t", dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared.output)),
-        model=ModelConfig(name=model, hidden=[32, 16], cross_layers=2, embedding=EmbeddingConfig(dim=8)),
+        model=model_config(name=model, hidden=[32, 16], embedding=embedding_config(dim=8),
+                           **({"cross_layers": 2} if model == "dcnv2" else {})),
         trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, progress=False, threads=1,
                               run_dir=str(run_dir), lr=3e-3),
         compress=[AFMStep(afm=afm)])
@@ -136,14 +138,14 @@ def test_afm_stage_compresses_layers_and_embeddings_then_fine_tunes_with_mimicki
     fmap = prepared_criteo.feature_map
     Trainer(cfg, fmap, prepared_criteo.output, tmp_path).fit()
     base, stage = run_recipe(cfg, fmap, prepared_criteo.output, tmp_path)
-    assert stage["factorized"] == {"cross.layers.0.project": 4, "cross.layers.1.project": 4, "mlp.layers.0": 4,
-                                   "mlp.layers.2": 4}  # 32 -> 16 at rank 4: 4 x 48 < 512
+    assert stage["factorized"] == {"arch.cross.layers.0.project": 4, "arch.cross.layers.1.project": 4,
+                                   "arch.mlp.layers.0": 4, "arch.mlp.layers.2": 4}  # 32 -> 16 at rank 4: 4 x 48 < 512
     assert stage["embedding_ranks"] == [4] * len(fmap.categorical)
     assert stage["bytes"] < 0.6 * base["bytes"]
     assert stage["valid_auc"] > 0.6
     assert stage["valid_auc_after_finetune"] is not None
     payload = load_checkpoint(tmp_path / "compress" / "01_afm" / "checkpoint.pt")
-    assert payload["model"]["mlp.layers.0.0.weight"].shape == (4, 8 * len(fmap.categorical) + len(fmap.dense))
+    assert payload["model"]["arch.mlp.layers.0.0.weight"].shape == (4, 8 * len(fmap.categorical) + len(fmap.dense))
 
 
 @pytest.mark.slow

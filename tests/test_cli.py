@@ -85,3 +85,8 @@ compress:
     assert (tmp_path / "run" / "evaluation" / "report.html").is_file()
     assert (tmp_path / "run" / "export" / "compressed.pt").is_file()
     assert main(["run", str(exp)]) == 0  # a second run reuses the trained baseline and the stage
+    capsys.readouterr()
+    # the recipe runs on the trained run's config: a YAML whose model differs is refused, naming the key
+    assert main(["compress", str(exp), "model.hidden=[8]"]) == 2
+    err = capsys.readouterr().err
+    assert "model.hidden differ(s) from the trained run" in err and err.count("\n") == 1

@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from deploy.export import export_model
-from features.errors import DataError
+from common.errors import DataError
 from features.prepare import PrepareResult
 from pipelines.evaluate import evaluate, load_scorer
 

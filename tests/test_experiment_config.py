@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from ctr.config import load_experiment
-from features.yaml_config import ConfigError
+from common.errors import ConfigError
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "experiments"
 
@@ -11,7 +11,7 @@ CONFIGS = Path(__file__).parents[1] / "configs" / "experiments"
 def test_every_shipped_experiment_validates() -> None:
     names = {p.stem for p in CONFIGS.glob("*.yaml")}
     for ds in ("synthetic", "criteo", "criteo_x4", "avazu", "avazu_x4"):
-        for model in ("dnn", "deepfm", "dcnv2"):
+        for model in ("dnn", "deepfm", "dcnv2", "finalmlp"):
             cfg = load_experiment(CONFIGS / f"{ds}_{model}.yaml")
             assert (cfg.name, cfg.model.name, cfg.model.embedding.dim, cfg.trainer.batch_size) == (f"{ds}_{model}", model, 16, 4096)
             assert cfg.trainer.optimizer == "adam" and cfg.trainer.lr == 1e-3

@@ -4,8 +4,8 @@ import polars as pl
 import pytest
 import torch
 
-from features.errors import DataError
-from features.loader import ParquetBatches, make_batch
+from common.errors import DataError
+from ctr.loader import ParquetBatches, make_batch
 from features.prepare import PrepareResult
 
 

@@ -5,12 +5,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ctr.config import EmbeddingConfig, ModelConfig
+from ctr.models import model_config
+from ctr.embedding_config import embedding_config
 from ctr.distributed import (fused_optimizer_state, load_plain_state_dict, local_process_group,
                              plain_state_dict, shard_model)
 from ctr.models import build_model
 from ctr.modules.interactions import CrossNetwork, factorization_machine
-from features.loader import ParquetBatches
+from ctr.loader import ParquetBatches
 from features.prepare import PrepareResult
 
 
@@ -19,10 +20,12 @@ def batch(prepared_criteo: PrepareResult):
     return next(iter(ParquetBatches(prepared_criteo.output / "train.parquet", prepared_criteo.feature_map, 64)))
 
 
-@pytest.mark.parametrize("name,extra", [("lr", {}), ("dnn", {}), ("deepfm", {}), ("dcnv2", {}),
-                                        ("dcnv2", {"structure": "stacked", "low_rank": 8})])
+@pytest.mark.parametrize("name,extra", [("lr", {}), ("dnn", {"hidden": [32, 16]}), ("deepfm", {"hidden": [32, 16]}),
+                                        ("dcnv2", {"hidden": [32, 16]}),
+                                        ("dcnv2", {"hidden": [32, 16], "structure": "stacked", "low_rank": 8}),
+                                        ("finalmlp", {"stream1": [32, 16], "stream2": [16], "gate_hidden": [8], "heads": 4})])
 def test_forward_backward_updates_embeddings_and_dense(name: str, extra: dict, prepared_criteo: PrepareResult, batch) -> None:
-    cfg = ModelConfig(name=name, hidden=[32, 16], embedding=EmbeddingConfig(dim=8), **extra)
+    cfg = model_config(name=name, embedding=embedding_config(dim=8), **extra)
     with local_process_group():
         torch.manual_seed(0)
         model = shard_model(build_model(prepared_criteo.feature_map, cfg), "rowwise_adagrad", 0.1)
@@ -47,7 +50,7 @@ def test_forward_backward_updates_embeddings_and_dense(name: str, extra: dict, p
 
 def test_embedding_width_must_be_a_multiple_of_4() -> None:
     with pytest.raises(ValidationError, match="embedding width 10 is not a multiple of 4"):
-        EmbeddingConfig(dim=10)
+        embedding_config(dim=10)
 
 
 def test_factorization_machine_hand_value() -> None:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from typing import Any
 import numpy as np
 import pytest
 import torch
@@ -11,12 +12,15 @@ from ctr.compress.optembed import BinaryStep, OptEmbedMask, WidthSearch, crossov
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import plain_model
 from ctr.compress.tables import REMAP_KEY, compact_rows, narrow_state
-from ctr.config import EmbeddingConfig, ExperimentConfig, ModelConfig, OptEmbedConfig, OptEmbedStep, TrainerConfig
+from ctr.config import ExperimentConfig, OptEmbedConfig, OptEmbedStep, TrainerConfig
+from ctr.models import model_config
+from ctr.embedding_config import embedding_config
 from ctr.models import build_model
-from ctr.modules.sparse import TableLayout
+from ctr.models import model_layout
+from ctr.structure import NarrowWidths, step_to_dict
 from ctr.train import Trainer
 from features.feature_map import FieldInfo
-from features.loader import Batch, ParquetBatches
+from ctr.loader import Batch, ParquetBatches
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig
 
@@ -38,22 +42,23 @@ def test_prefix_masks() -> None:
 
 
 def test_mask_samples_widths_in_training_and_applies_the_candidate_in_evaluation() -> None:
-    masks = OptEmbedMask(num_fields=3, dim=8, rows=False)
+    masks = OptEmbedMask(limits=[8, 8, 4], dim=8, rows=False)
     emb = torch.ones(1000, 3, 8)
-    kept = masks(emb, None).sum(-1)  # training: a random prefix of 4 or 8 per sample and field
-    assert set(kept.unique().tolist()) == {4.0, 8.0}
+    kept = masks(emb, None, None).sum(-1)  # training: a random prefix of 4 or 8 per sample and field
+    assert set(kept[:, :2].unique().tolist()) == {4.0, 8.0}
+    assert set(kept[:, 2].unique().tolist()) == {4.0}  # never wider than the field's stored width
     masks.eval()
-    assert torch.equal(masks(emb, None), emb)  # no candidate: full width
+    assert torch.equal(masks(emb, None, None), emb)  # no candidate: full width
     masks.widths = torch.tensor([4, 8, 4])
-    assert masks(emb, None).sum(-1)[0].tolist() == [4.0, 8.0, 4.0]
+    assert masks(emb, None, None).sum(-1)[0].tolist() == [4.0, 8.0, 4.0]
 
 
 def test_row_mask_drops_rows_whose_l1_norm_is_under_the_threshold() -> None:
-    masks = OptEmbedMask(num_fields=2, dim=4, rows=True).eval()
+    masks = OptEmbedMask(limits=[4, 4], dim=4, rows=True).eval()
     with torch.no_grad():
         masks.threshold.copy_(torch.tensor([1.0, 0.5]))
     emb = torch.tensor([[[0.5, -0.5, 0.25, 0.0], [0.1, 0.1, 0.1, 0.1]]])  # norms 1.25 and 0.4
-    out = masks(emb, None)
+    out = masks(emb, None, None)
     assert torch.equal(out[0, 0], emb[0, 0]) and torch.equal(out[0, 1], torch.zeros(4))
 
 
@@ -95,26 +100,28 @@ def test_compact_rows_follows_an_existing_remap() -> None:
 
 
 @pytest.mark.parametrize("model", [
-    ModelConfig(name="dnn", hidden=[16, 8]),
-    ModelConfig(name="deepfm", hidden=[16]),
-    ModelConfig(name="dcnv2", hidden=[16], cross_layers=2, structure="parallel"),
-    ModelConfig(name="dcnv2", hidden=[16], cross_layers=2, structure="stacked", low_rank=4),
+    model_config(name="dnn", hidden=[16, 8]),
+    model_config(name="deepfm", hidden=[16]),
+    model_config(name="dcnv2", hidden=[16], cross_layers=2, structure="parallel"),
+    model_config(name="dcnv2", hidden=[16], cross_layers=2, structure="stacked", low_rank=4),
 ], ids=["dnn", "deepfm", "dcnv2-parallel", "dcnv2-stacked-lowrank"])
 def test_narrowed_tables_and_sliced_layers_equal_the_masked_wide_model(prepared_criteo: PrepareResult,
-                                                                       model: ModelConfig) -> None:
+                                                                       model: Any) -> None:
     fmap = prepared_criteo.feature_map
-    cfg = model.model_copy(update={"embedding": EmbeddingConfig(dim=12)})
+    cfg = model.model_copy(update={"embedding": embedding_config(dim=12)})
     torch.manual_seed(0)
     wide = build_model(fmap, cfg, device=torch.device("cpu"))
-    wide.gates = OptEmbedMask(len(fmap.categorical), 12, rows=False)
+    wide.gates = OptEmbedMask([12] * len(fmap.categorical), 12, rows=False)
     widths = [4, 8, 12] * (len(fmap.categorical) // 3) + [4] * (len(fmap.categorical) % 3)
     wide.gates.widths = torch.tensor(widths)
     wide.eval()
     state = {k: v for k, v in wide.state_dict().items() if not k.startswith("gates.")}
-    layout = TableLayout(widths=widths)
-    shapes = {k: v.shape for k, v in build_model(fmap, cfg, tables=layout).state_dict().items()}
-    narrow = plain_model(fmap, {"model": narrow_state(state, shapes, fmap.categorical, 12, len(fmap.dense), widths),
-                                "model_config": cfg.model_dump(), "tables": {"widths": widths}})
+    steps = (NarrowWidths(widths=widths),)
+    shapes = {k: v.shape for k, v in build_model(fmap, cfg, steps=steps).state_dict().items()}
+    narrowed = narrow_state(state, shapes, fmap.categorical, model_layout(fmap, cfg), model_layout(fmap, cfg, steps),
+                            len(fmap.dense))
+    narrow = plain_model(fmap, {"model": narrowed, "model_config": cfg.model_dump(),
+                                "steps": [step_to_dict(s) for s in steps]})
     assert sum(v.numel() for v in narrow.state_dict().values()) < sum(v.numel() for v in state.values())
     batch = next(iter(ParquetBatches(prepared_criteo.output / fmap.splits["valid"].file, fmap, 512)))
     with torch.no_grad():
@@ -126,9 +133,9 @@ def search_for(prepared: PrepareResult, **cfg: object) -> WidthSearch:
     """A search over a small untrained DNN; fitness is real AUC on 2k cached validation rows."""
     fmap = prepared.feature_map
     torch.manual_seed(0)
-    model = build_model(fmap, ModelConfig(name="dnn", hidden=[8], embedding=EmbeddingConfig(dim=8)),
+    model = build_model(fmap, model_config(name="dnn", hidden=[8], embedding=embedding_config(dim=8)),
                         device=torch.device("cpu"))
-    model.gates = OptEmbedMask(len(fmap.categorical), 8, rows=False)
+    model.gates = OptEmbedMask([8] * len(fmap.categorical), 8, rows=False)
     model.eval()
     batch: Batch = next(iter(ParquetBatches(prepared.output / fmap.splits["valid"].file, fmap, 2000)))
     with torch.no_grad():
@@ -161,7 +168,7 @@ def test_optembed_stage_prunes_rows_narrows_tables_and_resumes(prepared_criteo: 
                               population=4, parents=2, generations=2, retrain_epochs=1, max_embedding_share=0.5)
     cfg = ExperimentConfig(
         name="t", dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared_criteo.output)),
-        model=ModelConfig(name="dnn", hidden=[32, 16], embedding=EmbeddingConfig(dim=8)),
+        model=model_config(name="dnn", hidden=[32, 16], embedding=embedding_config(dim=8)),
         trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, progress=False, threads=1,
                               run_dir=str(tmp_path), lr=3e-3),
         compress=[OptEmbedStep(optembed=optembed)])
@@ -173,7 +180,9 @@ def test_optembed_stage_prunes_rows_narrows_tables_and_resumes(prepared_criteo: 
     assert stage["embedding_bytes"] < 0.5 * base["embedding_bytes"] + 4 * stage["rows_before"]  # + the int32 remap
     assert stage["valid_auc"] > 0.6
     payload = load_checkpoint(tmp_path / "compress" / "01_optembed" / "checkpoint.pt")
-    assert payload["tables"]["widths"] == list(stage["widths"].values())
+    assert payload["steps"][-1] == {"kind": "narrow_widths", "widths": list(stage["widths"].values()),
+                                    "by": "01_optembed"}
+    assert stage["exact_max_diff"] <= 1e-6
     for f in fmap.categorical:
         assert payload["model"][f"embedding.ebc.embedding_bags.emb_{f.name}.weight"].shape == (
             stage["kept_rows"][f.name] or 1, stage["widths"][f.name])

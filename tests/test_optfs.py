@@ -7,15 +7,20 @@ import pytest
 import torch
 
 from ctr.checkpoint import load_checkpoint
-from ctr.compress.optfs import FeatureGates, OptFSStage, remap_for, temperature
+from ctr.compress.optfs import FeatureGates, OptFSStage, masked_remap, temperature
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import StageContext, plain_model
-from ctr.compress.tables import compact_rows
-from ctr.config import EmbeddingConfig, ExperimentConfig, ModelConfig, OptFSConfig, OptFSStep, TrainerConfig
+from ctr.compress.tables import compact_rows, id_remap
+from ctr.config import ExperimentConfig, OptFSConfig, OptFSStep, TrainerConfig
+from ctr.models import model_config
+from ctr.embedding_config import embedding_config
 from ctr.distributed import local_process_group
+from ctr.models import build_model
+from ctr.modules.sparse import SparseArch
+from ctr.structure import SelectRows, step_to_dict
 from ctr.train import Trainer
 from features.feature_map import FieldInfo
-from features.loader import make_batch
+from ctr.loader import make_batch
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig
 
@@ -25,11 +30,16 @@ def fields(*sizes: int) -> list[FieldInfo]:
             for i, n in enumerate(sizes)]
 
 
+def tables(*sizes: int) -> SparseArch:
+    """Plain per-field tables: ids read their own rows (what the gates index without a remap)."""
+    return SparseArch([f"f{i}" for i in range(len(sizes))], list(sizes), 4, 0.05, device=torch.device("cpu"))
+
+
 def test_gates_are_one_at_init_and_follow_m() -> None:
-    gates = FeatureGates(fields(3, 4))
+    gates = FeatureGates([3, 4])
     batch = make_batch(["f0", "f1"], torch.tensor([[0, 2], [1, 3]]), torch.zeros(2, 0), torch.zeros(2))
     emb = torch.ones(2, 2, 4)
-    assert torch.allclose(gates(emb, batch.sparse), emb)
+    assert torch.allclose(gates(emb, batch.sparse, tables(3, 4)), emb)
     with torch.no_grad():
         gates.m[3 + 3] = -0.2  # field 1, id 3
         gates.m[2] = 0.0  # field 0, id 2: not > 0, removed
@@ -46,23 +56,21 @@ def test_temperature_schedule_end_points() -> None:
 
 def test_compact_tables_predict_like_the_masked_model_on_every_id(prepared_criteo: PrepareResult) -> None:
     fmap = prepared_criteo.feature_map
-    cfg = ModelConfig(name="dcnv2", hidden=[16], cross_layers=1, embedding=EmbeddingConfig(dim=8))
+    cfg = model_config(name="dcnv2", hidden=[16], cross_layers=1, embedding=embedding_config(dim=8))
     gen = torch.Generator().manual_seed(0)
     kept = [torch.rand(f.num_embeddings, generator=gen) < 0.3 for f in fmap.categorical]
     for removed_to in ("zero", "oov"):
         if removed_to == "oov":
             kept = [k.clone().index_fill_(0, torch.tensor([1]), True) for k in kept]
         torch.manual_seed(0)
-        from ctr.models import build_model
-        from ctr.modules.sparse import TableLayout
-
-        masked = build_model(fmap, cfg, device=torch.device("cpu"), tables=TableLayout(remapped=True))
+        vocab = [f.num_embeddings for f in fmap.categorical]
+        masked = build_model(fmap, cfg, device=torch.device("cpu"), steps=(SelectRows(rows=vocab),))
         state = masked.state_dict()
-        state["embedding.remap"] = remap_for(kept, removed_to)
+        state["embedding.remap"] = masked_remap(id_remap({}, fmap.categorical), kept, removed_to)
         masked.load_state_dict(state)
         small_state, rows = compact_rows(state, fmap.categorical, kept)
         small = plain_model(fmap, {"model": small_state, "model_config": cfg.model_dump(),
-                                   "tables": {"rows": rows, "remapped": True}})
+                                   "steps": [step_to_dict(SelectRows(rows=rows, removed_to=removed_to))]})
         assert sum(rows) < sum(f.num_embeddings for f in fmap.categorical)
         width = max(f.num_embeddings for f in fmap.categorical)  # every id of every field appears
         ids = torch.stack([torch.arange(width) % f.num_embeddings for f in fmap.categorical])
@@ -75,7 +83,7 @@ def experiment(prepared: PrepareResult, run_dir: Path, **optfs: object) -> Exper
     return ExperimentConfig(
         name="t",
         dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared.output)),
-        model=ModelConfig(name="dnn", hidden=[32, 16], embedding=EmbeddingConfig(dim=8)),
+        model=model_config(name="dnn", hidden=[32, 16], embedding=embedding_config(dim=8)),
         trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, epochs=1, progress=False, threads=1,
                               run_dir=str(run_dir), lr=3e-3),
         compress=[OptFSStep(optfs=OptFSConfig(**{"search_epochs": 2, "rewind_epoch": 1, "retrain_epochs": 1,
@@ -109,8 +117,9 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
     source = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "stage")
+    sizes = [f.num_embeddings for f in prepared_criteo.feature_map.categorical]
     with local_process_group():
-        kept, snapshot = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source)
+        kept, snapshot = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
     assert snapshot.keys() == source["model"].keys()
     assert all(torch.equal(snapshot[k], source["model"][k]) for k in snapshot)
     assert len(kept) == len(prepared_criteo.feature_map.categorical)
@@ -120,7 +129,7 @@ def test_gate_gradients_are_bitwise_reproducible_on_two_threads() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        gates = FeatureGates(fields(50, 3000))
+        gates = FeatureGates([50, 3000])
         gen = torch.Generator().manual_seed(0)
         ids = torch.stack([torch.randint(0, 50, (4096,), generator=gen), torch.randint(0, 3000, (4096,), generator=gen)])
         batch = make_batch(["f0", "f1"], ids, torch.zeros(4096, 0), torch.zeros(4096))
@@ -128,7 +137,7 @@ def test_gate_gradients_are_bitwise_reproducible_on_two_threads() -> None:
 
         def grad() -> torch.Tensor:
             gates.m.grad = None
-            gates(emb, batch.sparse).sum().backward()
+            gates(emb, batch.sparse, tables(50, 3000)).sum().backward()
             return gates.m.grad.clone()
 
         first = grad()

@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 import ray
 
-from ctr.config import EmbeddingConfig, ExperimentConfig, ModelConfig, RayConfig, TrainerConfig
+from ctr.config import ExperimentConfig, RayConfig, TrainerConfig
+from ctr.models import model_config
+from ctr.embedding_config import embedding_config
 from ctr.train import Trainer
-from features.json_lines import read_json_lines
+from common.json_lines import read_json_lines
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig
 from pipelines.ray_train import run_ray_train, start_ray
@@ -35,7 +37,7 @@ def experiment(prepared: PrepareResult, run_dir: Path, workers: int) -> Experime
     """The same training for every run: seed, total batch size 1024, file order (no shuffle)."""
     return ExperimentConfig(
         name="t", dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared.output)),
-        model=ModelConfig(name="dnn", hidden=[32, 16], embedding=EmbeddingConfig(dim=8)),
+        model=model_config(name="dnn", hidden=[32, 16], embedding=embedding_config(dim=8)),
         trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, epochs=EPOCHS, progress=False, threads=1,
                               run_dir=str(run_dir), lr=3e-3, shuffle=False, num_workers=workers))
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from features.errors import DataError
+from common.errors import DataError
 from features.vocab import BLANK_ID
 from conftest import DATA, run_prepare
 

@@ -9,15 +9,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ctr.config import EmbeddingConfig, ModelConfig
+from ctr.models import model_config
+from ctr.embedding_config import embedding_config
 from ctr.distributed import fused_optimizer_state, load_plain_state_dict, plain_state_dict, shard_model
 from ctr.models import build_model
 from ctr.train import predict
 from features.feature_map import FeatureMap
-from features.loader import ParquetBatches
+from ctr.loader import ParquetBatches
 from features.prepare import PrepareResult
 
-MODEL = ModelConfig(name="dcnv2", hidden=[16], cross_layers=1, embedding=EmbeddingConfig(dim=8))
+MODEL = model_config(name="dcnv2", hidden=[16], cross_layers=1, embedding=embedding_config(dim=8))
 
 
 def _rank(rank: int, store: str, data: str, out: str) -> None:

@@ -8,7 +8,9 @@ import torch
 
 import ctr.train as train_module
 from ctr.checkpoint import CheckpointError, load_checkpoint
-from ctr.config import EmbeddingConfig, ExperimentConfig, ModelConfig, TrainerConfig
+from ctr.config import ExperimentConfig, TrainerConfig
+from ctr.models import model_config
+from ctr.embedding_config import embedding_config
 from ctr.train import Trainer, TrainingDiverged
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig
@@ -20,7 +22,8 @@ def experiment(prepared: PrepareResult, run_dir: Path, model: str = "dnn", **tra
     cfg = ExperimentConfig(
         name="t",
         dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared.output)),
-        model=ModelConfig(name=model, hidden=[32, 16], embedding=EmbeddingConfig(dim=8), cross_layers=2),
+        model=model_config(name=model, hidden=[32, 16], embedding=embedding_config(dim=8),
+                           **({"cross_layers": 2} if model == "dcnv2" else {})),
         trainer=TrainerConfig(**{"batch_size": 512, "eval_batch_size": 4096, "epochs": 2, "eval_every_steps": 10,
                                  "progress": False, "threads": 1, "sparse_lr": 0.05, "lr": 3e-3, **trainer}),
     )

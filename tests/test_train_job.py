@@ -1,6 +1,7 @@
 from pathlib import Path
 
-from ctr.config import ExperimentConfig, ModelConfig
+from ctr.config import ExperimentConfig
+from ctr.models import model_config
 from features.schema import DatasetConfig
 from pipelines.train_job import prepared_data
 from conftest import DATA
@@ -10,7 +11,7 @@ def test_data_is_prepared_again_when_the_dataset_config_changes(tmp_path: Path) 
     def cfg(min_count: int) -> ExperimentConfig:
         ds = DatasetConfig(name="t", layout="criteo_tsv", raw=[str(DATA / "criteo_kaggle_train.head200.tsv")],
                            output=str(tmp_path / "prepared"), min_count=min_count)
-        return ExperimentConfig(name="e", dataset=ds, model=ModelConfig(name="dnn"))
+        return ExperimentConfig(name="e", dataset=ds, model=model_config(name="dnn"))
 
     _, first = prepared_data(cfg(1))
     stamp = (tmp_path / "prepared" / "train.parquet").stat().st_mtime_ns

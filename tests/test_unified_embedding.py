@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from ctr.config import EmbeddingConfig, ModelConfig
+from ctr.models import model_config
+from ctr.embedding_config import embedding_config
 from ctr.models import build_model
-from ctr.modules.hashed import HashedSparseArch, hashed_keys, unified_keys
+from ctr.modules.hashed import hashed_keys, hashed_sparse_arch, unified_keys
 from features.feature_map import FieldInfo
 from features.hashing import bucket_torch, hash_numpy, hash_torch, key_torch, mix_seed
-from features.loader import make_batch
+from ctr.loader import make_batch
 
 
 def fields(*sizes: int) -> list[FieldInfo]:
@@ -51,7 +52,7 @@ def test_collision_rate_matches_the_ideal_random_hash() -> None:
 
 
 def test_unified_keys_chunks_and_exact_small_fields() -> None:
-    cfg = EmbeddingConfig(kind="unified", num_rows=1000, chunks={"f1": 3}, collisionless_max=10)
+    cfg = embedding_config(kind="unified", num_rows=1000, chunks={"f1": 3}, collisionless_max=10)
     keys = unified_keys(fields(5, 500, 800), cfg)
     assert [k.name for k in keys] == ["f0@0", "f1@0", "f1@1", "f1@2", "f2@0"]
     assert keys[0].exact and keys[0].rows == 5 and keys[0].table == "exact_f0"
@@ -60,11 +61,11 @@ def test_unified_keys_chunks_and_exact_small_fields() -> None:
 
 def test_chunked_field_widths(prepared_criteo) -> None:
     fmap = prepared_criteo.feature_map
-    cfg = ModelConfig(name="dnn", hidden=[8], embedding=EmbeddingConfig(kind="unified", dim=8, num_rows=4000,
+    cfg = model_config(name="dnn", hidden=[8], embedding=embedding_config(kind="unified", dim=8, num_rows=4000,
                                                                          chunks={"C1": 2, "C2": 3}))
     model = build_model(fmap, cfg, device=torch.device("cpu"))
     assert model.embedding.num_keys == len(fmap.categorical) + 3
-    assert model.flat_width == (len(fmap.categorical) + 3) * 8
+    assert model.arch.mlp.layers[0].in_features == (len(fmap.categorical) + 3) * 8
     ids = torch.ones(len(fmap.categorical), 5, dtype=torch.int64) * 3
     batch = make_batch([f.name for f in fmap.categorical], ids, torch.zeros(5, 0), torch.zeros(5))
     emb = model.embedding(batch.sparse)
@@ -75,15 +76,15 @@ def test_chunked_field_widths(prepared_criteo) -> None:
 
 
 def test_hashed_baseline_shares_rows_by_vocabulary() -> None:
-    keys = hashed_keys(fields(5, 100, 300), EmbeddingConfig(kind="hashed", num_rows=205, collisionless_max=10))
+    keys = hashed_keys(fields(5, 100, 300), embedding_config(kind="hashed", num_rows=205, collisionless_max=10))
     assert [(k.rows, k.exact) for k in keys] == [(5, True), (50, False), (150, False)]  # 200 rows shared 1:3
-    roomy = hashed_keys(fields(5, 100, 300), EmbeddingConfig(kind="hashed", num_rows=405, collisionless_max=10))
+    roomy = hashed_keys(fields(5, 100, 300), embedding_config(kind="hashed", num_rows=405, collisionless_max=10))
     assert [(k.rows, k.exact) for k in roomy] == [(5, True), (100, True), (300, True)]
 
 
 def test_a_shared_row_gets_gradient_from_two_fields() -> None:
-    cfg = EmbeddingConfig(kind="unified", dim=4, num_rows=50, collisionless_max=0)
-    arch = HashedSparseArch(fields(1000, 1000), cfg, device=torch.device("cpu"))
+    cfg = embedding_config(kind="unified", dim=4, num_rows=50, collisionless_max=0)
+    arch = hashed_sparse_arch(fields(1000, 1000), cfg, device=torch.device("cpu"))
     candidates = torch.arange(3, 1000)
     rows = arch.rows(torch.stack([candidates, candidates]))
     # an id of field 0 and an id of field 1 that hash to the same shared row
@@ -97,9 +98,9 @@ def test_a_shared_row_gets_gradient_from_two_fields() -> None:
 
 
 def test_budget_mb_and_config_errors() -> None:
-    keys = unified_keys(fields(100_000), EmbeddingConfig(kind="unified", dim=16, budget_mb=1.0))
+    keys = unified_keys(fields(100_000), embedding_config(kind="unified", dim=16, budget_mb=1.0))
     assert keys[0].rows == 2**20 // 64
     with pytest.raises(ValueError, match="exactly one of num_rows or budget_mb"):
-        EmbeddingConfig(kind="unified")
+        embedding_config(kind="unified")
     with pytest.raises(ValueError, match="no room for the shared table"):
-        unified_keys(fields(5, 1000), EmbeddingConfig(kind="unified", num_rows=5, collisionless_max=10))
+        unified_keys(fields(5, 1000), embedding_config(kind="unified", num_rows=5, collisionless_max=10))

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from features.schema import DatasetFile
-from features.yaml_config import ConfigError, load_config
+from common.errors import ConfigError
+from common.yaml_config import load_config
 
 BASE = """
 dataset:

@@ -16,20 +16,22 @@ per-field up-projection restores it (e U^T + mu).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ctr.compress.stage import StageContext, StageOutput, model_size, plain_model, validation_metrics
+from ctr.compress.stage import (StageContext, StageOutput, max_difference, model_size, plain_model, source_layout,
+                                stage_payload, validation_metrics)
 from ctr.compress.tables import table_key
 from ctr.config import AFMConfig, RankRule
 from ctr.distributed import plain_state_dict
-from ctr.models import DNN, CTRModel, LowRankLinear
-from ctr.modules.sparse import TableLayout
+from ctr.loader import Batch, ParquetBatches, head
+from ctr.models import MODELS
+from ctr.models.base import CTRModel, LowRankLinear
+from ctr.modules.mlp import MLP
+from ctr.structure import FactorizeEmbedding, FactorizeLinear, FoldNorm, Layout, Step
 from ctr.train import Trainer, TrainHooks
-from features.loader import ParquetBatches, head
 
 log = logging.getLogger("ctr.compress.afm")
 EMBEDDING_STEP = 4  # fbgemm's width rule for the compressed tables
@@ -126,13 +128,8 @@ def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], budget: in
 
 
 def linear_targets(model: CTRModel) -> list[str]:
-    """Factorisable Linear layers in forward order: cross layers, then the MLP (not the output head)."""
-    paths = []
-    if hasattr(model, "cross"):
-        paths += [f"cross.layers.{i}.project" for i, layer in enumerate(model.cross.layers)
-                  if isinstance(layer.project, nn.Linear)]
-    paths += [f"mlp.layers.{i}" for i, m in enumerate(model.mlp.layers) if isinstance(m, nn.Linear)]
-    return paths
+    """The Linears the model says AFM may factorise, in forward order (never an output head)."""
+    return [f"arch.{p}" for p in model.arch.factorizable()]
 
 
 def _moments(model: nn.Module, paths: list[str], batches: list[Any]) -> dict[str, Moments]:
@@ -147,7 +144,7 @@ def _moments(model: nn.Module, paths: list[str], batches: list[Any]) -> dict[str
     return found
 
 
-def _embedding_moments(model: CTRModel, batches: list[Any], widths: list[int]) -> list[Moments]:
+def _embedding_moments(model: CTRModel, batches: list[Batch], widths: list[int]) -> list[Moments]:
     found = [Moments(w) for w in widths]
     with torch.no_grad():
         for b in batches:
@@ -157,27 +154,63 @@ def _embedding_moments(model: CTRModel, batches: list[Any], widths: list[int]) -
     return found
 
 
+class Factorisation:
+    """The PCA pieces a stage chose (per field and per layer), and the model they claim to give:
+    the source model whose looked-up rows and layer outputs are replaced by their reconstructions
+    mu + U U^T (y - mu) (a removed row, which reads nothing, becomes mu)."""
+
+    def __init__(self) -> None:
+        self.fields: list[tuple[torch.Tensor, torch.Tensor]] = []  # (mu, U) per field
+        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _reconstruct(y: torch.Tensor, mu: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return mu + (y - mu) @ u @ u.T
+
+    def claimed(self, model: CTRModel) -> CTRModel:
+        """Hooks on ``model`` (in place) that turn it into the factorised model it claims to equal."""
+        if self.fields:
+            def rows(module: nn.Module, inputs: tuple[Any, ...], emb: torch.Tensor) -> torch.Tensor:
+                kept = (module.table_rows(inputs[0]) >= 0).T.unsqueeze(-1).to(emb.dtype)
+                out = emb.clone()
+                for f, (mu, u) in enumerate(self.fields):
+                    w = u.shape[0]
+                    out[:, f, :w] = mu + kept[:, f] * ((emb[:, f, :w] - mu) @ u @ u.T)
+                return out
+
+            model.embedding.register_forward_hook(rows)
+        for path, (mu, u) in self.layers.items():
+            model.get_submodule(path).register_forward_hook(
+                lambda _m, _i, y, mu=mu, u=u: self._reconstruct(y, mu, u))
+        return model
+
+
 class AFMStage:
     name = "afm"
 
     def __init__(self, cfg: AFMConfig) -> None:
         self.cfg = cfg
 
-    def _fold_norms(self, model: CTRModel, layout: TableLayout) -> TableLayout:
-        layers = model.mlp.layers
-        folded = list(layout.folded_norms)
-        for i, m in enumerate(layers):
-            if isinstance(m, nn.BatchNorm1d):
-                layers[i - 1] = fold_batch_norm(layers[i - 1], m)
-                layers[i] = nn.Identity()
-                folded.append(f"mlp.layers.{i}")
-        return replace(layout, folded_norms=folded)
+    def _fold_norms(self, ctx: StageContext, model: CTRModel) -> list[Step]:
+        """Every BatchNorm of the dense arch's MLPs folded into the Linear before it (exact in evaluation)."""
+        steps: list[Step] = []
+        for name, mlp in model.arch.named_modules():
+            if not isinstance(mlp, MLP):
+                continue
+            layers = mlp.layers
+            for i, m in enumerate(layers):
+                if isinstance(m, nn.BatchNorm1d):
+                    layers[i - 1] = fold_batch_norm(layers[i - 1], m)
+                    layers[i] = nn.Identity()
+                    steps.append(FoldNorm(path=f"arch.{name}.layers.{i}", by=ctx.stage_id))
+        return steps
 
-    def _compress_embeddings(self, ctx: StageContext, model: CTRModel, layout: TableLayout,
-                             batches: list[Any]) -> tuple[dict[str, torch.Tensor], TableLayout]:
-        """New tables (E - mu) U; U and mu folded into a DNN's first layer, else kept as a projection."""
+    def _compress_embeddings(self, ctx: StageContext, model: CTRModel, layout: Layout, batches: list[Batch],
+                             found: Factorisation) -> tuple[dict[str, torch.Tensor], Step]:
+        """New tables (E - mu) U; U and mu folded into the layer that alone reads the embeddings
+        (the model says which, e.g. a DNN's first layer), else kept as a per-field projection."""
         fields, dim = ctx.fmap.categorical, ctx.cfg.model.embedding.dim
-        widths = layout.widths or [dim] * len(fields)
+        widths = layout.stored_widths
         moments = _embedding_moments(model, batches, widths)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         axes, means, ranks = [], [], []
@@ -189,27 +222,29 @@ class AFMStage:
             ranks.append(k)
             table = state[table_key(f.name)]
             state[table_key(f.name)] = (table - means[-1]) @ axes[-1]
-        if isinstance(model, DNN):  # fold into the first layer: it reads the k-wide rows directly
-            first = "mlp.layers.0"
+        found.fields = list(zip(means, axes))
+        target = MODELS[ctx.cfg.model.name].folds_into
+        if target is not None and layout.projection_rank is None and f"arch.{target}" not in layout.factorized:
+            first = f"arch.{target}"
             w, b = state[f"{first}.weight"], state[f"{first}.bias"]
             starts = torch.tensor([0, *widths]).cumsum(0)
             blocks = [w[:, int(s):int(s) + wf] for s, wf in zip(starts, widths)]
             state[f"{first}.weight"] = torch.cat([blk @ u for blk, u in zip(blocks, axes)] + [w[:, int(starts[-1]):]], 1)
             state[f"{first}.bias"] = b + sum(blk @ mu for blk, mu in zip(blocks, means))
-            return state, replace(layout, widths=ranks)
+            return state, FactorizeEmbedding(ranks=ranks, restores=list(widths), folded=True, by=ctx.stage_id)
         proj_w = torch.zeros(len(fields), max(ranks), dim)
         proj_b = torch.zeros(len(fields), dim)
         for f, (u, mu) in enumerate(zip(axes, means)):
             proj_w[f, :u.shape[1], :u.shape[0]] = u.T
             proj_b[f, :mu.numel()] = mu
         state["projection.weight"], state["projection.bias"] = proj_w, proj_b
-        return state, replace(layout, widths=ranks, expanded=widths)
+        return state, FactorizeEmbedding(ranks=ranks, restores=list(widths), folded=False, by=ctx.stage_id)
 
-    def _layer_budget(self, ctx: StageContext, model: CTRModel, targets: list[str]) -> int | None:
+    def _layer_budget(self, ctx: StageContext, payload: dict[str, Any], model: CTRModel, targets: list[str]) -> int | None:
         if self.cfg.layers_budget_mb is None and ctx.target_mb is None:  # ranks by rule, no budget
             return None
         factorisable = sum(model.get_submodule(p).weight.numel() + model.get_submodule(p).bias.numel() for p in targets)
-        others = model_size(model.state_dict())[1] - BYTES_PER_PARAM * factorisable
+        others = sum(model_size(ctx.fmap, payload)[1].values()) - BYTES_PER_PARAM * factorisable
         budget_bytes = (self.cfg.layers_budget_mb * 2**20 if self.cfg.layers_budget_mb is not None
                         else ctx.target_mb * 2**20 - others)
         if budget_bytes <= 0:
@@ -218,10 +253,10 @@ class AFMStage:
                              f"afm.embedding_rank) or raise the target")
         return int(budget_bytes // BYTES_PER_PARAM)
 
-    def _compress_layers(self, ctx: StageContext, model: CTRModel, layout: TableLayout,
-                         batches: list[Any]) -> TableLayout:
+    def _compress_layers(self, ctx: StageContext, payload: dict[str, Any], model: CTRModel, batches: list[Batch],
+                         found: Factorisation) -> list[Step]:
         targets = linear_targets(model)
-        budget = self._layer_budget(ctx, model, targets)
+        budget = self._layer_budget(ctx, payload, model, targets)
         planned: dict[str, int] = {}
         if budget is not None:  # one pass over the uncompressed layers to share the budget out
             spectra = {}
@@ -229,7 +264,7 @@ class AFMStage:
                 layer = model.get_submodule(p)
                 spectra[p] = (principal_axes(m.covariance())[0], layer.in_features, layer.out_features)
             planned = allocate_ranks(spectra, budget)
-        factorized = dict(layout.factorized)
+        steps: list[Step] = []
         for p in targets:  # in forward order, each on the already-compressed model upstream
             layer = model.get_submodule(p)
             m = _moments(model, [p], batches)[p]
@@ -237,11 +272,13 @@ class AFMStage:
             k = planned.get(p) or rank_for(values, self.cfg.layer_rank)
             if k * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
                 continue  # two factors would not be smaller
-            model.set_submodule(p, pca_pair(layer, m.mean(), vectors[:, :k]))
-            factorized[p] = k
-        return replace(layout, factorized=factorized)
+            pair = pca_pair(layer, m.mean(), vectors[:, :k])
+            model.set_submodule(p, pair)
+            found.layers[p] = (m.mean().to(torch.float32), vectors[:, :k].to(torch.float32))
+            steps.append(FactorizeLinear(path=p, rank=k, by=ctx.stage_id))
+        return steps
 
-    def _finetune(self, ctx: StageContext, payload: dict[str, Any], layout: TableLayout,
+    def _finetune(self, ctx: StageContext, payload: dict[str, Any], steps: tuple[Step, ...], factorized: list[str],
                   teacher: nn.Module | None) -> dict[str, torch.Tensor]:
         """Fine-tune the factorised model; with a teacher, add the feature-mimicking loss: the mean
         MSE between each factorised layer's output and the original layer's on the same batch."""
@@ -250,7 +287,7 @@ class AFMStage:
         teacher_out: dict[str, torch.Tensor] = {}
 
         def attach(model: nn.Module) -> None:
-            for p in layout.factorized:
+            for p in factorized:
                 model.get_submodule(p).register_forward_hook(lambda _m, _i, out, p=p: student_out.__setitem__(p, out))
                 teacher.get_submodule(p).register_forward_hook(lambda _m, _i, out, p=p: teacher_out.__setitem__(p, out))
 
@@ -262,49 +299,68 @@ class AFMStage:
             model.register_forward_pre_hook(run_teacher)
 
         def mimic_loss(_model: nn.Module) -> torch.Tensor:
-            losses = [torch.nn.functional.mse_loss(student_out[p], teacher_out[p]) for p in layout.factorized]
+            losses = [torch.nn.functional.mse_loss(student_out[p], teacher_out[p]) for p in factorized]
             return c.mimic_weight * torch.stack(losses).mean()
 
-        mimic = teacher is not None and bool(layout.factorized)
+        mimic = teacher is not None and bool(factorized)
         cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
             "epochs": c.finetune_epochs, "patience": c.finetune_patience, "eval_every_steps": None,
             "lr": ctx.cfg.trainer.lr * c.finetune_lr_scale, "sparse_lr": ctx.cfg.trainer.sparse_lr * c.finetune_lr_scale})})
-        hooks = TrainHooks(tables=layout, initial_state=payload["model"], attach=attach if mimic else None,
+        hooks = TrainHooks(steps=steps, initial_state=payload["model"], attach=attach if mimic else None,
                            extra_loss=mimic_loss if mimic else None)
         trainer = Trainer(cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "finetune", hooks)
         trainer.train(resume=(trainer.ckpt_dir / "last.pt").is_file())
         trainer.load_best_weights()
         return plain_state_dict(trainer.model)
 
+    def _refuse_repeats(self, ctx: StageContext, layout: Layout) -> None:
+        """AFM factorises each table and layer once: a second pass over the same parts is refused up front."""
+        c = self.cfg
+        if c.embeddings and "factorize_embedding" in layout.by:
+            raise ValueError(f"{ctx.stage_id}: afm.embeddings cannot follow {layout.by['factorize_embedding']}, "
+                             "which already factorised the embeddings (set embeddings: false here, or drop one stage)")
+        if c.layers and layout.factorized:
+            raise ValueError(f"{ctx.stage_id}: afm.layers cannot follow {layout.by['factorize_linear']}, which already "
+                             "factorised the layers (set layers: false here, or drop one stage)")
+        if c.embeddings and ctx.cfg.model.embedding.kind != "per_field":
+            raise ValueError("afm.embeddings needs per-field tables (embedding kind 'per_field')")
+        if not MODELS[ctx.cfg.model.name].embeddings:
+            raise ValueError(f"afm compresses embeddings and layers; model '{ctx.cfg.model.name}' has neither")
+
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         c = self.cfg
-        layout = TableLayout(**source.get("tables", {}))
+        steps, layout = source_layout(ctx, source)
+        self._refuse_repeats(ctx, layout)
         model = plain_model(ctx.fmap, source)
-        if not isinstance(model, CTRModel) or layout.expanded or layout.factorized:
-            raise ValueError("afm compresses DNN, DeepFM and DCNv2 once (no earlier afm stage); got "
-                             f"model '{source['model_config']['name']}'")
-        if ctx.cfg.model.embedding.kind != "per_field" and c.embeddings:
-            raise ValueError("afm.embeddings needs per-field tables (embedding kind 'per_field')")
         train = ParquetBatches(ctx.data_dir / ctx.fmap.splits["train"].file, ctx.fmap, ctx.cfg.trainer.eval_batch_size)
         batches = head(train, c.calibration_rows)
-        layout = self._fold_norms(model, layout)
+        found = Factorisation()
+        added: list[Step] = self._fold_norms(ctx, model)
         if c.embeddings:
-            state, layout = self._compress_embeddings(ctx, model, layout, batches)
-            model = plain_model(ctx.fmap, {**source, "model": state, "tables": asdict(layout)})
+            state, step = self._compress_embeddings(ctx, model, layout, batches, found)
+            added.append(step)
+            model = plain_model(ctx.fmap, stage_payload(source, state, (*steps, *added)))
         if c.layers:
-            layout = self._compress_layers(ctx, model, layout, batches)
-        payload = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                   "model_config": source["model_config"], "tables": asdict(layout)}
+            partial = stage_payload(source, model.state_dict(), (*steps, *added))
+            added += self._compress_layers(ctx, partial, model, batches, found)
+        final = (*steps, *added)
+        payload = stage_payload(source, {k: v.detach().clone() for k, v in model.state_dict().items()}, final)
+        exact = max_difference(plain_model(ctx.fmap, payload), found.claimed(plain_model(ctx.fmap, source)),
+                               ctx.check_batches())
         before = validation_metrics(ctx, payload)["auc"]
         after = None
         log.info("afm: validation AUC %.5f before fine-tuning", before)
+        factorized = [s.path for s in added if isinstance(s, FactorizeLinear)]
         if c.finetune_epochs:
             teacher = plain_model(ctx.fmap, source) if c.mimic_weight > 0 else None
-            tuned = {**payload, "model": self._finetune(ctx, payload, layout, teacher)}
+            tuned = {**payload, "model": self._finetune(ctx, payload, final, factorized, teacher)}
             after = validation_metrics(ctx, tuned)["auc"]
         kept = after is not None and after > before  # fine-tuning can overfit a model already at its best epoch
         if kept:
             payload = tuned
-        details = {"factorized": layout.factorized, "embedding_ranks": layout.widths if c.embeddings else None,
-                   "valid_auc_before_finetune": before, "valid_auc_after_finetune": after, "finetuned_kept": kept}
+        embedding = next((s for s in added if isinstance(s, FactorizeEmbedding)), None)
+        details = {"factorized": {s.path: s.rank for s in added if isinstance(s, FactorizeLinear)},
+                   "embedding_ranks": embedding.ranks if embedding else None,
+                   "valid_auc_before_finetune": before, "valid_auc_after_finetune": after, "finetuned_kept": kept,
+                   "exact_max_diff": exact}
         return StageOutput(payload=payload, details=details)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -31,18 +30,20 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from ctr.compress.stage import StageContext, StageOutput
+from common.atomic import atomic_write_text
+from common.json_lines import append_json_line, read_json_lines
 from ctr.checkpoint import load_checkpoint, save_checkpoint
+from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
 from ctr.compress.tables import REMAP_KEY, compact_rows, narrow_state, table_key
 from ctr.config import OptEmbedConfig
 from ctr.distributed import load_plain_state_dict, plain_state_dict
+from ctr.loader import Batch, head
 from ctr.metrics import auc
-from ctr.models import build_model
-from ctr.modules.sparse import TableLayout
-from ctr.train import LAST, Trainer, TrainHooks
-from features.atomic import atomic_write_text
-from features.json_lines import append_json_line, read_json_lines
-from features.loader import Batch, head
+from ctr.models import build_model, model_layout
+from ctr.models.base import CTRModel
+from ctr.run_dir import LAST
+from ctr.structure import Layout, NarrowWidths, SelectRows, Step
+from ctr.train import Trainer, TrainHooks
 
 log = logging.getLogger("ctr.compress.optembed")
 WIDTH_STEP = 4  # fbgemm's width rule: every candidate width is a multiple of 4
@@ -76,24 +77,25 @@ def prefix_mask(widths: torch.Tensor, dim: int) -> torch.Tensor:
 
 class OptEmbedMask(nn.Module):
     """The supernet's masks on the looked-up rows ``[B, F, D]``: a row mask by threshold (if
-    ``rows``), then a prefix width: random per sample and field in training, ``widths`` (a search
-    candidate) or the full width in evaluation."""
+    ``rows``), then a prefix width: random per sample and field in training (at most the field's
+    stored width ``limits[f]``), ``widths`` (a search candidate) or the full width in evaluation."""
 
-    def __init__(self, num_fields: int, dim: int, rows: bool) -> None:
+    def __init__(self, limits: list[int], dim: int, rows: bool) -> None:
         super().__init__()
         self.dim = dim
-        self.threshold = nn.Parameter(torch.zeros(num_fields)) if rows else None
+        self.threshold = nn.Parameter(torch.zeros(len(limits))) if rows else None
+        self.register_buffer("limits", torch.tensor(limits, dtype=torch.int64), persistent=False)
         self.widths: torch.Tensor | None = None
 
     def row_mask(self, emb: torch.Tensor) -> torch.Tensor:
         assert self.threshold is not None
         return BinaryStep.apply(emb.abs().sum(-1) - self.threshold)
 
-    def forward(self, emb: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, sparse: KeyedJaggedTensor, embedding: nn.Module) -> torch.Tensor:
         if self.threshold is not None:
             emb = emb * self.row_mask(emb).unsqueeze(-1)
         if self.training:
-            widths = WIDTH_STEP * torch.randint(1, self.dim // WIDTH_STEP + 1, emb.shape[:2])
+            widths = torch.minimum(WIDTH_STEP * torch.randint(1, self.dim // WIDTH_STEP + 1, emb.shape[:2]), self.limits)
         elif self.widths is not None:
             widths = self.widths
         else:
@@ -124,6 +126,7 @@ class WidthSearch:
                  kept_rows: np.ndarray, full_params: int, seed: int) -> None:
         self.cfg, self.model, self.cache = cfg, model, cache
         self.dim = model.gates.dim
+        self.limits = model.gates.limits.numpy()  # each field's stored width: no candidate is wider
         self.choices = np.arange(WIDTH_STEP, self.dim + 1, WIDTH_STEP)
         self.kept_rows = kept_rows
         self.budget = None if cfg.max_embedding_share is None else cfg.max_embedding_share * full_params
@@ -161,12 +164,14 @@ class WidthSearch:
 
     def initial(self) -> list[np.ndarray]:
         n = self.kept_rows.size
-        return [self.fit_budget(self.rng.choice(self.choices, size=n)) for _ in range(self.cfg.population)]
+        return [self.fit_budget(np.minimum(self.rng.choice(self.choices, size=n), self.limits))
+                for _ in range(self.cfg.population)]
 
     def next_generation(self, ranked: list[np.ndarray]) -> list[np.ndarray]:
         c = self.cfg
         parents = ranked[:c.parents]
-        mutants = [mutate(p, c.mutation_prob, self.choices, self.rng) for p in parents[:c.population // 2]]
+        mutants = [np.minimum(mutate(p, c.mutation_prob, self.choices, self.rng), self.limits)
+                   for p in parents[:c.population // 2]]
         children = []
         while len(mutants) + len(children) < c.population:
             i, j = self.rng.choice(len(parents), size=2, replace=False)
@@ -216,15 +221,17 @@ class OptEmbedStage:
         trainer.load_best_weights()
         return plain_state_dict(trainer.model)
 
-    def _supernet(self, ctx: StageContext, source: dict[str, Any],
-                  layout: TableLayout) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _mask(self, ctx: StageContext, layout: Layout) -> OptEmbedMask:
+        return OptEmbedMask(layout.stored_widths, ctx.cfg.model.embedding.dim, self.cfg.rows)
+
+    def _supernet(self, ctx: StageContext, source: dict[str, Any], steps: tuple[Step, ...],
+                  layout: Layout) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The supernet's best weights, and its starting weights (kept on disk for a rewind)."""
-        c, dim = self.cfg, ctx.cfg.model.embedding.dim
-        num_fields = len(ctx.fmap.categorical)
+        c = self.cfg
         rewind = ctx.work_dir / REWIND
 
         def attach(model: nn.Module) -> None:
-            model.gates = OptEmbedMask(num_fields, dim, c.rows)
+            model.gates = self._mask(ctx, layout)
 
         def snapshot(trainer: Trainer) -> None:
             if trainer.state.epoch == 0:
@@ -235,73 +242,90 @@ class OptEmbedStage:
         start = source["model"] if c.start_from == "checkpoint" else \
             {k: v for k, v in source["model"].items() if k == REMAP_KEY}
         penalty = (lambda model: c.threshold_penalty * model.module.gates.penalty()) if c.rows else None
-        hooks = TrainHooks(tables=layout, initial_state=start, attach=attach, extra_loss=penalty,
+        hooks = TrainHooks(steps=steps, initial_state=start, attach=attach, extra_loss=penalty,
                            sgd_lr={GATES: c.threshold_lr}, on_epoch_start=snapshot)
         best = self._train(self._trainer(ctx, "supernet", c.supernet_epochs, ctx.cfg.trainer.patience, hooks))
         return best, load_checkpoint(rewind)["model"]
 
     def _kept_rows(self, ctx: StageContext, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Rows whose full-width L1 norm passes their field's threshold (all rows with ``rows: false``)."""
+        """Rows whose stored L1 norm passes their field's threshold (all rows with ``rows: false``)."""
         fields = ctx.fmap.categorical
         tables = [state[table_key(f.name)] for f in fields]
         if not self.cfg.rows:
             return [torch.ones(t.shape[0], dtype=torch.bool) for t in tables]
         return [t.abs().sum(1) > th for t, th in zip(tables, state[f"{GATES}threshold"])]
 
-    def _search(self, ctx: StageContext, state: dict[str, torch.Tensor], layout: TableLayout,
+    def _masked_supernet(self, ctx: StageContext, state: dict[str, torch.Tensor], steps: tuple[Step, ...],
+                         layout: Layout, widths: list[int] | None = None) -> CTRModel:
+        """The supernet in evaluation: its row mask, and the prefix ``widths`` (None: full width)."""
+        model = build_model(ctx.fmap, ctx.cfg.model, device=torch.device("cpu"), steps=steps)
+        model.gates = self._mask(ctx, layout)
+        load_plain_state_dict(model, state)
+        if widths is not None:
+            model.gates.widths = torch.tensor(widths)
+        return model.eval()
+
+    def _search(self, ctx: StageContext, state: dict[str, torch.Tensor], steps: tuple[Step, ...], layout: Layout,
                 kept: list[torch.Tensor]) -> dict[str, Any]:
         result_path = ctx.work_dir / "search.json"
         if result_path.is_file():
             return json.loads(result_path.read_text())
         started = time.perf_counter()
-        cfg, dim = ctx.cfg, ctx.cfg.model.embedding.dim
-        model = build_model(ctx.fmap, cfg.model, device=torch.device("cpu"), tables=layout)
-        model.gates = OptEmbedMask(len(ctx.fmap.categorical), dim, self.cfg.rows)
-        load_plain_state_dict(model, state)
-        model.eval()
+        dim = ctx.cfg.model.embedding.dim
+        model = self._masked_supernet(ctx, state, steps, layout)
         with torch.no_grad():
             cache = [(model.lookup(b.sparse), b) for b in head(ctx.split("valid"), self.cfg.search_rows)]
         cached = sum(b.size for _, b in cache)
         rows = np.array([int(k.sum()) for k in kept])
         full = sum(state[table_key(f.name)].shape[0] for f in ctx.fmap.categorical) * dim
-        search = WidthSearch(self.cfg, model, cache, rows, full, cfg.trainer.seed)
+        search = WidthSearch(self.cfg, model, cache, rows, full, ctx.cfg.trainer.seed)
         result = {**search.run(ctx.work_dir / "search.jsonl"), "rows": cached,
                   "seconds": time.perf_counter() - started}
         atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
         return result
 
-    def _retrain(self, ctx: StageContext, start: dict[str, torch.Tensor], layout: TableLayout,
-                 kept: list[torch.Tensor], widths: list[int]) -> tuple[dict[str, torch.Tensor], TableLayout]:
+    def _narrow(self, ctx: StageContext, state: dict[str, torch.Tensor], steps: tuple[Step, ...],
+                kept: list[torch.Tensor], widths: list[int]) -> tuple[dict[str, torch.Tensor], tuple[Step, ...]]:
+        """Real tables: the kept rows only (with ``rows``), each field ``widths[f]`` wide, and every
+        layer that reads the flat input sliced to match; the structure steps that say so."""
         fields = ctx.fmap.categorical
-        start = {k: v for k, v in start.items() if not k.startswith(GATES)}
+        state = {k: v for k, v in state.items() if not k.startswith(GATES)}
         if self.cfg.rows:
-            start, rows = compact_rows(start, fields, kept)
-            layout = TableLayout(rows=rows, remapped=True)
-        narrow = TableLayout(rows=layout.rows, remapped=layout.remapped, widths=widths)
-        shapes = {k: v.shape for k, v in build_model(ctx.fmap, ctx.cfg.model, tables=narrow).state_dict().items()}
-        start = narrow_state(start, shapes, fields, ctx.cfg.model.embedding.dim, len(ctx.fmap.dense), widths)
-        hooks = TrainHooks(tables=narrow, initial_state=start)
-        c = self.cfg
-        return self._train(self._trainer(ctx, "retrain", c.retrain_epochs, c.retrain_patience, hooks)), narrow
+            state, rows = compact_rows(state, fields, kept)
+            steps = (*steps, SelectRows(rows=rows, by=ctx.stage_id))
+        before = model_layout(ctx.fmap, ctx.cfg.model, steps)
+        narrowed = (*steps, NarrowWidths(widths=list(widths), by=ctx.stage_id))
+        shapes = {k: v.shape for k, v in build_model(ctx.fmap, ctx.cfg.model, steps=narrowed).state_dict().items()}
+        after = model_layout(ctx.fmap, ctx.cfg.model, narrowed)
+        return narrow_state(state, shapes, fields, before, after, len(ctx.fmap.dense)), narrowed
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
-        layout = TableLayout(**source.get("tables", {}))
-        if ctx.cfg.model.embedding.kind != "per_field" or layout.widths is not None:
-            raise ValueError("optembed needs per-field tables of the configured width (embedding kind 'per_field', "
-                             "not already narrowed by an earlier optembed stage)")
+        if ctx.cfg.model.embedding.kind != "per_field":
+            raise ValueError("optembed needs per-field tables (embedding kind 'per_field'); "
+                             f"kind '{ctx.cfg.model.embedding.kind}' shares hashed tables")
+        steps, layout = source_layout(ctx, source)
         fields = ctx.fmap.categorical
-        supernet, initial = self._supernet(ctx, source, layout)
+        supernet, initial = self._supernet(ctx, source, steps, layout)
         kept = self._kept_rows(ctx, supernet)
-        found = self._search(ctx, supernet, layout, kept)
+        found = self._search(ctx, supernet, steps, layout, kept)
+        # the reshaped model must be the masked supernet it came from, before any retraining
+        narrowed_state, narrowed = self._narrow(ctx, supernet, steps, kept, found["widths"])
+        claimed = self._masked_supernet(ctx, supernet, steps, layout, found["widths"])
+        exact = max_difference(plain_model(ctx.fmap, stage_payload(source, narrowed_state, narrowed)), claimed,
+                               ctx.check_batches())
         start = supernet if self.cfg.retrain_from == "supernet" else initial
-        state, narrow = self._retrain(ctx, start, layout, kept, found["widths"])
-        payload = {"model": state, "model_config": source["model_config"], "tables": asdict(narrow)}
+        start_state, _ = self._narrow(ctx, start, steps, kept, found["widths"])
+        c = self.cfg
+        hooks = TrainHooks(steps=narrowed, initial_state=start_state)
+        state = self._train(self._trainer(ctx, "retrain", c.retrain_epochs, c.retrain_patience, hooks))
+        payload = stage_payload(source, state, narrowed)
         rows_before = sum(int(k.numel()) for k in kept)
         details = {
             "widths": dict(zip((f.name for f in fields), found["widths"])),
             "kept_rows": {f.name: int(k.sum()) for f, k in zip(fields, kept)},
             "rows_before": rows_before, "rows_after": sum(int(k.sum()) for k in kept),
             "search_auc": found["auc"], "search_seconds": found["seconds"], "search_rows": found["rows"],
+            "exact_max_diff": exact,
         }
         if self.cfg.rows:
             details["thresholds"] = dict(zip((f.name for f in fields), supernet[f"{GATES}threshold"].tolist()))

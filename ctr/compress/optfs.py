@@ -19,13 +19,12 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from ctr.compress.stage import StageContext, StageOutput
-from ctr.compress.tables import REMAP_KEY, compact_rows
+from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
+from ctr.compress.tables import REMAP_KEY, compact_rows, id_remap, table_key
 from ctr.config import OptFSConfig
 from ctr.distributed import plain_state_dict
-from ctr.modules.sparse import TableLayout
+from ctr.structure import SelectRows
 from ctr.train import Trainer, TrainHooks
-from features.feature_map import FieldInfo
 from features.vocab import OOV_ID
 
 REFERENCE_ROWS = 6.8e6  # Criteo's vocabulary, on which the reference tuned lambda
@@ -39,12 +38,12 @@ def temperature(epoch: int, epochs: int, final_temp: float) -> float:
 
 
 class FeatureGates(nn.Module):
-    """One learnable gate per row of every per-field table, applied to the looked-up rows."""
+    """One learnable gate per row of every per-field table (after any earlier row selection, so a
+    gate belongs to the value, or the values, that read that row), applied to the looked-up rows."""
 
-    def __init__(self, fields: list[FieldInfo]) -> None:
+    def __init__(self, sizes: list[int]) -> None:
         super().__init__()
-        sizes = [int(f.num_embeddings or 0) for f in fields]
-        self.num_fields = len(fields)
+        self.num_fields = len(sizes)
         self.sizes = sizes
         self.m = nn.Parameter(torch.full((sum(sizes),), GATE_INIT))
         self.register_buffer("offsets", torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0).view(-1, 1))
@@ -53,11 +52,11 @@ class FeatureGates(nn.Module):
     def gate(self, m: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.tau * m) / torch.sigmoid(torch.tensor(GATE_INIT))
 
-    def forward(self, emb: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        ids = sparse.values().view(self.num_fields, -1) + self.offsets
+    def forward(self, emb: torch.Tensor, sparse: KeyedJaggedTensor, embedding: nn.Module) -> torch.Tensor:
+        rows = embedding.table_rows(sparse).clamp(min=0) + self.offsets  # a removed id reads zeros anyway
         # index_select, not m[ids]: the backward of advanced indexing accumulates with races on
         # several CPU threads, which made two runs of the same seed differ
-        m = self.m.index_select(0, ids.reshape(-1)).view_as(ids)
+        m = self.m.index_select(0, rows.reshape(-1)).view_as(rows)
         return emb * self.gate(m).T.unsqueeze(-1)
 
     def penalty(self) -> torch.Tensor:
@@ -68,12 +67,13 @@ class FeatureGates(nn.Module):
         return list(torch.split(self.m.detach() > 0, self.sizes))
 
 
-def remap_for(kept: list[torch.Tensor], removed_to: str) -> torch.Tensor:
-    """Full-size remap: kept ids keep their row, removed ids go to -1 (zero vector) or the OOV id."""
+def masked_remap(remaps: list[torch.Tensor], kept: list[torch.Tensor], removed_to: str) -> torch.Tensor:
+    """The remap with every id whose row is not kept sent to -1 (zero vector) or to its field's OOV row."""
     parts = []
-    for mask in kept:
-        ids = torch.arange(mask.numel(), dtype=torch.int64)
-        parts.append(torch.where(mask, ids, torch.full_like(ids, -1 if removed_to == "zero" else OOV_ID)))
+    for old, mask in zip(remaps, kept):
+        target = -1 if removed_to == "zero" else int(old[OOV_ID])
+        alive = (old >= 0) & mask[old.clamp(min=0)]
+        parts.append(torch.where(alive, old, torch.full_like(old, target)))
     return torch.cat(parts)
 
 
@@ -83,18 +83,18 @@ class OptFSStage:
     def __init__(self, cfg: OptFSConfig) -> None:
         self.cfg = cfg
 
-    def penalty_weight(self, fields: list[FieldInfo]) -> float:
+    def penalty_weight(self, rows: int) -> float:
         if self.cfg.penalty is not None:
             return self.cfg.penalty
-        return REFERENCE_PENALTY * REFERENCE_ROWS / sum(int(f.num_embeddings or 0) for f in fields)
+        return REFERENCE_PENALTY * REFERENCE_ROWS / rows
 
-    def _search(self, ctx: StageContext, source: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        c, fields = self.cfg, ctx.fmap.categorical
-        lam = self.penalty_weight(fields)
+    def _search(self, ctx: StageContext, source: dict[str, Any], steps: tuple, sizes: list[int]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        c = self.cfg
+        lam = self.penalty_weight(sum(sizes))
         snapshot: dict[str, torch.Tensor] = {}
 
         def attach(model: nn.Module) -> None:
-            model.gates = FeatureGates(fields)
+            model.gates = FeatureGates(sizes)
 
         def on_epoch_start(trainer: Trainer) -> None:
             gates = trainer.model.module.gates
@@ -102,44 +102,55 @@ class OptFSStage:
             if trainer.state.epoch == c.rewind_epoch:
                 snapshot.update({k: v for k, v in plain_state_dict(trainer.model).items() if not k.startswith("gates.")})
 
+        # from init, the id remap of an earlier row selection still applies: it is data, not a weight
+        start = source["model"] if c.start_from == "checkpoint" else \
+            {k: v for k, v in source["model"].items() if k == REMAP_KEY}
         search_cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
             "epochs": c.search_epochs, "patience": c.search_epochs + 1, "lr_decay": 1.0, "eval_every_steps": None})})
         trainer = Trainer(search_cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "search", TrainHooks(
-            initial_state=source["model"] if c.start_from == "checkpoint" else None,
-            attach=attach, on_epoch_start=on_epoch_start,
+            steps=steps, initial_state=start, attach=attach, on_epoch_start=on_epoch_start,
             extra_loss=lambda model: lam * model.module.gates.penalty(),
             lr_ratio={"gates.": (c.gate_lr or search_cfg.trainer.lr) / search_cfg.trainer.lr}))
         trainer.train()
-        kept = trainer.model.module.gates.kept()
-        if self.cfg.removed_to == "oov":  # the OOV row must survive: removed ids read it
-            kept = [k.clone().index_fill_(0, torch.tensor([OOV_ID]), True) for k in kept]
-        return kept, snapshot
+        return trainer.model.module.gates.kept(), snapshot
 
-    def _retrain(self, ctx: StageContext, kept: list[torch.Tensor], snapshot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _retrain(self, ctx: StageContext, steps: tuple, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.cfg
-        state = {**snapshot, REMAP_KEY: remap_for(kept, c.removed_to)}
         retrain_cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
             "epochs": c.retrain_epochs, "patience": c.retrain_patience, "eval_every_steps": None})})
         trainer = Trainer(retrain_cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "retrain",
-                          TrainHooks(tables=TableLayout(remapped=True), initial_state=state))
+                          TrainHooks(steps=steps, initial_state=state))
         trainer.train()
         trainer.load_best_weights()
         return plain_state_dict(trainer.model)
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         fields = ctx.fmap.categorical
-        kept, snapshot = self._search(ctx, source)
-        retrained = self._retrain(ctx, kept, snapshot)
+        steps, layout = source_layout(ctx, source)
+        if ctx.cfg.model.embedding.kind != "per_field":
+            raise ValueError(f"optfs selects rows of per-field tables; embedding kind '{ctx.cfg.model.embedding.kind}' "
+                             "shares hashed tables (use kind 'per_field')")
+        sizes = [int(source["model"][table_key(f.name)].shape[0]) for f in fields]
+        kept, snapshot = self._search(ctx, source, steps, sizes)
+        remaps = id_remap(source["model"], fields)
+        if self.cfg.removed_to == "oov":  # the OOV row must survive: removed ids read it
+            kept = [k.clone().index_fill_(0, old[OOV_ID].clamp(min=0).view(1), True) if old[OOV_ID] >= 0 else k
+                    for k, old in zip(kept, remaps)]
+        # retrain with the whole tables, removed ids masked by the remap; then cut the tables
+        masked = (*steps, SelectRows(rows=sizes, removed_to=self.cfg.removed_to, by=ctx.stage_id))
+        start = {**snapshot, REMAP_KEY: masked_remap(remaps, kept, self.cfg.removed_to)}
+        retrained = self._retrain(ctx, masked, start)
         state, rows = compact_rows(retrained, fields, kept)
-        payload = {"model": state, "model_config": source["model_config"], "tables": {"rows": rows, "remapped": True}}
-        vocab = {f.name: int(f.num_embeddings or 0) for f in fields}
+        final = (*steps, SelectRows(rows=rows, removed_to=self.cfg.removed_to, by=ctx.stage_id))
+        payload = stage_payload(source, state, final)
+        exact = max_difference(plain_model(ctx.fmap, payload), plain_model(ctx.fmap, stage_payload(source, retrained, masked)),
+                               ctx.check_batches())
         kept_rows = {f.name: int(k.sum()) for f, k in zip(fields, kept)}
         details = {
-            "penalty": self.penalty_weight(fields),
+            "penalty": self.penalty_weight(sum(sizes)),
             "kept_rows": kept_rows,
-            "kept_share": {name: kept_rows[name] / vocab[name] for name in vocab},
-            "rows_before": sum(vocab.values()), "rows_after": sum(kept_rows.values()),
+            "kept_share": {f.name: kept_rows[f.name] / n for f, n in zip(fields, sizes)},
+            "rows_before": sum(sizes), "rows_after": sum(kept_rows.values()),
+            "exact_max_diff": exact,
         }
         return StageOutput(payload=payload, details=details)
-
-

@@ -1,18 +1,31 @@
 """Run a compression recipe: the stages of ``compress:`` in order, each from the previous checkpoint.
 
-Layout under the run directory: ``compress/NN_<stage>/checkpoint.pt`` per stage and
-``compress/report.jsonl`` with one line per stage (the baseline first): parameters, bytes,
-validation AUC / logloss and the stage's own numbers. A stage whose checkpoint exists is not run
-again, so an interrupted recipe resumes at the stage it was in.
+Layout under the run directory: ``compress/NN_<stage>/`` per stage (its ``checkpoint.pt`` and
+``stage.json``) and ``compress/report.jsonl`` with one line per stage (the baseline first):
+parameters, bytes, validation AUC / logloss and the stage's own numbers.
+
+Stages are keyed by content: ``stage.json`` records the sha256 of the checkpoint the stage started
+from, its resolved settings (the stage's section, the recipe's size target, the trainer settings
+that change results) and the stage format. A stage is reused only when all three match; otherwise
+it runs again, and so does every stage after it. A folder that no longer matches is moved to
+``compress/superseded/`` (never deleted), and so is a folder of a stage the recipe no longer has.
+An interrupted stage whose inputs did not change resumes in its own folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_write_text
+from common.json_lines import read_json_lines
+from common.digest import sha256_file
 from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.compress.afm import AFMStage
 from ctr.compress.optembed import OptEmbedStage
@@ -20,64 +33,120 @@ from ctr.compress.optfs import OptFSStage
 from ctr.compress.stage import Stage, StageContext, model_size, validation_metrics
 from ctr.config import CompressStep, ExperimentConfig
 from ctr.distributed import local_process_group
+from ctr.run_dir import STAGE_CHECKPOINT, RunDir
 from features.feature_map import FeatureMap
-from features.json_lines import append_json_line, read_json_lines
 
 log = logging.getLogger("ctr.compress")
 STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage, "optembed": OptEmbedStage, "afm": AFMStage}
-REPORT = "report.jsonl"
-CHECKPOINT = "checkpoint.pt"
+STAGE_FORMAT = 2  # bump when a stage's output changes for the same inputs: every stage then reruns
+FINGERPRINT = "stage.json"
+# trainer settings that do not change what a stage computes
+RUNTIME_ONLY = {"threads", "progress", "run_dir", "ray"}
 
 
-def build_stage(step: CompressStep) -> Stage:
+def build_stage(step: CompressStep) -> tuple[str, Stage]:
     (name, stage_cfg), = ((k, v) for k, v in step if v is not None)
-    return STAGE_CLASSES[name](stage_cfg)
+    return name, STAGE_CLASSES[name](stage_cfg)
 
 
-def _report_lines(path: Path) -> dict[str, dict[str, Any]]:
-    return {line["stage_id"]: line for line in read_json_lines(path)}
+def stage_fingerprint(cfg: ExperimentConfig, step: CompressStep, source_sha256: str) -> dict[str, Any]:
+    trainer = {k: v for k, v in cfg.trainer.model_dump(mode="json").items() if k not in RUNTIME_ONLY}
+    return {"format": STAGE_FORMAT, "source_sha256": source_sha256,
+            "settings": {"stage": step.model_dump(mode="json", exclude_none=True),
+                         "target_mb": cfg.compress.target_mb, "trainer": trainer}}
+
+
+def _digest(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def _recorded(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / FINGERPRINT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _why(recorded: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
+    if recorded is None:
+        return "it has no stage.json"
+    changed = [k for k in ("format", "source_sha256", "settings") if recorded.get(k) != wanted[k]]
+    names = {"format": "the stage format", "source_sha256": "its source checkpoint", "settings": "its settings"}
+    return " and ".join(names[k] for k in changed) + " changed"
+
+
+def move_aside(folder: Path, run: RunDir) -> Path:
+    """Keep a superseded stage folder under ``compress/superseded/`` with the time it was replaced."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    target = run.compress / "superseded" / f"{folder.name}-{stamp}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(folder, target)
+    return target
 
 
 def _line(stage_id: str, stage: str, ctx: StageContext, payload: dict[str, Any], seconds: float,
-          details: dict[str, Any]) -> dict[str, Any]:
-    params, size, embedding = model_size(payload["model"])
+          details: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    params, parts = model_size(ctx.fmap, payload)
     metrics = validation_metrics(ctx, payload)
-    return {"stage_id": stage_id, "stage": stage, "parameters": params, "bytes": size, "embedding_bytes": embedding,
-            "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "seconds": seconds, **details}
+    return {"stage_id": stage_id, "stage": stage, "parameters": params, "bytes": sum(parts.values()),
+            "embedding_bytes": parts["embedding tables"] + parts["id remap"], "bytes_by_part": parts,
+            "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "seconds": seconds,
+            "fingerprint": fingerprint, **details}
 
 
 def run_recipe(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path) -> list[dict[str, Any]]:
     with local_process_group():  # the stages train sharded models
-        return _run(cfg, fmap, data_dir, run_dir)
+        return _run(cfg, fmap, data_dir, RunDir(run_dir))
 
 
-def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path) -> list[dict[str, Any]]:
-    out = run_dir / "compress"
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / REPORT
-    done = _report_lines(report)
-    source = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    if "00_baseline" not in done:
-        ctx = StageContext(cfg, fmap, data_dir, out)
-        append_json_line(report, _line("00_baseline", "baseline", ctx, source, 0.0, {}))
-    for i, step in enumerate(cfg.compress.stages, 1):
-        stage = build_stage(step)
-        stage_id = f"{i:02d}_{stage.name}"
-        ctx = StageContext(cfg, fmap, data_dir, out / stage_id, cfg.compress.target_mb)
-        checkpoint = ctx.work_dir / CHECKPOINT
+def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run: RunDir) -> list[dict[str, Any]]:
+    run.compress.mkdir(parents=True, exist_ok=True)
+    previous = {line["stage_id"]: line for line in read_json_lines(run.report)} if run.report.is_file() else {}
+    source_path = run.best
+    source, source_sha = load_checkpoint(source_path), sha256_file(source_path)
+    lines: list[dict[str, Any]] = []
+
+    def keep(line: dict[str, Any]) -> None:
+        lines.append(line)
+        atomic_write_text(run.report, "".join(json.dumps(x) + "\n" for x in lines))
+
+    base = previous.get("00_baseline")
+    if base is not None and base.get("fingerprint") == source_sha:
+        keep(base)
+    else:
+        keep(_line("00_baseline", "baseline", StageContext(cfg, fmap, data_dir, run.compress), source, 0.0, {}, source_sha))
+    planned = [build_stage(step) for step in cfg.compress.stages]
+    wanted_ids = {run.stage(i, name).name for i, (name, _) in enumerate(planned, 1)}
+    for folder in sorted(p for p in run.compress.glob("[0-9][0-9]_*") if p.is_dir() and p.name not in wanted_ids):
+        log.info("stage folder %s is not in the recipe any more: moved to %s", folder.name, move_aside(folder, run))
+    rerun = False
+    for i, ((name, stage), step) in enumerate(zip(planned, cfg.compress.stages), 1):
+        folder = run.stage(i, name)
+        ctx = StageContext(cfg, fmap, data_dir, folder, folder.name, cfg.compress.target_mb)
+        wanted = stage_fingerprint(cfg, step, source_sha)
+        recorded = _recorded(folder)
+        checkpoint = folder / STAGE_CHECKPOINT
+        if folder.exists() and (rerun or recorded != wanted):
+            reason = "an earlier stage ran again" if rerun and recorded == wanted else _why(recorded, wanted)
+            log.info("stage %s: %s; the old folder moved to %s", folder.name, reason, move_aside(folder, run))
+            rerun = True
         if checkpoint.is_file():
-            log.info("stage %s: checkpoint exists, not run again", stage_id)
+            log.info("stage %s: inputs unchanged, reused", folder.name)
             source = load_checkpoint(checkpoint)
-            if stage_id not in _report_lines(report):
-                append_json_line(report, _line(stage_id, stage.name, ctx, source, 0.0, {}))
+            source_sha = sha256_file(checkpoint)
+            old = previous.get(folder.name)
+            keep(old if old is not None and old.get("fingerprint") == source_sha else
+                 _line(folder.name, name, ctx, source, 0.0, {}, source_sha))
             continue
-        log.info("stage %s: running", stage_id)
+        rerun = True
+        log.info("stage %s: running", folder.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / FINGERPRINT, json.dumps(wanted, indent=2) + "\n")
         started = time.perf_counter()
         result = stage.run(ctx, source)
         save_checkpoint(checkpoint, result.payload)
-        append_json_line(report, _line(stage_id, stage.name, ctx, result.payload, time.perf_counter() - started, result.details))
-        source = result.payload
-    lines = list(_report_lines(report).values())
+        source, source_sha = result.payload, sha256_file(checkpoint)
+        keep(_line(folder.name, name, ctx, source, time.perf_counter() - started, result.details, source_sha))
     target = cfg.compress.target_mb
     if target is not None and lines[-1]["bytes"] > target * 2**20:
         raise ValueError(f"compress.target_mb {target}: the recipe's final model is {lines[-1]['bytes'] / 2**20:.3f} MB "

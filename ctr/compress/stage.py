@@ -1,7 +1,8 @@
 """What every compression stage shares: its context, the checkpoint it reads and writes, model size.
 
-A stage is a small class with one job: ``run(ctx, source) -> StageOutput``. It never touches the
-others; the recipe runner chains them, skips the ones already done and writes the report.
+A stage is a small class with one job: ``run(ctx, source) -> StageOutput``. It reads the source's
+structure steps and appends its own, so it never needs to know which stages ran before it; the
+recipe runner chains them, reuses the ones whose inputs did not change and writes the report.
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
-from ctr.config import ExperimentConfig, ModelConfig
+from ctr.config import ExperimentConfig
 from ctr.distributed import load_plain_state_dict
+from ctr.loader import Batch, ParquetBatches, head
 from ctr.metrics import classification_metrics
-from ctr.models import FIRST_ORDER_DIM, build_model
-from ctr.modules.sparse import TableLayout
+from ctr.models import build_model, model_config, model_layout
+from ctr.models.base import CTRModel
+from ctr.structure import Layout, Step, step_to_dict, steps_from_payload
 from ctr.train import predict
+from deploy.edge import edge_bytes, edge_model
 from features.feature_map import FeatureMap
-from features.loader import ParquetBatches
 
-REMAP_BYTES = 4  # an id remap entry is stored as int32 in the edge model
-FIRST_ORDER_TABLES = "first_order.weights."
+CHECK_ROWS = 4096  # validation rows on which a stage checks that its reshaped model equals the claimed one
 
 
 @dataclass(frozen=True)
@@ -32,15 +33,19 @@ class StageContext:
     fmap: FeatureMap
     data_dir: Path
     work_dir: Path  # this stage's own directory
+    stage_id: str = ""  # e.g. "02_afm": recorded in the steps this stage adds
     target_mb: float | None = None  # the recipe's size target, for the stage that sizes itself to it
 
     def split(self, name: str) -> ParquetBatches:
         return ParquetBatches(self.data_dir / self.fmap.splits[name].file, self.fmap, self.cfg.trainer.eval_batch_size)
 
+    def check_batches(self) -> list[Batch]:
+        return head(ParquetBatches(self.data_dir / self.fmap.splits["valid"].file, self.fmap, CHECK_ROWS), CHECK_ROWS)
+
 
 @dataclass
 class StageOutput:
-    payload: dict[str, Any]  # the checkpoint: "model", "model_config", "tables", ...
+    payload: dict[str, Any]  # the checkpoint: "model", "model_config", "steps"
     details: dict[str, Any] = field(default_factory=dict)  # stage-specific numbers for the report
 
 
@@ -50,30 +55,46 @@ class Stage(Protocol):
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput: ...
 
 
-def plain_model(fmap: FeatureMap, payload: dict[str, Any]) -> nn.Module:
-    """An unsharded CPU model rebuilt from a checkpoint (its config and table layout) with its weights."""
-    model = build_model(fmap, ModelConfig(**payload["model_config"]), device=torch.device("cpu"),
-                        tables=TableLayout(**payload.get("tables", {})))
+def source_layout(ctx: StageContext, source: dict[str, Any]) -> tuple[tuple[Step, ...], Layout]:
+    steps = steps_from_payload(source)
+    return steps, model_layout(ctx.fmap, ctx.cfg.model, steps)
+
+
+def stage_payload(source: dict[str, Any], state: dict[str, torch.Tensor], steps: tuple[Step, ...]) -> dict[str, Any]:
+    return {"model": state, "model_config": source["model_config"], "steps": [step_to_dict(s) for s in steps]}
+
+
+def plain_model(fmap: FeatureMap, payload: dict[str, Any]) -> CTRModel:
+    """An unsharded CPU model rebuilt from a checkpoint (its config and structure steps) with its weights."""
+    model = build_model(fmap, model_config(**payload["model_config"]), device=torch.device("cpu"),
+                        steps=steps_from_payload(payload))
     load_plain_state_dict(model, payload["model"])
     model.eval()
     return model
 
 
-def _stored_bytes(key: str, value: torch.Tensor) -> int:
-    if key.startswith(FIRST_ORDER_TABLES):  # the edge model stores the sum of fbgemm's 4 values: one weight
-        return value.numel() // FIRST_ORDER_DIM * value.element_size()
-    return value.numel() * (REMAP_BYTES if key.endswith(".remap") else value.element_size())
+def max_difference(a: torch.nn.Module, b: torch.nn.Module, batches: list[Batch]) -> float:
+    """Largest |probability difference| of two models over the batches: how exactly one is the other."""
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            pa = torch.sigmoid(a(batch.dense, batch.sparse)[0])
+            pb = torch.sigmoid(b(batch.dense, batch.sparse)[0])
+            worst = max(worst, float((pa - pb).abs().max()))
+    return worst
 
 
-def model_size(state: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-    """(float parameters, bytes, embedding bytes) of a model state as the edge model stores it: fp32
-    weights, int32 id remaps, one weight per value for first-order tables; integer bookkeeping buffers
-    (offsets, salts) count at their own size.
-    Embedding bytes are the tables and the id remaps that lead into them."""
+def model_size(fmap: FeatureMap, payload: dict[str, Any]) -> tuple[int, dict[str, int]]:
+    """(float parameters, bytes by part) of a checkpoint, the bytes counted on the fp32 edge model
+    that ``ctr export`` would write: what deploy stores, not what training holds."""
+    state = payload["model"]
     params = sum(v.numel() for v in state.values() if v.is_floating_point())
-    size = sum(_stored_bytes(k, v) for k, v in state.items())
-    embedding = sum(_stored_bytes(k, v) for k, v in state.items() if ".ebc." in k or k.endswith(".remap"))
-    return params, size, embedding
+    model = plain_model(fmap, payload)
+    if model.embedding is None:  # LR: no edge form; its tables and dense term as stored in training
+        return params, {"embedding tables": sum(v.numel() * v.element_size() for v in state.values()),
+                        "id remap": 0, "dense layers": 0}
+    vocab = [int(f.num_embeddings or 0) for f in fmap.categorical]
+    return params, edge_bytes(edge_model(model, vocab))
 
 
 def validation_metrics(ctx: StageContext, payload: dict[str, Any]) -> dict[str, float]:

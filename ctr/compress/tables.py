@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ctr.modules.sparse import prefix_columns
+from ctr.structure import Layout
 from features.feature_map import FieldInfo
 
 EMBEDDING_PREFIX = "embedding."
@@ -20,16 +21,21 @@ def table_key(field: str) -> str:
     return f"{EMBEDDING_PREFIX}ebc.embedding_bags.emb_{field}.weight"
 
 
+def id_remap(state: dict[str, torch.Tensor], fields: list[FieldInfo]) -> list[torch.Tensor]:
+    """Per field, the table row of every id (-1: removed); ids map one to one without a remap."""
+    vocab = [int(f.num_embeddings or 0) for f in fields]
+    remap = state.get(REMAP_KEY, torch.cat([torch.arange(v, dtype=torch.int64) for v in vocab]))
+    return list(remap.split(vocab))
+
+
 def compact_rows(state: dict[str, torch.Tensor], fields: list[FieldInfo],
                  keep: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Tables cut to the rows ``keep[f]`` marks (a mask over the table's current rows), and the id
     remap renumbered to the new rows; an id whose row is dropped reads a zero vector (remap -1).
     Without a remap in ``state`` the ids map to rows one to one."""
     out = dict(state)
-    vocab = [int(f.num_embeddings or 0) for f in fields]
-    old_remap = state.get(REMAP_KEY, torch.cat([torch.arange(v, dtype=torch.int64) for v in vocab]))
     remaps, rows = [], []
-    for f, mask, old in zip(fields, keep, old_remap.split(vocab)):
+    for f, mask, old in zip(fields, keep, id_remap(state, fields)):
         table = state[table_key(f.name)]
         kept = mask.nonzero().flatten()
         # a field with no row left keeps one all-zero row that nothing reads (kernels need >= 1 row)
@@ -42,15 +48,26 @@ def compact_rows(state: dict[str, torch.Tensor], fields: list[FieldInfo],
     return out, rows
 
 
+def flat_columns(layout: Layout, num_keys: int, num_dense: int) -> torch.Tensor:
+    """Which positions of the full flat layout ``[keys x dim, dense]`` a model with ``layout`` reads."""
+    wide = num_keys * layout.dim
+    widths = layout.flat_widths
+    if widths is None:
+        return torch.arange(wide + num_dense)
+    return torch.cat([prefix_columns(widths, layout.dim), wide + torch.arange(num_dense)])
+
+
 def narrow_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], fields: list[FieldInfo],
-                 dim: int, num_dense: int, widths: list[int]) -> dict[str, torch.Tensor]:
-    """Wide weights -> the shapes of the same model with per-field ``widths``: each table keeps its
-    first ``widths[f]`` columns; every other tensor dimension that shrank indexes the flat input
-    ``[emb (F x dim), dense]`` and keeps the stored columns (plus, for a layer that reads
-    ``[flat, more]`` such as DCNv2's parallel head, everything after the flat part)."""
-    flat_wide = len(fields) * dim + num_dense
-    columns = torch.cat([prefix_columns(widths, dim), flat_wide - num_dense + torch.arange(num_dense)])
-    tables = {table_key(f.name): w for f, w in zip(fields, widths)}
+                 before: Layout, after: Layout, num_dense: int) -> dict[str, torch.Tensor]:
+    """Weights of a model with layout ``before`` -> the shapes of the same model with the narrower
+    tables of ``after``: each table keeps its first ``widths[f]`` columns; every other tensor
+    dimension that shrank indexes the flat input and keeps the columns ``after`` still reads (plus,
+    for a layer that reads ``[flat, more]`` such as DCNv2's parallel head, everything after the
+    flat part)."""
+    src = flat_columns(before, len(fields), num_dense)
+    dst = flat_columns(after, len(fields), num_dense)
+    positions = torch.searchsorted(src, dst)
+    tables = {table_key(f.name): w for f, w in zip(fields, after.stored_widths)}
     out = {}
     for key, value in state.items():
         target = shapes[key]
@@ -59,7 +76,7 @@ def narrow_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], 
         else:
             for d, (have, want) in enumerate(zip(value.shape, target)):
                 if have != want:
-                    value = value.index_select(d, torch.cat([columns, torch.arange(flat_wide, have)]))
+                    value = value.index_select(d, torch.cat([positions, torch.arange(len(src), have)]))
         if value.shape != target:
             raise ValueError(f"cannot narrow {key}: {tuple(state[key].shape)} -> {tuple(target)}")
         out[key] = value.clone()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from ctr.config import EmbeddingConfig
+from ctr.embedding_config import HashedEmbedding, HashedSize, UnifiedEmbedding
 from ctr.modules import META
 from ctr.modules.pooled import ordered_values, output_keys
 from features.feature_map import FieldInfo
@@ -38,11 +38,11 @@ class KeySpec:
     exact: bool
 
 
-def _exact(f: FieldInfo, cfg: EmbeddingConfig) -> bool:
+def _exact(f: FieldInfo, cfg: HashedSize) -> bool:
     return int(f.num_embeddings or 0) <= cfg.collisionless_max
 
 
-def budget_rows(cfg: EmbeddingConfig) -> int:
+def budget_rows(cfg: HashedSize) -> int:
     """Total table rows the config allows (``num_rows`` or ``budget_mb`` of fp32 values)."""
     if cfg.num_rows is not None:
         return cfg.num_rows
@@ -50,7 +50,7 @@ def budget_rows(cfg: EmbeddingConfig) -> int:
     return int(cfg.budget_mb * 2**20 // (cfg.dim * BYTES_PER_VALUE))
 
 
-def unified_keys(fields: list[FieldInfo], cfg: EmbeddingConfig) -> list[KeySpec]:
+def unified_keys(fields: list[FieldInfo], cfg: UnifiedEmbedding) -> list[KeySpec]:
     exact = [KeySpec(f"{f.name}@0", i, 0, f"exact_{f.name}", int(f.num_embeddings or 0), True)
              for i, f in enumerate(fields) if _exact(f, cfg)]
     shared_rows = budget_rows(cfg) - sum(k.rows for k in exact)
@@ -67,7 +67,7 @@ def unified_keys(fields: list[FieldInfo], cfg: EmbeddingConfig) -> list[KeySpec]
     return exact + sorted(shared, key=lambda k: k.table)  # grouped by table: the EBC's output order
 
 
-def hashed_keys(fields: list[FieldInfo], cfg: EmbeddingConfig) -> list[KeySpec]:
+def hashed_keys(fields: list[FieldInfo], cfg: HashedEmbedding) -> list[KeySpec]:
     """Per-field hashing: after the exact small fields, the rows are shared out in proportion to
     vocabulary (a proportional share reaches a field's vocabulary only when the budget covers
     every vocabulary, in which case every field is exact)."""
@@ -85,17 +85,17 @@ def hashed_keys(fields: list[FieldInfo], cfg: EmbeddingConfig) -> list[KeySpec]:
 class HashedSparseArch(nn.Module):
     """Looks up every (field, chunk) key: ``[B, K, D]``, keys grouped by table."""
 
-    def __init__(self, fields: list[FieldInfo], cfg: EmbeddingConfig, device: torch.device = META) -> None:
+    def __init__(self, num_fields: int, keys: list[KeySpec], dim: int, init_range: float, hash_seed: int,
+                 device: torch.device = META) -> None:
         super().__init__()
-        keys = unified_keys(fields, cfg) if cfg.kind == "unified" else hashed_keys(fields, cfg)
         self.hash_version = HASH_VERSION
-        self.num_fields = len(fields)
+        self.num_fields = num_fields
         self.num_keys = len(keys)
-        self.dim = cfg.dim
+        self.dim = dim
         self.key_names = [k.name for k in keys]
         self.register_buffer("field_index", torch.tensor([k.field for k in keys], dtype=torch.int64))
         self.register_buffer("salts", torch.tensor(
-            [[key_torch(mix_seed(cfg.hash_seed, k.field * 1024 + k.chunk))] for k in keys], dtype=torch.int64))
+            [[key_torch(mix_seed(hash_seed, k.field * 1024 + k.chunk))] for k in keys], dtype=torch.int64))
         self.register_buffer("buckets", torch.tensor([[k.rows] for k in keys], dtype=torch.int64))
         self.register_buffer("exact", torch.tensor([[k.exact] for k in keys], dtype=torch.bool))
         tables: dict[str, list[str]] = {}
@@ -103,9 +103,9 @@ class HashedSparseArch(nn.Module):
         for k in keys:
             tables.setdefault(k.table, []).append(k.name)
             rows[k.table] = k.rows
-        init = partial(nn.init.uniform_, a=-cfg.init_range, b=cfg.init_range)
+        init = partial(nn.init.uniform_, a=-init_range, b=init_range)
         self.ebc = EmbeddingBagCollection(tables=[
-            EmbeddingBagConfig(name=name, embedding_dim=cfg.dim, num_embeddings=rows[name], feature_names=names,
+            EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows[name], feature_names=names,
                                pooling=PoolingType.SUM, init_fn=init)
             for name, names in tables.items()], device=device)
         self.output_keys = output_keys(self.ebc)
@@ -126,3 +126,10 @@ class HashedSparseArch(nn.Module):
         keyed = KeyedJaggedTensor(keys=self.key_names, values=rows.reshape(-1),
                                   lengths=torch.ones(self.num_keys * batch, dtype=torch.int32), stride=batch)
         return ordered_values(self.ebc(keyed), self.output_keys).view(-1, self.num_keys, self.dim)
+
+
+def hashed_sparse_arch(fields: list[FieldInfo], cfg: HashedEmbedding | UnifiedEmbedding,
+                       device: torch.device = META) -> HashedSparseArch:
+    """The config-to-constructor mapping of the two hashed kinds."""
+    keys = unified_keys(fields, cfg) if cfg.kind == "unified" else hashed_keys(fields, cfg)
+    return HashedSparseArch(len(fields), keys, cfg.dim, cfg.init_range, cfg.hash_seed, device)

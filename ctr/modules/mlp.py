@@ -1,4 +1,4 @@
-"""The MLP tower shared by DNN, DeepFM and DCNv2."""
+"""The MLP tower shared by DNN, DeepFM, DCNv2 and FinalMLP."""
 
 from __future__ import annotations
 
@@ -26,3 +26,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def linears(self, prefix: str) -> list[str]:
+        """Paths (under ``prefix``) of the hidden Linears, in forward order."""
+        return [f"{prefix}.layers.{i}" for i, m in enumerate(self.layers) if isinstance(m, nn.Linear)]

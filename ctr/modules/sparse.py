@@ -7,46 +7,27 @@ materialised for evaluation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from ctr.config import EmbeddingConfig
+from ctr.embedding_config import EmbeddingConfig
 from ctr.modules import META
-from ctr.modules.hashed import HashedSparseArch
+from ctr.modules.hashed import hashed_sparse_arch
 from ctr.modules.pooled import ordered_values, output_keys
+from ctr.structure import Layout
 from features.feature_map import FieldInfo
 
 
-@dataclass(frozen=True)
-class TableLayout:
-    """How compression stages reshaped the model built from its config: per-field table rows,
-    whether ids are remapped, per-field table widths (a prefix of the configured width: OptEmbed,
-    AFM), the widths a per-field up-projection restores for the interactions (AFM), the Linear
-    layers replaced by two low-rank ones (path -> rank) and the BatchNorms folded into their Linear.
-    Saved beside the model config in every checkpoint, so the model can be rebuilt before loading."""
-
-    rows: list[int] | None = None
-    remapped: bool = False
-    widths: list[int] | None = None
-    expanded: list[int] | None = None
-    factorized: dict[str, int] = field(default_factory=dict)
-    folded_norms: list[str] = field(default_factory=list)
-
-    def reshapes_tables(self) -> bool:
-        return bool(self.rows or self.remapped or self.widths or self.expanded)
-
-
-def embedding_tables(fields: list[FieldInfo], widths: list[int], init_range: float, prefix: str,
+def embedding_tables(names: list[str], widths: list[int], init_range: float, prefix: str,
                      rows: list[int]) -> list[EmbeddingBagConfig]:
     init = partial(nn.init.uniform_, a=-init_range, b=init_range)
     return [
-        EmbeddingBagConfig(name=f"{prefix}_{f.name}", embedding_dim=w, num_embeddings=n,
-                           feature_names=[f.name], pooling=PoolingType.SUM, init_fn=init)
-        for f, n, w in zip(fields, rows, widths)
+        EmbeddingBagConfig(name=f"{prefix}_{name}", embedding_dim=w, num_embeddings=n,
+                           feature_names=[name], pooling=PoolingType.SUM, init_fn=init)
+        for name, n, w in zip(names, rows, widths)
     ]
 
 
@@ -67,25 +48,24 @@ class SparseArch(nn.Module):
     and ``columns`` lists the stored (non-padding) positions for the layers that take a flat input.
     """
 
-    def __init__(self, fields: list[FieldInfo], dim: int, init_range: float, prefix: str = "emb",
+    def __init__(self, names: list[str], vocab: list[int], dim: int, init_range: float, prefix: str = "emb",
                  device: torch.device = META, rows: list[int] | None = None,
                  remapped: bool = False, widths: list[int] | None = None) -> None:
         super().__init__()
-        self.num_fields = len(fields)
-        self.num_keys = len(fields)  # one lookup key per field
+        self.num_fields = len(names)
+        self.num_keys = len(names)  # one lookup key per field
         self.dim = dim
-        self.keys = [f.name for f in fields]
-        vocab = [int(f.num_embeddings or 0) for f in fields]
+        self.keys = list(names)
         self.widths = widths
         self.ebc = EmbeddingBagCollection(
-            tables=embedding_tables(fields, widths or [dim] * len(fields), init_range, prefix, rows or vocab),
+            tables=embedding_tables(names, widths or [dim] * len(names), init_range, prefix, rows or vocab),
             device=device)
         self.register_buffer("columns", prefix_columns(widths, dim) if widths else None, persistent=False)
         self.output_keys = output_keys(self.ebc)
         self.remapped = remapped
         if remapped:
             offsets = torch.tensor([0, *vocab[:-1]], dtype=torch.int64).cumsum(0)
-            self.register_buffer("remap_offsets", offsets.view(-1, 1))
+            self.register_buffer("remap_offsets", offsets.view(-1, 1), persistent=False)  # derived from the vocabularies
             self.register_buffer("remap", torch.cat([torch.arange(v, dtype=torch.int64) for v in vocab]))
 
     def _lookup(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
@@ -95,11 +75,16 @@ class SparseArch(nn.Module):
         padded = flat.new_zeros(flat.shape[0], self.num_fields * self.dim)
         return padded.index_copy(1, self.columns, flat).view(-1, self.num_fields, self.dim)
 
+    def table_rows(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """The table row each id reads, ``[F, B]`` (-1: the id's row was removed)."""
+        ids = sparse.values().view(self.num_fields, sparse.stride())
+        return self.remap[ids + self.remap_offsets] if self.remapped else ids
+
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         if not self.remapped:
             return self._lookup(sparse)
         batch = sparse.stride()
-        rows = self.remap[sparse.values().view(self.num_fields, batch) + self.remap_offsets]
+        rows = self.table_rows(sparse)
         kept = rows >= 0
         keyed = KeyedJaggedTensor(keys=self.keys, values=rows.clamp(min=0).reshape(-1),
                                   lengths=torch.ones(self.num_fields * batch, dtype=torch.int32), stride=batch)
@@ -107,14 +92,14 @@ class SparseArch(nn.Module):
         return emb * kept.T.unsqueeze(-1).to(emb.dtype)
 
 
-def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torch.device,
-                     tables: "TableLayout | None" = None) -> nn.Module:
-    """The sparse arch the ``model.embedding`` config names; all return ``[B, keys, dim]``."""
-    layout = tables or TableLayout()
+def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torch.device, layout: Layout,
+                     prefix: str = "emb") -> nn.Module:
+    """The sparse arch the ``model.embedding`` config names, with the tables the layout describes;
+    all return ``[B, keys, dim]``."""
     if cfg.kind == "per_field":
-        return SparseArch(fields, cfg.dim, cfg.init_range, device=device, rows=layout.rows,
-                          remapped=layout.remapped, widths=layout.widths)
+        return SparseArch([f.name for f in fields], [int(f.num_embeddings or 0) for f in fields], cfg.dim,
+                          cfg.init_range, prefix, device, rows=layout.rows, remapped=layout.remapped, widths=layout.widths)
     if layout.reshapes_tables():
         raise ValueError(f"embedding kind '{cfg.kind}' has shared hashed tables: per-field rows and widths "
-                         "(OptFS, OptEmbed) apply to kind 'per_field' only")
-    return HashedSparseArch(fields, cfg, device=device)
+                         f"(set by {', '.join(sorted(set(layout.by.values())))}) apply to kind 'per_field' only")
+    return hashed_sparse_arch(fields, cfg, device)

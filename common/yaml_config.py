@@ -16,12 +16,10 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from common.errors import ConfigError
+
 M = TypeVar("M", bound=BaseModel)
 COMMAND_LINE = "<command line>"
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file and the key."""
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -112,10 +110,26 @@ def _unwrap(annotation: Any) -> list[Any]:
     return [annotation]
 
 
-def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that owns the last element of ``loc``."""
+def _is_tag(cand: Any, part: Any) -> bool:
+    """Whether ``part`` is the discriminator value that selects ``cand`` in a tagged union."""
+    return isinstance(cand, type) and issubclass(cand, BaseModel) and any(
+        typing.get_origin(f.annotation) is typing.Literal and typing.get_args(f.annotation) == (part,)
+        for f in cand.model_fields.values())
+
+
+def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[Any]]:
+    """The pydantic model class that owns the last element of ``loc``, and ``loc`` without the
+    tags pydantic inserts for tagged unions (``model.dnn.hidden`` -> ``model.hidden``)."""
     current: list[Any] = [root]
-    for part in loc[:-1]:
+    path: list[Any] = []
+    for i, part in enumerate(loc):
+        tagged = [c for c in current if _is_tag(c, part)]
+        if tagged:
+            current = tagged
+            continue
+        path.append(part)
+        if i == len(loc) - 1:
+            break
         nxt: list[Any] = []
         for cand in current:
             if isinstance(part, int) and typing.get_origin(cand) is list:
@@ -125,10 +139,8 @@ def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | 
                 if field is not None:
                     nxt.extend(_unwrap(field.annotation))
         current = nxt
-    for cand in current:
-        if isinstance(cand, type) and issubclass(cand, BaseModel):
-            return cand
-    return None
+    owner = next((c for c in current if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return owner, path
 
 
 def _origin_of(dotted: str, origins: dict[str, str], default: str) -> str:
@@ -143,12 +155,12 @@ def _origin_of(dotted: str, origins: dict[str, str], default: str) -> str:
 def _describe(exc: ValidationError, model: type[BaseModel], origins: dict[str, str], default: str) -> str:
     lines = []
     for err in exc.errors():
-        loc = tuple(err["loc"])
-        named = [p for p in loc if isinstance(p, str) and not p.startswith("function-")]
-        dotted = ".".join(str(p) for p in loc)
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        owner, path = _walk(model, loc)
+        named = [p for p in path if isinstance(p, str)]
+        dotted = ".".join(str(p) for p in path)
         where = _origin_of(".".join(named), origins, default)
         if err["type"] == "extra_forbidden":
-            owner = _model_at(model, loc)
             valid = sorted(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -178,3 +190,10 @@ def validate_tree(model: type[M], tree: dict[str, Any], origins: dict[str, str],
         return model.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, model, origins, source)) from None
+
+
+def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two config trees (a key missing on one side counts)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from features.errors import DataError
+from common.errors import DataError
 from features.feature_map import FeatureMap
 
 _END = object()

@@ -1,0 +1,106 @@
+"""One object owns a run directory's layout, so no other module builds these paths by hand.
+
+``config.yaml`` (the resolved experiment), ``feature_map.json`` and ``data.json`` (where the
+prepared data is, stored relative to the run directory so the pair can move together or be read
+from any working directory), ``checkpoints/{last,best}.pt``, ``metrics.jsonl``, ``result.json``,
+``compress/NN_<stage>/`` with ``compress/report.jsonl``, ``export/`` and ``evaluation/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.atomic import atomic_write_text
+from common.errors import ConfigError
+from features.feature_map import FILE_NAME as FEATURE_MAP
+
+CONFIG_FILE = "config.yaml"
+LAST, BEST = "last.pt", "best.pt"
+STAGE_CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def feature_map(self) -> Path:
+        return self.root / FEATURE_MAP
+
+    @property
+    def data_json(self) -> Path:
+        return self.root / "data.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / BEST
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / LAST
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def compress(self) -> Path:
+        return self.root / "compress"
+
+    @property
+    def report(self) -> Path:
+        return self.compress / "report.jsonl"
+
+    def stage(self, index: int, name: str) -> Path:
+        return self.compress / f"{index:02d}_{name}"
+
+    def stage_checkpoints(self) -> list[Path]:
+        """Every finished stage's checkpoint, in recipe order."""
+        return sorted(self.compress.glob(f"[0-9][0-9]_*/{STAGE_CHECKPOINT}"))
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    def is_run(self) -> bool:
+        return self.feature_map.is_file()
+
+    def write_data_json(self, prepared: Path, feature_map_text: str) -> None:
+        """Where the prepared data is (relative to this directory, and absolute) and the feature map's sha256."""
+        relative = os.path.relpath(prepared.resolve(), self.root.resolve())
+        atomic_write_text(self.data_json, json.dumps({
+            "prepared": relative, "prepared_absolute": str(prepared.resolve()),
+            "feature_map_sha256": hashlib.sha256(feature_map_text.encode()).hexdigest()}, indent=2) + "\n")
+
+    def prepared_data(self) -> Path:
+        """The prepared data directory named by ``data.json``: relative to this directory (the two
+        moved together, or read from another working directory), else where it was (the run moved alone)."""
+        if not self.data_json.is_file():
+            raise ConfigError(f"{self.data_json}: missing; this run directory does not say where its data is "
+                              "(train it with 'ctr train')")
+        try:
+            record = json.loads(self.data_json.read_text())
+            candidates = [self.root / record["prepared"], Path(record.get("prepared_absolute", record["prepared"]))]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{self.data_json}: not a data.json written by ctr ({exc}); train the run again") from None
+        return next((c for c in candidates if c.is_dir()), candidates[0])

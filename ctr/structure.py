@@ -1,0 +1,150 @@
+"""What compression did to a model's structure: an ordered list of typed steps, replayed on the base
+architecture that the model config describes.
+
+Each stage reads its source's steps and appends its own, so stages compose in any order; a
+checkpoint, a stage folder and an edge manifest all carry the list. ``Layout.replay`` folds the
+list into the few facts that constructors need (table rows, remap, stored widths, projection,
+replaced Linears) and refuses, before any work, a step that cannot follow an earlier one, naming
+both. The kept ids themselves are not in a step: they are the ``remap`` tensor of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar, Union
+
+from common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SelectRows:
+    """Per field, the table keeps ``rows[f]`` rows; ids are looked up through a remap (a removed
+    id reads a zero vector, or its field's OOV row when ``removed_to`` is 'oov')."""
+
+    rows: list[int]
+    removed_to: str = "zero"
+    by: str = ""
+    kind: ClassVar[str] = "select_rows"
+
+
+@dataclass(frozen=True)
+class NarrowWidths:
+    """Field f's table keeps the first ``widths[f]`` columns (at most what it had)."""
+
+    widths: list[int]
+    by: str = ""
+    kind: ClassVar[str] = "narrow_widths"
+
+
+@dataclass(frozen=True)
+class FactorizeEmbedding:
+    """Field f's table becomes ``ranks[f]`` wide (PCA coordinates). ``folded``: the projection back
+    was folded into the first layer that reads the embeddings; otherwise a per-field projection of
+    ``rank`` (the widest rank) inputs restores the ``restores[f]`` values the interactions read."""
+
+    ranks: list[int]
+    restores: list[int]
+    folded: bool
+    by: str = ""
+    kind: ClassVar[str] = "factorize_embedding"
+
+
+@dataclass(frozen=True)
+class FactorizeLinear:
+    """The Linear at ``path`` becomes two (in -> rank -> out)."""
+
+    path: str
+    rank: int
+    by: str = ""
+    kind: ClassVar[str] = "factorize_linear"
+
+
+@dataclass(frozen=True)
+class FoldNorm:
+    """The BatchNorm at ``path`` was folded into the Linear before it and became an identity."""
+
+    path: str
+    by: str = ""
+    kind: ClassVar[str] = "fold_norm"
+
+
+Step = Union[SelectRows, NarrowWidths, FactorizeEmbedding, FactorizeLinear, FoldNorm]
+STEP_KINDS: dict[str, type] = {s.kind: s for s in (SelectRows, NarrowWidths, FactorizeEmbedding, FactorizeLinear, FoldNorm)}
+
+
+def step_to_dict(step: Step) -> dict[str, Any]:
+    return {"kind": step.kind, **asdict(step)}
+
+
+def step_from_dict(data: dict[str, Any]) -> Step:
+    values = dict(data)
+    kind = values.pop("kind", None)
+    if kind not in STEP_KINDS:
+        raise ConfigError(f"unknown structure step kind {kind!r} (known: {sorted(STEP_KINDS)})")
+    return STEP_KINDS[kind](**values)
+
+
+def steps_from_payload(payload: dict[str, Any]) -> tuple[Step, ...]:
+    return tuple(step_from_dict(s) for s in payload.get("steps", []))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The facts the constructors need, after replaying the steps on the base architecture."""
+
+    num_fields: int
+    dim: int
+    rows: list[int] | None = None  # per-field table rows (None: the feature map's vocabularies)
+    remapped: bool = False
+    widths: list[int] | None = None  # stored table widths (None: every field ``dim`` wide)
+    projection_rank: int | None = None  # AFM's per-field projection: inputs per field
+    restores: list[int] | None = None  # ... and the values it restores per field
+    factorized: dict[str, int] = field(default_factory=dict)
+    folded_norms: tuple[str, ...] = ()
+    by: dict[str, str] = field(default_factory=dict)  # which stage set what (for refusals)
+
+    @property
+    def stored_widths(self) -> list[int]:
+        return self.widths or [self.dim] * self.num_fields
+
+    @property
+    def flat_widths(self) -> list[int] | None:
+        """Per field, the values the flat input holds (None: all of them)."""
+        return self.restores or self.widths
+
+    def reshapes_tables(self) -> bool:
+        return self.rows is not None or self.remapped or self.widths is not None
+
+    def apply(self, step: Step) -> "Layout":
+        by = {**self.by, step.kind: step.by}
+        if isinstance(step, SelectRows):
+            if len(step.rows) != self.num_fields:
+                raise ConfigError(f"{step.by}: select_rows lists {len(step.rows)} fields, the model has {self.num_fields}")
+            return replace(self, rows=list(step.rows), remapped=True, by=by)
+        if isinstance(step, NarrowWidths):
+            wider = [f for f, (w, have) in enumerate(zip(step.widths, self.stored_widths)) if w > have]
+            if wider:
+                raise ConfigError(f"{step.by}: narrow_widths asks field(s) {wider} for more columns than the tables "
+                                  f"kept after {self.by.get('narrow_widths') or self.by.get('factorize_embedding')}")
+            return replace(self, widths=list(step.widths), by=by)
+        if isinstance(step, FactorizeEmbedding):
+            if self.projection_rank is not None or "factorize_embedding" in self.by:
+                raise ConfigError(f"{step.by}: the embeddings were already factorised by {self.by['factorize_embedding']}; "
+                                  "a second factorisation of the same tables is not supported (drop one of the two)")
+            return replace(self, widths=list(step.ranks), by=by,
+                           projection_rank=None if step.folded else max(step.ranks),
+                           restores=None if step.folded else list(step.restores))
+        if isinstance(step, FactorizeLinear):
+            if step.path in self.factorized:
+                raise ConfigError(f"{step.by}: layer {step.path} was already factorised by {self.by['factorize_linear']}")
+            return replace(self, factorized={**self.factorized, step.path: step.rank}, by=by)
+        if isinstance(step, FoldNorm):
+            return replace(self, folded_norms=(*self.folded_norms, step.path), by=by)
+        raise TypeError(f"not a structure step: {step!r}")
+
+    @classmethod
+    def replay(cls, steps: tuple[Step, ...] | list[Step], num_fields: int, dim: int) -> "Layout":
+        layout = cls(num_fields=num_fields, dim=dim)
+        for step in steps:
+            layout = layout.apply(step)
+        return layout

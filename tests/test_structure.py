@@ -1,0 +1,174 @@
+"""Compression as replayable structure steps: any stage order, content-keyed stages, the edge model
+built from the training modules, bytes counted on the edge format, and FinalMLP through all of it."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.errors import ConfigError
+from ctr.checkpoint import load_checkpoint
+from ctr.compress.recipe import run_recipe
+from ctr.compress.stage import model_size, plain_model
+from ctr.config import (AFMConfig, AFMStep, ExperimentConfig, OptEmbedConfig, OptEmbedStep, OptFSConfig, OptFSStep,
+                        RankRule, TrainerConfig)
+from ctr.embedding_config import embedding_config
+from ctr.models import model_config
+from ctr.run_dir import RunDir
+from ctr.structure import FactorizeEmbedding, Layout, NarrowWidths, SelectRows, step_from_dict, step_to_dict
+from ctr.train import Trainer
+from deploy.edge import edge_bytes, edge_model
+from deploy.export import export_model
+from features.prepare import PrepareResult
+from features.schema import DatasetConfig
+from pipelines.evaluate import evaluate
+
+STAGES = {
+    "optfs": OptFSStep(optfs=OptFSConfig(search_epochs=2, rewind_epoch=1, retrain_epochs=1, final_temp=50.0,
+                                         penalty=1e-4, gate_lr=0.05)),
+    "optembed": OptEmbedStep(optembed=OptEmbedConfig(rows=False, search_rows=2000, population=4, parents=2,
+                                                      generations=2, retrain_epochs=1)),
+    "afm": AFMStep(afm=AFMConfig(layer_rank=RankRule(fixed=4), embedding_rank=RankRule(fixed=4), finetune_epochs=0)),
+}
+MODELS = {
+    "dnn": {"name": "dnn", "hidden": [32, 16]},
+    "dcnv2": {"name": "dcnv2", "hidden": [16], "cross_layers": 2},
+    "finalmlp": {"name": "finalmlp", "stream1": [32, 16], "stream2": [16], "gate_hidden": [8], "heads": 4},
+}
+
+
+def experiment(prepared: PrepareResult, run_dir: Path, model: str, stages: list[str]) -> ExperimentConfig:
+    return ExperimentConfig(
+        name="t", dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared.output)),
+        model=model_config(embedding=embedding_config(dim=8), **MODELS[model]),
+        trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, progress=False, threads=1,
+                              run_dir=str(run_dir), lr=3e-3),
+        compress=[STAGES[s] for s in stages])
+
+
+@pytest.fixture(scope="module")
+def baselines(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One trained baseline per model, copied by each test that compresses it."""
+    out = {}
+    for model in MODELS:
+        run_dir = tmp_path_factory.mktemp(f"base_{model}")
+        cfg = experiment(prepared_criteo, run_dir, model, [])
+        Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, run_dir).fit()
+        (run_dir / "feature_map.json").write_text((prepared_criteo.output / "feature_map.json").read_text())
+        RunDir(run_dir).write_data_json(prepared_criteo.output, "")
+        out[model] = run_dir
+    return out
+
+
+def copy_run(baselines: dict[str, Path], model: str, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(baselines[model], run_dir)
+    return run_dir
+
+
+ORDERS = [list(order) for order in itertools.permutations(STAGES)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["dnn", "dcnv2"])
+@pytest.mark.parametrize("order", ORDERS, ids=["-".join(o) for o in ORDERS])
+def test_every_stage_order_gives_the_model_it_claims_and_exports(baselines: dict[str, Path], prepared_criteo: PrepareResult,
+                                                                 tmp_path: Path, model: str, order: list[str]) -> None:
+    run_dir = copy_run(baselines, model, tmp_path)
+    cfg = experiment(prepared_criteo, run_dir, model, order)
+    lines = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, run_dir)
+    assert [line["stage"] for line in lines] == ["baseline", *order]
+    for line in lines[1:]:  # each reshaping equals the masked / factorised model it came from
+        assert line["exact_max_diff"] <= 1e-6, (line["stage_id"], line["exact_max_diff"])
+    final = load_checkpoint(RunDir(run_dir).stage_checkpoints()[-1])
+    kinds = [s["kind"] for s in final["steps"]]
+    assert {"select_rows", "narrow_widths", "factorize_embedding"} <= set(kinds)  # every stage's steps survive
+    assert lines[-1]["bytes"] < lines[0]["bytes"]
+    manifest = export_model(run_dir, tmp_path / "m.pt", "latest")
+    assert manifest["parity"]["max_abs_diff"] <= 1e-5
+    assert manifest["steps"] == final["steps"]
+
+
+@pytest.mark.slow
+def test_finalmlp_trains_compresses_exports_and_evaluates(baselines: dict[str, Path], prepared_criteo: PrepareResult,
+                                                          tmp_path: Path) -> None:
+    run_dir = copy_run(baselines, "finalmlp", tmp_path)
+    cfg = experiment(prepared_criteo, run_dir, "finalmlp", ["optfs", "optembed", "afm"])
+    lines = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, run_dir)
+    assert lines[0]["valid_auc"] > 0.6 and all(line["exact_max_diff"] <= 1e-6 for line in lines[1:])
+    assert lines[-1]["factorized"]  # AFM found the two streams' Linears to factorise
+    exported = [tmp_path / "base.pt", tmp_path / "small.pt"]
+    export_model(run_dir, exported[0])
+    export_model(run_dir, exported[1], "latest")
+    test = prepared_criteo.output / prepared_criteo.feature_map.splits["test"].file
+    result = evaluate(exported, test, tmp_path / "evaluation")
+    assert [m["auc"] > 0.6 for m in result["models"]] == [True, True]
+
+
+@pytest.mark.slow
+def test_a_changed_stage_reruns_with_the_later_ones_and_unchanged_stages_are_reused(
+        baselines: dict[str, Path], prepared_criteo: PrepareResult, tmp_path: Path) -> None:
+    run_dir = copy_run(baselines, "dnn", tmp_path)
+    fmap, data = prepared_criteo.feature_map, prepared_criteo.output
+    run = RunDir(run_dir)
+    cfg = experiment(prepared_criteo, run_dir, "dnn", ["optfs", "afm"])
+    run_recipe(cfg, fmap, data, run_dir)
+    mtimes = lambda: [p.stat().st_mtime_ns for p in run.stage_checkpoints()]  # noqa: E731
+    first = mtimes()
+    run_recipe(cfg, fmap, data, run_dir)
+    assert mtimes() == first  # nothing changed: both reused
+    afm = AFMStep(afm=AFMConfig(layer_rank=RankRule(fixed=2), embedding_rank=RankRule(fixed=4), finetune_epochs=0))
+    changed = cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"stages": [STAGES["optfs"], afm]})})
+    lines = run_recipe(changed, fmap, data, run_dir)
+    second = mtimes()
+    assert second[0] == first[0] and second[1] != first[1]  # optfs reused, afm ran again
+    assert set(lines[2]["factorized"].values()) == {2}
+    superseded = sorted(p.name for p in (run.compress / "superseded").iterdir())
+    assert len(superseded) == 1 and superseded[0].startswith("02_afm-")
+    assert (run.compress / "superseded" / superseded[0] / "checkpoint.pt").is_file()  # moved aside, not deleted
+    optfs = OptFSStep(optfs=STAGES["optfs"].optfs.model_copy(update={"penalty": 2e-4}))
+    both = changed.model_copy(update={"compress": changed.compress.model_copy(update={"stages": [optfs, afm]})})
+    run_recipe(both, fmap, data, run_dir)
+    third = mtimes()
+    assert third[0] != second[0] and third[1] != second[1]  # the first stage changed: both ran
+    report = [line["stage_id"] for line in run_recipe(both, fmap, data, run_dir)]
+    assert report == ["00_baseline", "01_optfs", "02_afm"] and mtimes() == third
+
+
+def test_steps_round_trip_and_refuse_what_cannot_follow() -> None:
+    steps = [SelectRows(rows=[5, 6], by="01_optfs"), NarrowWidths(widths=[4, 8], by="02_optembed"),
+             FactorizeEmbedding(ranks=[4, 4], restores=[4, 8], folded=False, by="03_afm")]
+    assert [step_from_dict(step_to_dict(s)) for s in steps] == steps
+    layout = Layout.replay(steps, num_fields=2, dim=8)
+    assert layout.rows == [5, 6] and layout.widths == [4, 4] and layout.flat_widths == [4, 8]
+    with pytest.raises(ConfigError, match="already factorised by 03_afm"):
+        layout.apply(FactorizeEmbedding(ranks=[4, 4], restores=[4, 4], folded=True, by="04_afm"))
+    with pytest.raises(ConfigError, match="02_optembed.*more columns"):
+        Layout.replay([NarrowWidths(widths=[4, 4], by="01_optembed"), NarrowWidths(widths=[8, 4], by="02_optembed")], 2, 8)
+
+
+def test_the_edge_model_reuses_the_trained_dense_arch_and_bytes_are_what_it_stores(
+        baselines: dict[str, Path], prepared_criteo: PrepareResult, tmp_path: Path) -> None:
+    fmap = prepared_criteo.feature_map
+    payload = load_checkpoint(RunDir(baselines["dcnv2"]).best)
+    model = plain_model(fmap, payload)
+    edge = edge_model(model, [f.num_embeddings for f in fmap.categorical])
+    assert edge.arch is model.arch  # the same modules: no second forward
+    parts = edge_bytes(edge)
+    assert model_size(fmap, payload)[1] == parts
+    tables = sum(t.numel() for name, t in model.state_dict().items() if "embedding_bags" in name and "first" not in name)
+    assert parts["embedding tables"] >= 4 * tables and parts["id remap"] == 0
+    manifest = export_model(baselines["dcnv2"], tmp_path / "m.pt")
+    assert manifest["bytes_by_part"] == parts
+    assert 0 < manifest["file_bytes"] - sum(parts.values()) < 200_000  # the file: these tensors plus code and zip
+
+
+def test_a_key_of_another_model_is_an_error_naming_it() -> None:
+    with pytest.raises(ValueError, match="cross_layers"):
+        model_config(name="dnn", cross_layers=3)
+    with pytest.raises(ValueError, match="greater than 0"):
+        model_config(name="dnn", hidden=[-5])
