@@ -22,7 +22,6 @@ from typing import Any
 import polars as pl
 import torch
 
-from _common import load_note
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import StageContext, model_size, plain_model
 from ctr.config import load_experiment
@@ -33,6 +32,8 @@ from features.feature_map import FeatureMap
 from features.vocab import OOV_ID
 from pipelines.compress_job import run_compress
 from pipelines.train_job import prepared_data, run_dir_of, run_train
+
+from _common import load_note
 
 EXPERIMENTS = Path("configs/experiments")
 SUITES = {

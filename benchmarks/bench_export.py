@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from _common import WORK, load_note
 from ctr.config import load_experiment
+from ctr.loader import ParquetBatches
 from deploy.export import export_model, latency, load_edge
 from features.feature_map import FeatureMap
-from ctr.loader import ParquetBatches
 from pipelines.train_job import prepared_data
+
+from _common import WORK, load_note
 
 CONFIGS = [Path("configs/experiments/synthetic_dcnv2_full.yaml"), Path("configs/experiments/synthetic_deepfm_full.yaml")]
 

@@ -16,12 +16,13 @@ import warnings
 
 import torch
 
+from ctr.distributed import local_process_group
+from ctr.loader import ParquetBatches
+from ctr.models import model_config
+from ctr.train import default_threads
+
 from _common import load_note, prepared
 from bench_train import BATCH, train_rate
-from ctr.models import model_config
-from ctr.distributed import local_process_group
-from ctr.train import default_threads
-from ctr.loader import ParquetBatches
 
 
 def main() -> None:

@@ -21,14 +21,14 @@ import torch
 from torch import nn
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from _common import load_note
-from ctr.models import model_config
 from ctr.distributed import local_process_group, shard_model
+from ctr.loader import ParquetBatches
 from ctr.metrics import classification_metrics
-from ctr.models import build_model
+from ctr.models import build_model, model_config
 from ctr.train import default_threads, predict
 from features.feature_map import FeatureMap
-from ctr.loader import ParquetBatches
+
+from _common import load_note
 
 BATCH = 4096
 

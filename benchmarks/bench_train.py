@@ -12,24 +12,23 @@ Usage: python benchmarks/bench_train.py [--rows 1000000] [--steps 40] [--threads
 
 from __future__ import annotations
 
-from typing import Any
-
 import argparse
 import logging
 import time
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
-from _common import load_note, prepared
 from ctr.config import TrainerConfig
-from ctr.models import model_config
 from ctr.distributed import local_process_group, shard_model
-from ctr.models import build_model
+from ctr.loader import Batch, ParquetBatches
+from ctr.models import build_model, model_config
 from ctr.train import default_threads
 from features.feature_map import FeatureMap
-from ctr.loader import Batch, ParquetBatches
+
+from _common import load_note, prepared
 
 BATCH = 4096
 

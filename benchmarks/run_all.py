@@ -35,26 +35,27 @@ from typing import Any
 
 import polars as pl
 import torch
+from peer_env import peer_python
+
+from common.atomic import atomic_write_text
+from ctr.checkpoint import load_checkpoint
+from ctr.compress.stage import plain_model
+from ctr.config import load_experiment
+from ctr.distributed import local_process_group
+from ctr.loader import ParquetBatches
+from ctr.models import build_model
+from ctr.run_dir import RunDir
+from ctr.train import Trainer, default_threads
+from features.feature_map import FeatureMap
+from features.parse import ROW
+from features.schema import SplitConfig
+from features.split import SPLITS, split_expr
+from pipelines.train_job import prepared_data, run_train
 
 from _common import WORK, criteo_raw, load_note, run_measured
 from bench_compress import measure, size_auc_table
 from bench_export import export_table, exported
 from bench_train import BATCH, grown, linear_shapes, matmul_rate, model_flops_per_sample, step_rate
-from ctr.checkpoint import load_checkpoint
-from ctr.compress.stage import plain_model
-from ctr.config import load_experiment
-from ctr.distributed import local_process_group
-from ctr.models import build_model
-from ctr.run_dir import RunDir
-from ctr.train import Trainer, default_threads
-from common.atomic import atomic_write_text
-from features.feature_map import FeatureMap
-from ctr.loader import ParquetBatches
-from features.parse import ROW
-from features.schema import SplitConfig
-from features.split import SPLITS, split_expr
-from peer_env import peer_python
-from pipelines.train_job import prepared_data, run_train
 
 HERE = Path(__file__).parent
 PEER = HERE / "peer_fuxictr.py"

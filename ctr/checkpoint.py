@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from common.errors import CheckpointError
 from common.atomic import atomic_write
+from common.errors import CheckpointError
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

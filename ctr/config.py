@@ -17,6 +17,7 @@ from common.yaml_config import load_config
 from ctr.models import ModelConfig
 from features.schema import DatasetConfig
 
+
 class RayConfig(Strict):
     """Where and how ``trainer.num_workers > 1`` (or ``ctr train --ray``) runs on Ray.
 

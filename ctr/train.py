@@ -29,19 +29,28 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from common.atomic import atomic_write_text
+from common.errors import TrainingDiverged
+from common.json_lines import append_json_line, read_json_lines
 from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.config import ExperimentConfig
-from ctr.distributed import (CPU, fused_optimizer_state, load_fused_optimizer_state, load_plain_state_dict,
-                             local_process_group, plain_state_dict, set_sparse_lr, shard_model, sharding_summary)
-from common.errors import TrainingDiverged
+from ctr.distributed import (
+    CPU,
+    fused_optimizer_state,
+    load_fused_optimizer_state,
+    load_plain_state_dict,
+    local_process_group,
+    plain_state_dict,
+    set_sparse_lr,
+    shard_model,
+    sharding_summary,
+)
+from ctr.loader import Batch, ParquetBatches
 from ctr.metrics import classification_metrics
 from ctr.models import build_model
 from ctr.run_dir import BEST, LAST, RunDir
 from ctr.structure import Step, step_to_dict
-from common.atomic import atomic_write_text
 from features.feature_map import FeatureMap
-from common.json_lines import append_json_line, read_json_lines
-from ctr.loader import Batch, ParquetBatches
 
 log = logging.getLogger("ctr.train")
 MIN_IMPROVEMENT = 1e-6

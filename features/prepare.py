@@ -32,7 +32,16 @@ from common.atomic import publish_dir, scratch_dir_beside
 from common.errors import DataError
 from features.feature_map import FeatureMap, FieldInfo, SourceInfo, SplitInfo
 from features.hashing import HASH_VERSION
-from features.parse import LINE, RAW, REASON, ROW, check_readable, explain_read_failure, scan_delimited, scan_parquet_raw
+from features.parse import (
+    LINE,
+    RAW,
+    REASON,
+    ROW,
+    check_readable,
+    explain_read_failure,
+    scan_delimited,
+    scan_parquet_raw,
+)
 from features.schema import DatasetConfig, Layout, config_fingerprint, resolve_layout
 from features.split import SPLIT_COLUMN, SPLITS, TIME_COLUMN, split_expr, time_cut_points
 from features.transforms import LABEL_COLUMN, FeatureSpec, feature_expr, feature_specs

@@ -10,9 +10,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from common.errors import CheckpointError, ExportError, TrainingDiverged
-from common.errors import DataError
-from common.errors import ConfigError
+from common.errors import CheckpointError, ConfigError, DataError, ExportError, TrainingDiverged
 
 
 def _generate(args: argparse.Namespace) -> None:

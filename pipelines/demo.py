@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from ctr.config import load_experiment
+from ctr.loader import ParquetBatches
 from ctr.run_dir import RunDir
 from deploy.export import export_model, latency, load_edge
-from ctr.loader import ParquetBatches
 from pipelines.compress_job import run_compress
 from pipelines.evaluate import evaluate
 from pipelines.train_job import prepared_data, run_dir_of, run_train

@@ -25,17 +25,17 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from common.atomic import atomic_write_text
+from common.digest import sha256_file
+from common.errors import DataError
+from common.json_lines import read_json_lines
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import model_size, plain_model
+from ctr.loader import make_batch, stack_columns
 from ctr.metrics import auc, auc_interval, classification_metrics, delong_test
-from common.digest import sha256_file
 from ctr.run_dir import STAGE_CHECKPOINT, RunDir
 from deploy.export import load_edge, manifest_path, resolve_source
-from common.atomic import atomic_write_text
-from common.errors import DataError
 from features.feature_map import FeatureMap
-from common.json_lines import read_json_lines
-from ctr.loader import make_batch, stack_columns
 
 RELIABILITY_BINS = 10
 BATCH_ROWS = 65536

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from common.yaml_config import read_config, validate_tree
 from features.prepare import PrepareResult, prepare
 from features.schema import DatasetConfig, DatasetFile
-from common.yaml_config import read_config, validate_tree
 from pipelines.synthetic import generate
 
 log = logging.getLogger("ctr.prepare")

@@ -33,15 +33,15 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from common.atomic import atomic_write
+from common.json_lines import read_json_lines
 from ctr.checkpoint import load_checkpoint
 from ctr.config import ExperimentConfig, RayConfig
 from ctr.distributed import CPU
+from ctr.loader import Batch, make_batch, stack_columns
 from ctr.run_dir import BEST, LAST, RunDir
 from ctr.train import Runtime, Trainer
-from common.atomic import atomic_write
 from features.feature_map import FeatureMap
-from common.json_lines import read_json_lines
-from ctr.loader import Batch, make_batch, stack_columns
 
 log = logging.getLogger("ctr.train")
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DEDUP_LOGS": "1"}

@@ -18,8 +18,8 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from ctr.metrics import auc
 from common.atomic import atomic_write_text
+from ctr.metrics import auc
 from features.schema import AVAZU_CATEGORIES, CRITEO_CATEGORIES, CRITEO_INTEGERS
 
 Kind = Literal["criteo", "avazu"]

@@ -14,14 +14,14 @@ from typing import Any
 
 import yaml
 
+from common.atomic import atomic_write_text
+from common.errors import ConfigError
 from ctr.config import ExperimentConfig, load_experiment
 from ctr.run_dir import RunDir
 from ctr.train import Trainer
-from common.atomic import atomic_write_text
 from features.feature_map import FILE_NAME, FeatureMap
 from features.prepare import prepare
 from features.schema import config_fingerprint
-from common.errors import ConfigError
 from pipelines.prepare_job import ensure_synthetic_raw
 
 log = logging.getLogger("ctr.train")

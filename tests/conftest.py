@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
+from common.atomic import atomic_write_text
 from ctr.compress.recipe import run_recipe
 from ctr.config import AFMConfig, AFMStep, ExperimentConfig, RankRule, TrainerConfig
-from ctr.models import model_config
 from ctr.embedding_config import embedding_config
+from ctr.models import model_config
 from ctr.train import Trainer
-from common.atomic import atomic_write_text
 from features.prepare import PrepareResult, prepare
 from features.schema import DatasetConfig
 from pipelines.synthetic import generate

@@ -8,6 +8,7 @@ import pytest
 
 import features.prepare as prepare_module
 from common.errors import DataError
+
 from conftest import run_prepare
 
 GOOD = "0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t10\t11\t12\t13\t" + "\t".join(f"{i:08x}" for i in range(26))

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
+
 from conftest import DATA
 
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from deploy.export import export_model
 from common.errors import DataError
+from deploy.export import export_model
 from features.prepare import PrepareResult
 from pipelines.evaluate import evaluate, load_scorer
 

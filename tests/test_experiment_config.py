@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from ctr.config import load_experiment
 from common.errors import ConfigError
+from ctr.config import load_experiment
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "experiments"
 

@@ -5,13 +5,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ctr.models import model_config
+from ctr.distributed import (
+    fused_optimizer_state,
+    load_plain_state_dict,
+    local_process_group,
+    plain_state_dict,
+    shard_model,
+)
 from ctr.embedding_config import embedding_config
-from ctr.distributed import (fused_optimizer_state, load_plain_state_dict, local_process_group,
-                             plain_state_dict, shard_model)
-from ctr.models import build_model
-from ctr.modules.interactions import CrossNetwork, factorization_machine
 from ctr.loader import ParquetBatches
+from ctr.models import build_model, model_config
+from ctr.modules.interactions import CrossNetwork, factorization_machine
 from features.prepare import PrepareResult
 
 

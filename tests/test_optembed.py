@@ -1,8 +1,8 @@
 """OptEmbed: straight-through gradient, prefix masks, evolution operators, exact narrowing, the stage."""
 
 from pathlib import Path
-
 from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -13,14 +13,12 @@ from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import plain_model
 from ctr.compress.tables import REMAP_KEY, compact_rows, narrow_state
 from ctr.config import ExperimentConfig, OptEmbedConfig, OptEmbedStep, TrainerConfig
-from ctr.models import model_config
 from ctr.embedding_config import embedding_config
-from ctr.models import build_model
-from ctr.models import model_layout
+from ctr.loader import Batch, ParquetBatches
+from ctr.models import build_model, model_config, model_layout
 from ctr.structure import NarrowWidths, step_to_dict
 from ctr.train import Trainer
 from features.feature_map import FieldInfo
-from ctr.loader import Batch, ParquetBatches
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig
 

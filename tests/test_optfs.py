@@ -12,15 +12,14 @@ from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import StageContext, plain_model
 from ctr.compress.tables import compact_rows, id_remap
 from ctr.config import ExperimentConfig, OptFSConfig, OptFSStep, TrainerConfig
-from ctr.models import model_config
-from ctr.embedding_config import embedding_config
 from ctr.distributed import local_process_group
-from ctr.models import build_model
+from ctr.embedding_config import embedding_config
+from ctr.loader import make_batch
+from ctr.models import build_model, model_config
 from ctr.modules.sparse import SparseArch
 from ctr.structure import SelectRows, step_to_dict
 from ctr.train import Trainer
 from features.feature_map import FieldInfo
-from ctr.loader import make_batch
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig
 

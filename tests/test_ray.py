@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import ray
 
-from ctr.config import ExperimentConfig, RayConfig, TrainerConfig
-from ctr.models import model_config
-from ctr.embedding_config import embedding_config
-from ctr.train import Trainer
 from common.json_lines import read_json_lines
+from ctr.config import ExperimentConfig, RayConfig, TrainerConfig
+from ctr.embedding_config import embedding_config
+from ctr.models import model_config
+from ctr.train import Trainer
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig
 from pipelines.ray_train import run_ray_train, start_ray

@@ -7,6 +7,7 @@ import pytest
 
 from common.errors import DataError
 from features.vocab import BLANK_ID
+
 from conftest import DATA, run_prepare
 
 

@@ -9,13 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ctr.models import model_config
-from ctr.embedding_config import embedding_config
 from ctr.distributed import fused_optimizer_state, load_plain_state_dict, plain_state_dict, shard_model
-from ctr.models import build_model
+from ctr.embedding_config import embedding_config
+from ctr.loader import ParquetBatches
+from ctr.models import build_model, model_config
 from ctr.train import predict
 from features.feature_map import FeatureMap
-from ctr.loader import ParquetBatches
 from features.prepare import PrepareResult
 
 MODEL = model_config(name="dcnv2", hidden=[16], cross_layers=1, embedding=embedding_config(dim=8))

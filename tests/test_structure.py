@@ -8,14 +8,22 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from common.errors import ConfigError
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import model_size, plain_model
-from ctr.config import (AFMConfig, AFMStep, ExperimentConfig, OptEmbedConfig, OptEmbedStep, OptFSConfig, OptFSStep,
-                        RankRule, TrainerConfig)
+from ctr.config import (
+    AFMConfig,
+    AFMStep,
+    ExperimentConfig,
+    OptEmbedConfig,
+    OptEmbedStep,
+    OptFSConfig,
+    OptFSStep,
+    RankRule,
+    TrainerConfig,
+)
 from ctr.embedding_config import embedding_config
 from ctr.models import model_config
 from ctr.run_dir import RunDir

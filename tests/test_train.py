@@ -9,8 +9,8 @@ import torch
 import ctr.train as train_module
 from ctr.checkpoint import CheckpointError, load_checkpoint
 from ctr.config import ExperimentConfig, TrainerConfig
-from ctr.models import model_config
 from ctr.embedding_config import embedding_config
+from ctr.models import model_config
 from ctr.train import Trainer, TrainingDiverged
 from features.prepare import PrepareResult
 from features.schema import DatasetConfig

@@ -4,6 +4,7 @@ from ctr.config import ExperimentConfig
 from ctr.models import model_config
 from features.schema import DatasetConfig
 from pipelines.train_job import prepared_data
+
 from conftest import DATA
 
 

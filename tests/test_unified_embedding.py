@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from ctr.models import model_config
 from ctr.embedding_config import embedding_config
-from ctr.models import build_model
+from ctr.loader import make_batch
+from ctr.models import build_model, model_config
 from ctr.modules.hashed import hashed_keys, hashed_sparse_arch, unified_keys
 from features.feature_map import FieldInfo
 from features.hashing import bucket_torch, hash_numpy, hash_torch, key_torch, mix_seed
-from ctr.loader import make_batch
 
 
 def fields(*sizes: int) -> list[FieldInfo]:

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from features.schema import DatasetFile
 from common.errors import ConfigError
 from common.yaml_config import load_config
+from features.schema import DatasetFile
 
 BASE = """
 dataset:

@@ -21,8 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctr.compress.stage import (StageContext, StageOutput, max_difference, model_size, plain_model, source_layout,
-                                stage_payload, validation_metrics)
+from common.errors import ConfigError
+from ctr.compress.stage import (
+    StageContext,
+    StageOutput,
+    max_difference,
+    model_size,
+    plain_model,
+    source_layout,
+    stage_payload,
+    validation_metrics,
+)
 from ctr.compress.tables import table_key
 from ctr.config import AFMConfig, RankRule
 from ctr.distributed import plain_state_dict
@@ -112,7 +121,7 @@ def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], budget: in
     ranks = {name: 1 for name in spectra}
     used = sum(cost[name] + o for name, (_, _, o) in spectra.items())  # + the second factor's bias
     if used > budget:
-        raise ValueError(f"a budget of {budget:,} parameters is below rank 1 for every layer ({used:,})")
+        raise ConfigError(f"a budget of {budget:,} parameters is below rank 1 for every layer ({used:,})")
     while True:
         best, gain = None, -1.0
         for name, k in ranks.items():
@@ -248,7 +257,7 @@ class AFMStage:
         budget_bytes = (self.cfg.layers_budget_mb * 2**20 if self.cfg.layers_budget_mb is not None
                         else ctx.target_mb * 2**20 - others)
         if budget_bytes <= 0:
-            raise ValueError(f"compress.target_mb {ctx.target_mb}: the parts AFM does not factorise already take "
+            raise ConfigError(f"compress.target_mb {ctx.target_mb}: the parts AFM does not factorise already take "
                              f"{others / 2**20:.3f} MB; compress the embeddings further (OptFS, OptEmbed, a lower "
                              f"afm.embedding_rank) or raise the target")
         return int(budget_bytes // BYTES_PER_PARAM)
@@ -317,15 +326,15 @@ class AFMStage:
         """AFM factorises each table and layer once: a second pass over the same parts is refused up front."""
         c = self.cfg
         if c.embeddings and "factorize_embedding" in layout.by:
-            raise ValueError(f"{ctx.stage_id}: afm.embeddings cannot follow {layout.by['factorize_embedding']}, "
+            raise ConfigError(f"{ctx.stage_id}: afm.embeddings cannot follow {layout.by['factorize_embedding']}, "
                              "which already factorised the embeddings (set embeddings: false here, or drop one stage)")
         if c.layers and layout.factorized:
-            raise ValueError(f"{ctx.stage_id}: afm.layers cannot follow {layout.by['factorize_linear']}, which already "
+            raise ConfigError(f"{ctx.stage_id}: afm.layers cannot follow {layout.by['factorize_linear']}, which already "
                              "factorised the layers (set layers: false here, or drop one stage)")
         if c.embeddings and ctx.cfg.model.embedding.kind != "per_field":
-            raise ValueError("afm.embeddings needs per-field tables (embedding kind 'per_field')")
+            raise ConfigError("afm.embeddings needs per-field tables (embedding kind 'per_field')")
         if not MODELS[ctx.cfg.model.name].embeddings:
-            raise ValueError(f"afm compresses embeddings and layers; model '{ctx.cfg.model.name}' has neither")
+            raise ConfigError(f"afm compresses embeddings and layers; model '{ctx.cfg.model.name}' has neither")
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         c = self.cfg

@@ -31,6 +31,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from common.atomic import atomic_write_text
+from common.errors import ConfigError
 from common.json_lines import append_json_line, read_json_lines
 from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
@@ -135,7 +136,7 @@ class WidthSearch:
         self.rng = np.random.default_rng(seed)
         narrowest = int(kept_rows.sum()) * WIDTH_STEP
         if self.budget is not None and narrowest > self.budget:
-            raise ValueError(f"optembed.max_embedding_share {cfg.max_embedding_share} is below what the narrowest "
+            raise ConfigError(f"optembed.max_embedding_share {cfg.max_embedding_share} is below what the narrowest "
                              f"candidate (every field {WIDTH_STEP} wide) needs: {narrowest / full_params:.4f}")
 
     def params(self, widths: np.ndarray) -> int:
@@ -301,7 +302,7 @@ class OptEmbedStage:
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         if ctx.cfg.model.embedding.kind != "per_field":
-            raise ValueError("optembed needs per-field tables (embedding kind 'per_field'); "
+            raise ConfigError("optembed needs per-field tables (embedding kind 'per_field'); "
                              f"kind '{ctx.cfg.model.embedding.kind}' shares hashed tables")
         steps, layout = source_layout(ctx, source)
         fields = ctx.fmap.categorical

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from common.errors import ConfigError
 from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
 from ctr.compress.tables import REMAP_KEY, compact_rows, id_remap, table_key
 from ctr.config import OptFSConfig
@@ -128,7 +129,7 @@ class OptFSStage:
         fields = ctx.fmap.categorical
         steps, layout = source_layout(ctx, source)
         if ctx.cfg.model.embedding.kind != "per_field":
-            raise ValueError(f"optfs selects rows of per-field tables; embedding kind '{ctx.cfg.model.embedding.kind}' "
+            raise ConfigError(f"optfs selects rows of per-field tables; embedding kind '{ctx.cfg.model.embedding.kind}' "
                              "shares hashed tables (use kind 'per_field')")
         sizes = [int(source["model"][table_key(f.name)].shape[0]) for f in fields]
         kept, snapshot = self._search(ctx, source, steps, sizes)

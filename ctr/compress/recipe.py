@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write_text
-from common.json_lines import read_json_lines
 from common.digest import sha256_file
+from common.errors import ConfigError
+from common.json_lines import read_json_lines
 from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.compress.afm import AFMStage
 from ctr.compress.optembed import OptEmbedStage
@@ -149,7 +150,7 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run: RunDir) -
         keep(_line(folder.name, name, ctx, source, time.perf_counter() - started, result.details, source_sha))
     target = cfg.compress.target_mb
     if target is not None and lines[-1]["bytes"] > target * 2**20:
-        raise ValueError(f"compress.target_mb {target}: the recipe's final model is {lines[-1]['bytes'] / 2**20:.3f} MB "
+        raise ConfigError(f"compress.target_mb {target}: the recipe's final model is {lines[-1]['bytes'] / 2**20:.3f} MB "
                          f"({lines[-1]['stage_id']}); add or tighten stages (OptFS, OptEmbed, AFM ranks)")
     return lines
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+from common.errors import ConfigError
 from ctr.embedding_config import HashedEmbedding, HashedSize, UnifiedEmbedding
 from ctr.modules import META
 from ctr.modules.pooled import ordered_values, output_keys
@@ -56,12 +57,12 @@ def unified_keys(fields: list[FieldInfo], cfg: UnifiedEmbedding) -> list[KeySpec
     shared_rows = budget_rows(cfg) - sum(k.rows for k in exact)
     per_table = shared_rows // cfg.num_tables
     if per_table < 1:
-        raise ValueError(f"embedding budget of {budget_rows(cfg)} rows leaves no room for the shared table(s) after "
+        raise ConfigError(f"embedding budget of {budget_rows(cfg)} rows leaves no room for the shared table(s) after "
                          f"{sum(k.rows for k in exact)} rows of exact small-vocabulary tables (collisionless_max)")
     multiplexed = [(i, f, j) for i, f in enumerate(fields) if not _exact(f, cfg) for j in range(cfg.chunks.get(f.name, 1))]
     unknown = sorted(set(cfg.chunks) - {f.name for f in fields})
     if unknown:
-        raise ValueError(f"embedding.chunks names unknown field(s) {unknown}")
+        raise ConfigError(f"embedding.chunks names unknown field(s) {unknown}")
     shared = [KeySpec(f"{f.name}@{j}", i, j, f"unified_{n % cfg.num_tables}", per_table, False)
               for n, (i, f, j) in enumerate(multiplexed)]
     return exact + sorted(shared, key=lambda k: k.table)  # grouped by table: the EBC's output order
@@ -77,7 +78,7 @@ def hashed_keys(fields: list[FieldInfo], cfg: HashedEmbedding) -> list[KeySpec]:
     left = budget - sum(v for v, e in zip(vocab, exact) if e)
     total = sum(v for v, e in zip(vocab, exact) if not e)
     if left < sum(not e for e in exact):
-        raise ValueError(f"embedding budget of {budget} rows is too small for per-field hashing of {len(fields)} fields")
+        raise ConfigError(f"embedding budget of {budget} rows is too small for per-field hashing of {len(fields)} fields")
     rows = [v if e else max(1, left * v // total) for v, e in zip(vocab, exact)]
     return [KeySpec(f"{f.name}@0", i, 0, f"hash_{f.name}", rows[i], exact[i]) for i, f in enumerate(fields)]
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+from common.errors import ConfigError
 from ctr.embedding_config import EmbeddingConfig
 from ctr.modules import META
 from ctr.modules.hashed import hashed_sparse_arch
@@ -100,6 +101,6 @@ def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torc
         return SparseArch([f.name for f in fields], [int(f.num_embeddings or 0) for f in fields], cfg.dim,
                           cfg.init_range, prefix, device, rows=layout.rows, remapped=layout.remapped, widths=layout.widths)
     if layout.reshapes_tables():
-        raise ValueError(f"embedding kind '{cfg.kind}' has shared hashed tables: per-field rows and widths "
+        raise ConfigError(f"embedding kind '{cfg.kind}' has shared hashed tables: per-field rows and widths "
                          f"(set by {', '.join(sorted(set(layout.by.values())))}) apply to kind 'per_field' only")
     return hashed_sparse_arch(fields, cfg, device)
