@@ -24,7 +24,7 @@ import torch
 
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import StageContext, model_size, plain_model
-from ctr.config import load_experiment
+from ctr.experiment import load_experiment
 from ctr.metrics import classification_metrics
 from ctr.run_dir import STAGE_CHECKPOINT, RunDir
 from ctr.train import predict

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ctr.config import load_experiment
+from ctr.experiment import load_experiment
 from ctr.loader import ParquetBatches
 from deploy.export import export_model, latency, load_edge
 from features.feature_map import FeatureMap

@@ -18,10 +18,11 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import WORK, load_note, prepared
-from ctr.config import load_experiment
+from ctr.experiment import load_experiment
 from ctr.train import Trainer
 from pipelines.ray_train import run_ray_train
+
+from _common import WORK, load_note, prepared
 
 
 def main() -> None:

@@ -16,11 +16,12 @@ import shutil
 import warnings
 from pathlib import Path
 
-from _common import WORK, load_note
-from ctr.config import load_experiment
 from ctr.distributed import embedding_collections
+from ctr.experiment import load_experiment
 from ctr.models import build_model
 from pipelines.train_job import prepared_data, run_train
+
+from _common import WORK, load_note
 
 
 def embedding_params(config: Path, overrides: list[str]) -> int:

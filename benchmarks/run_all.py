@@ -40,8 +40,8 @@ from peer_env import peer_python
 from common.atomic import atomic_write_text
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import plain_model
-from ctr.config import load_experiment
 from ctr.distributed import local_process_group
+from ctr.experiment import load_experiment
 from ctr.loader import ParquetBatches
 from ctr.models import build_model
 from ctr.run_dir import RunDir

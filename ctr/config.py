@@ -1,20 +1,17 @@
 """Experiment config: one YAML file = dataset + model + trainer sections.
 
 Each section maps straight onto the constructor that consumes it (FuxiCTR-style): ``model`` onto
-``ctr.models.build_model`` (one config class per model), ``trainer`` onto ``ctr.train.Trainer``, ``dataset`` onto the prepare job.
+``ctr.models.build_model`` (one config class per model, in ``ctr.experiment``), ``trainer`` onto ``ctr.train.Trainer``, ``dataset`` onto the prepare job.
 Validation is strict, so a typo fails before any data is read.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from common.strict import Strict
-from common.yaml_config import load_config
-from ctr.models import ModelConfig
 from features.schema import DatasetConfig
 
 
@@ -175,10 +172,13 @@ class ExportConfig(Strict):
     embeddings: Literal["fp32", "fp16", "int8"] = "fp32"
 
 
-class ExperimentConfig(Strict):
+class ExperimentSections(Strict):
+    """Every section of an experiment but ``model:``. The model configs live beside the models
+    (``ctr/models/``, which need torch); this part does not, so ``ctr prepare`` can validate an
+    experiment file without loading torch."""
+
     name: str
     dataset: DatasetConfig
-    model: ModelConfig
     trainer: TrainerConfig = TrainerConfig()
     compress: CompressRecipe = CompressRecipe()  # a plain list of stages is accepted too
     export: ExportConfig = ExportConfig()
@@ -187,7 +187,3 @@ class ExperimentConfig(Strict):
     @classmethod
     def _stage_list(cls, value: object) -> object:
         return {"stages": value} if isinstance(value, list) else value
-
-
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    return load_config(ExperimentConfig, path, overrides)

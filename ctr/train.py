@@ -33,7 +33,6 @@ from common.atomic import atomic_write_text
 from common.errors import TrainingDiverged
 from common.json_lines import append_json_line, read_json_lines
 from ctr.checkpoint import load_checkpoint, save_checkpoint
-from ctr.config import ExperimentConfig
 from ctr.distributed import (
     CPU,
     fused_optimizer_state,
@@ -45,6 +44,7 @@ from ctr.distributed import (
     shard_model,
     sharding_summary,
 )
+from ctr.experiment import ExperimentConfig
 from ctr.loader import Batch, ParquetBatches
 from ctr.metrics import classification_metrics
 from ctr.models import build_model

@@ -23,7 +23,7 @@ from common.digest import sha256_file
 from common.errors import ExportError
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import plain_model
-from ctr.config import load_experiment
+from ctr.experiment import load_experiment
 from ctr.loader import ParquetBatches
 from ctr.metrics import auc
 from ctr.run_dir import RunDir

@@ -16,7 +16,7 @@ import torch
 from common.errors import ConfigError
 from common.yaml_config import differing_keys
 from ctr.compress.recipe import run_recipe
-from ctr.config import ExperimentConfig, load_experiment
+from ctr.experiment import ExperimentConfig, load_experiment
 from ctr.run_dir import RunDir
 from ctr.train import default_threads
 from features.feature_map import FeatureMap

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ctr.config import load_experiment
+from ctr.experiment import load_experiment
 from ctr.loader import ParquetBatches
 from ctr.run_dir import RunDir
 from deploy.export import export_model, latency, load_edge

@@ -36,8 +36,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from common.atomic import atomic_write
 from common.json_lines import read_json_lines
 from ctr.checkpoint import load_checkpoint
-from ctr.config import ExperimentConfig, RayConfig
+from ctr.config import RayConfig
 from ctr.distributed import CPU
+from ctr.experiment import ExperimentConfig
 from ctr.loader import Batch, make_batch, stack_columns
 from ctr.run_dir import BEST, LAST, RunDir
 from ctr.train import Runtime, Trainer

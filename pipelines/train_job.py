@@ -16,7 +16,7 @@ import yaml
 
 from common.atomic import atomic_write_text
 from common.errors import ConfigError
-from ctr.config import ExperimentConfig, load_experiment
+from ctr.experiment import ExperimentConfig, load_experiment
 from ctr.run_dir import RunDir
 from ctr.train import Trainer
 from features.feature_map import FILE_NAME, FeatureMap

@@ -12,8 +12,9 @@ import torch
 
 from common.atomic import atomic_write_text
 from ctr.compress.recipe import run_recipe
-from ctr.config import AFMConfig, AFMStep, ExperimentConfig, RankRule, TrainerConfig
+from ctr.config import AFMConfig, AFMStep, RankRule, TrainerConfig
 from ctr.embedding_config import embedding_config
+from ctr.experiment import ExperimentConfig
 from ctr.models import model_config
 from ctr.train import Trainer
 from features.prepare import PrepareResult, prepare

@@ -12,8 +12,9 @@ from ctr.checkpoint import load_checkpoint
 from ctr.compress.afm import Moments, allocate_ranks, fold_batch_norm, pca_pair, principal_axes, rank_for
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import plain_model
-from ctr.config import AFMConfig, AFMStep, ExperimentConfig, RankRule, TrainerConfig
+from ctr.config import AFMConfig, AFMStep, RankRule, TrainerConfig
 from ctr.embedding_config import embedding_config
+from ctr.experiment import ExperimentConfig
 from ctr.loader import ParquetBatches
 from ctr.models import model_config
 from ctr.train import Trainer, predict

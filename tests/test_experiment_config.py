@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError
-from ctr.config import load_experiment
+from ctr.experiment import load_experiment
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "experiments"
 

@@ -12,8 +12,9 @@ from ctr.compress.optembed import BinaryStep, OptEmbedMask, WidthSearch, crossov
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import plain_model
 from ctr.compress.tables import REMAP_KEY, compact_rows, narrow_state
-from ctr.config import ExperimentConfig, OptEmbedConfig, OptEmbedStep, TrainerConfig
+from ctr.config import OptEmbedConfig, OptEmbedStep, TrainerConfig
 from ctr.embedding_config import embedding_config
+from ctr.experiment import ExperimentConfig
 from ctr.loader import Batch, ParquetBatches
 from ctr.models import build_model, model_config, model_layout
 from ctr.structure import NarrowWidths, step_to_dict

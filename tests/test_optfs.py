@@ -11,9 +11,10 @@ from ctr.compress.optfs import FeatureGates, OptFSStage, masked_remap, temperatu
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import StageContext, plain_model
 from ctr.compress.tables import compact_rows, id_remap
-from ctr.config import ExperimentConfig, OptFSConfig, OptFSStep, TrainerConfig
+from ctr.config import OptFSConfig, OptFSStep, TrainerConfig
 from ctr.distributed import local_process_group
 from ctr.embedding_config import embedding_config
+from ctr.experiment import ExperimentConfig
 from ctr.loader import make_batch
 from ctr.models import build_model, model_config
 from ctr.modules.sparse import SparseArch

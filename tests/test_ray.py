@@ -14,8 +14,9 @@ import pytest
 import ray
 
 from common.json_lines import read_json_lines
-from ctr.config import ExperimentConfig, RayConfig, TrainerConfig
+from ctr.config import RayConfig, TrainerConfig
 from ctr.embedding_config import embedding_config
+from ctr.experiment import ExperimentConfig
 from ctr.models import model_config
 from ctr.train import Trainer
 from features.prepare import PrepareResult

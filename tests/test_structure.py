@@ -13,18 +13,9 @@ from common.errors import ConfigError
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import model_size, plain_model
-from ctr.config import (
-    AFMConfig,
-    AFMStep,
-    ExperimentConfig,
-    OptEmbedConfig,
-    OptEmbedStep,
-    OptFSConfig,
-    OptFSStep,
-    RankRule,
-    TrainerConfig,
-)
+from ctr.config import AFMConfig, AFMStep, OptEmbedConfig, OptEmbedStep, OptFSConfig, OptFSStep, RankRule, TrainerConfig
 from ctr.embedding_config import embedding_config
+from ctr.experiment import ExperimentConfig
 from ctr.models import model_config
 from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, NarrowWidths, SelectRows, step_from_dict, step_to_dict

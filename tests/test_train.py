@@ -8,8 +8,9 @@ import torch
 
 import ctr.train as train_module
 from ctr.checkpoint import CheckpointError, load_checkpoint
-from ctr.config import ExperimentConfig, TrainerConfig
+from ctr.config import TrainerConfig
 from ctr.embedding_config import embedding_config
+from ctr.experiment import ExperimentConfig
 from ctr.models import model_config
 from ctr.train import Trainer, TrainingDiverged
 from features.prepare import PrepareResult

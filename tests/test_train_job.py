@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from ctr.config import ExperimentConfig
+from ctr.experiment import ExperimentConfig
 from ctr.models import model_config
 from features.schema import DatasetConfig
 from pipelines.train_job import prepared_data

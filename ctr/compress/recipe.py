@@ -32,8 +32,9 @@ from ctr.compress.afm import AFMStage
 from ctr.compress.optembed import OptEmbedStage
 from ctr.compress.optfs import OptFSStage
 from ctr.compress.stage import Stage, StageContext, model_size, validation_metrics
-from ctr.config import CompressStep, ExperimentConfig
+from ctr.config import CompressStep
 from ctr.distributed import local_process_group
+from ctr.experiment import ExperimentConfig
 from ctr.run_dir import STAGE_CHECKPOINT, RunDir
 from features.feature_map import FeatureMap
 

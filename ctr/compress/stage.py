@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ctr.config import ExperimentConfig
 from ctr.distributed import load_plain_state_dict
+from ctr.experiment import ExperimentConfig
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.metrics import classification_metrics
 from ctr.models import build_model, model_config, model_layout
