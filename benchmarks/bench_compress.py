@@ -31,6 +31,7 @@ from ctr.train import predict
 from features.feature_map import FeatureMap
 from features.vocab import OOV_ID
 from pipelines.compress_job import run_compress
+from pipelines.synthetic import read_teacher
 from pipelines.train_job import prepared_data, run_dir_of, run_train
 
 from _common import load_note
@@ -107,8 +108,8 @@ def measure(config: Path, overrides: list[str]) -> tuple[list[tuple], list]:
     ctx = StageContext(cfg, fmap, data_dir, run.compress)
     best = run.best
     lines = run_compress(config, overrides) if cfg.compress.stages else [trained_line(fmap, best)]
-    teacher = Path(fmap.sources[0].path + ".teacher.json")
-    noise = set(json.loads(teacher.read_text())["noise"]) if teacher.is_file() else set()
+    teacher = read_teacher(Path(fmap.sources[0].path))
+    noise = set(teacher["noise"]) if teacher is not None else set()
     rows, details = [], []
     for line in lines:
         path = best if line["stage"] == "baseline" else run.compress / line["stage_id"] / STAGE_CHECKPOINT

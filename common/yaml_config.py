@@ -20,19 +20,56 @@ from common.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 COMMAND_LINE = "<command line>"
+MAX_NODES = 100_000  # values a config may expand to; real configs have a few hundred
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded (memoised per node, so a
+    graph of shared aliases is measured in time linear in its nodes, not in its expansion)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # a node that refers to itself counts once while it is measured
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that first refuses a document whose aliases expand past ``MAX_NODES``
+    values: a few hundred bytes of nested aliases can stand for billions of them."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_NODES:
+            raise ConfigError(f"{where}: the YAML expands to more than {MAX_NODES:,} values through its aliases "
+                              f"(&anchor / *alias); write the values out, or use fewer nested aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found (check the path)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())} (fix the syntax)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc} (check the file and its permissions)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, found {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, found {type(data).__name__} "
+                          "(start the file with keys such as dataset:, model:, trainer:)")
     return data
 
 
@@ -63,7 +100,7 @@ def _load_tree(path: Path, origins: dict[str, str], chain: tuple[Path, ...]) -> 
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
-        raise ConfigError(f"{path}: 'extends' forms a cycle: {cycle}")
+        raise ConfigError(f"{path}: 'extends' forms a cycle: {cycle} (remove one of the extends)")
     raw = _read_yaml(path)
     parents = raw.pop("extends", None)
     merged: dict[str, Any] = {}
@@ -73,6 +110,9 @@ def _load_tree(path: Path, origins: dict[str, str], chain: tuple[Path, ...]) -> 
         if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
             raise ConfigError(f"{path}: 'extends' must be a file path or a list of file paths")
         for parent in parents:
+            if not (path.parent / parent).is_file():
+                raise ConfigError(f"{path}: 'extends' names {parent}, which does not exist at {path.parent / parent} "
+                                  f"(fix the path: it is relative to {path.parent})")
             parent_tree = _load_tree(path.parent / parent, origins, (*chain, path))
             _merge(merged, parent_tree, origins, str(path.parent / parent))
     _merge(merged, raw, origins, str(path))
@@ -82,13 +122,13 @@ def _load_tree(path: Path, origins: dict[str, str], chain: tuple[Path, ...]) -> 
 def apply_override(tree: dict[str, Any], override: str, origins: dict[str, str]) -> None:
     """Apply one ``a.b.c=value`` override; the value is parsed as YAML so ``3`` is an int."""
     if "=" not in override:
-        raise ConfigError(f"{COMMAND_LINE}: override '{override}' must look like key.sub=value")
+        raise ConfigError(f"{COMMAND_LINE}: override '{override}' is not an override (write key.sub=value)")
     dotted, text = override.split("=", 1)
     keys = dotted.strip().split(".")
     if not all(keys):
         raise ConfigError(f"{COMMAND_LINE}: override '{override}' has an empty key")
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml(text, f"{COMMAND_LINE}: override '{override}'")
     except yaml.YAMLError as exc:
         raise ConfigError(f"{COMMAND_LINE}: override '{override}': value is not valid YAML: {exc}") from exc
     node = tree
@@ -167,7 +207,7 @@ def _describe(exc: ValidationError, model: type[BaseModel], origins: dict[str, s
             lines.append(f"{where}: unknown key '{dotted}'{hint} (valid keys here: {', '.join(valid)})")
         else:
             lines.append(f"{where}: key '{dotted}': {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+    return "; ".join(lines)
 
 
 def read_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:

@@ -23,11 +23,17 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: checkpoint not found (check the path, or train the run first)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted?): {exc}") from None
+    except pickle.UnpicklingError:
+        # the safe loader met objects it will not build: never suggest turning it off
+        raise CheckpointError(f"{path}: not a checkpoint this project wrote, and it may be unsafe to load: it holds "
+                              "objects other than tensors and plain values (use a checkpoint written by ctr)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupted ({reason}) "
+                              "(use the run's other checkpoint, or train again)") from None
     if not isinstance(payload, dict) or "model" not in payload:
-        raise CheckpointError(f"{path}: not a ctr checkpoint (no 'model' entry)")
+        raise CheckpointError(f"{path}: not a ctr checkpoint, it has no 'model' entry (use a checkpoint written by ctr)")
     return payload

@@ -108,7 +108,7 @@ class ParquetBatches:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.path = Path(path)
         if not self.path.is_file():
-            raise DataError(f"{self.path}: split file not found")
+            raise DataError(f"{self.path}: split file not found (prepare the data again with ctr prepare)")
         self.file = pq.ParquetFile(self.path)
         self.keys = [f.name for f in feature_map.categorical]
         self.dense_names = [f.name for f in feature_map.dense]

@@ -91,6 +91,13 @@ def calibration(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(probs) / np.mean(labels))
 
 
+def one_class_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
+    """What is still defined when every label is the same: logloss and calibration (AUC needs a
+    positive and a negative; NE divides by the entropy of the base rate, which is 0)."""
+    return {"auc": None, "logloss": logloss(labels, probs), "ne": None, "calibration": calibration(labels, probs),
+            "rows": float(len(labels))}
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Every whole-split metric the training loop reports."""
     return {

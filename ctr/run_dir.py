@@ -102,5 +102,5 @@ class RunDir:
             record = json.loads(self.data_json.read_text())
             candidates = [self.root / record["prepared"], Path(record.get("prepared_absolute", record["prepared"]))]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{self.data_json}: not a data.json written by ctr ({exc}); train the run again") from None
+            raise ConfigError(f"{self.data_json}: not a data.json written by ctr ({exc}) (train the run again)") from None
         return next((c for c in candidates if c.is_dir()), candidates[0])

@@ -279,9 +279,11 @@ class Trainer:
         if self.hooks.extra_loss is not None:
             loss = loss + self.hooks.extra_loss(self.model)
         if not torch.isfinite(loss):
+            last = self.ckpt_dir / LAST
+            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written before it"
             raise TrainingDiverged(
-                f"loss is {loss.item()} at epoch {self.state.epoch}, step {self.state.step}; stopped. The last good "
-                f"checkpoint is {self.ckpt_dir / LAST}; lower trainer.lr / trainer.sparse_lr or set trainer.grad_clip_norm")
+                f"{self.run_dir}: loss is {loss.item()} at epoch {self.state.epoch}, step {self.state.step}; training "
+                f"stopped and {kept} (lower trainer.lr / trainer.sparse_lr, or set trainer.grad_clip_norm)")
         self.optimizer.zero_grad(set_to_none=True)
         self.sgd.zero_grad(set_to_none=True)
         loss.backward()  # also applies the fused embedding update to the rows of this batch

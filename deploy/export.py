@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_text, ensure_writable, remove_stale, scratch_path
 from common.digest import sha256_file
 from common.errors import ExportError
 from ctr.checkpoint import load_checkpoint
@@ -37,6 +37,11 @@ QUANTIZED_AUC_TOLERANCE = 5e-4  # |AUC difference| for fp16 / int8 tables
 
 def manifest_path(model_file: Path) -> Path:
     return model_file.with_name(model_file.name + MANIFEST_SUFFIX)
+
+
+def pending_manifest_path(model_file: Path) -> Path:
+    """The new manifest while a new model is being published (see ``export_model``)."""
+    return model_file.with_name(f".{model_file.name}.pending{MANIFEST_SUFFIX}")
 
 
 def resolve_source(source: Path, stage: str | None) -> tuple[RunDir, Path]:
@@ -70,14 +75,15 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
                  sample_rows: int = 16384) -> dict[str, Any]:
     """Write ``out`` (TorchScript) and its manifest; returns the manifest. ``embeddings`` None: the
     run config's ``export.embeddings``."""
+    ensure_writable(out.parent)  # before any work
     run, checkpoint = resolve_source(source, stage)
+    payload = load_checkpoint(checkpoint)
     if embeddings is None:
         embeddings = load_experiment(run.config).export.embeddings if run.config.is_file() else "fp32"
     if embeddings not in EMBEDDING_FORMATS:
         raise ExportError(f"export embeddings must be one of {EMBEDDING_FORMATS}, got '{embeddings}'")
     fmap = FeatureMap.load(run.root)
     data_dir = run.prepared_data()
-    payload = load_checkpoint(checkpoint)
     model = plain_model(fmap, payload)
     vocab = [int(f.num_embeddings or 0) for f in fmap.categorical]
     try:
@@ -88,8 +94,8 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
     batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, sample_rows)))
     with torch.no_grad():
         expected = torch.sigmoid(model(batch.dense, batch.sparse)[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    remove_stale(out, ("tmp",))
+    temp = scratch_path(out)
     try:
         torch.jit.save(scripted, str(temp))
         with torch.no_grad():
@@ -108,11 +114,21 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
                        "run_dir": manifest_relative(run.root, out.parent)},
             "parity": parity, "torch": torch.__version__, "python": platform.python_version(),
         }
-        atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2) + "\n")
-        os.replace(temp, out)
+        publish(temp, out, manifest)
         return manifest
     finally:
         temp.unlink(missing_ok=True)
+
+
+def publish(temp: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Put the model and its manifest in place so that a reader always finds a matching pair: the new
+    manifest is written beside as pending, then the model is renamed over the old one, then the
+    pending manifest over the old manifest. Killed after the first rename, the new model is matched
+    by the pending manifest (``open_edge`` accepts either); killed before it, the old pair stands."""
+    pending = pending_manifest_path(out)
+    atomic_write_text(pending, json.dumps(manifest, indent=2) + "\n")
+    os.replace(temp, out)
+    os.replace(pending, manifest_path(out))
 
 
 def _parity(expected: torch.Tensor, got: torch.Tensor, labels: torch.Tensor, embeddings: str) -> dict[str, Any]:
@@ -129,20 +145,47 @@ def _parity(expected: torch.Tensor, got: torch.Tensor, labels: torch.Tensor, emb
     return result
 
 
-def load_edge(path: Path) -> torch.jit.ScriptModule:
-    """Load an edge file after checking it against its manifest (size and sha256)."""
-    if not path.is_file():
-        raise ExportError(f"{path}: no such edge model file")
-    meta = manifest_path(path)
+def _read_manifest(meta: Path) -> dict[str, Any] | None:
     if not meta.is_file():
-        raise ExportError(f"{path}: its manifest {meta.name} is missing; cannot verify the file")
-    expected = json.loads(meta.read_text())
-    size = path.stat().st_size
-    if size != expected["file_bytes"]:
-        raise ExportError(f"{path}: {size} bytes, its manifest says {expected['file_bytes']} (truncated or replaced)")
-    if sha256_file(path) != expected["file_sha256"]:
-        raise ExportError(f"{path}: content differs from its manifest's sha256 (altered after export)")
-    return torch.jit.load(str(path))
+        return None
+    try:
+        manifest = json.loads(meta.read_text(encoding="utf-8"))
+        int(manifest["file_bytes"]), str(manifest["file_sha256"]), dict(manifest["inputs"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{meta}: not a manifest written by ctr export ({type(exc).__name__}: {exc}) "
+                          "(export the model again)") from None
+    return manifest
+
+
+def open_edge(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """An edge file and its manifest, after checking the file against it (size and sha256). The
+    sha256 catches a truncated or corrupted file; it does not authenticate: whoever can replace the
+    file can replace the manifest too."""
+    if not path.is_file():
+        raise ExportError(f"{path}: no such edge model file (check the path, or run ctr export)")
+    official = _read_manifest(manifest_path(path))
+    if official is None:
+        raise ExportError(f"{path}: its manifest {manifest_path(path).name} is missing, so the file cannot be "
+                          "verified (export the model again)")
+    size, digest = path.stat().st_size, sha256_file(path)
+    pending = _read_manifest(pending_manifest_path(path)) if official["file_sha256"] != digest else None
+    manifest = pending if pending is not None and pending["file_sha256"] == digest else official
+    if size != manifest["file_bytes"]:
+        raise ExportError(f"{path}: {size} bytes, its manifest says {manifest['file_bytes']} (truncated or replaced; "
+                          "export the model again)")
+    if digest != manifest["file_sha256"]:
+        raise ExportError(f"{path}: content differs from its manifest's sha256 (altered after export; "
+                          "export the model again)")
+    try:
+        return torch.jit.load(str(path)), manifest
+    except RuntimeError as exc:
+        raise ExportError(f"{path}: matches its manifest but torch cannot load it ({' '.join(str(exc).split())[:200]}) "
+                          "(export it again with this torch version)") from None
+
+
+def load_edge(path: Path) -> torch.jit.ScriptModule:
+    """Load an edge file after checking it against its manifest."""
+    return open_edge(path)[0]
 
 
 def latency(model: torch.jit.ScriptModule, dense: torch.Tensor, ids: torch.Tensor, single: int = 300,

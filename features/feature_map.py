@@ -85,7 +85,7 @@ class FeatureMap(_Frozen):
         try:
             fmap = cls.model_validate_json(path.read_text(encoding="utf-8"))
         except ValidationError as exc:
-            raise DataError(f"{path}: not a valid feature map: {exc}") from None
+            raise DataError(f"{path}: not a valid feature map: {exc} (prepare the data again with ctr prepare)") from None
         if fmap.format_version != FORMAT_VERSION:
             raise DataError(f"{path}: feature map format {fmap.format_version}, this code reads {FORMAT_VERSION}")
         return fmap

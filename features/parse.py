@@ -25,13 +25,13 @@ UTF8_PROBE_BYTES = 1 << 24
 def check_readable(path: Path) -> None:
     """Fail early, naming the file, for the cases a lazy scan would report obscurely."""
     if not path.exists():
-        raise DataError(f"{path}: raw file not found")
+        raise DataError(f"{path}: raw file not found (check dataset.raw or --raw)")
     if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
+        raise DataError(f"{path}: not a regular file (give the raw log file itself)")
     if not os.access(path, os.R_OK):
-        raise DataError(f"{path}: file is not readable (permission denied)")
+        raise DataError(f"{path}: file is not readable: permission denied (fix its permissions)")
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+        raise DataError(f"{path}: file is empty (give the raw log with its rows)")
 
 
 def first_invalid_utf8_line(path: Path) -> int | None:
@@ -91,8 +91,9 @@ def _typed(col: ColumnSpec, text: pl.Expr) -> tuple[pl.Expr, pl.Expr | None]:
         return value, pl.when(~blank & value.is_null()).then(reason)
     if col.kind == "numeric":
         value = text.cast(pl.Float64, strict=False)
-        reason = pl.concat_str([shown, pl.lit("expected a number, found '"), text, pl.lit("'")])
-        return value, pl.when(~blank & (value.is_null() | value.is_nan())).then(reason)
+        # inf, -Infinity and 1e400 (which parses to inf) would reach the model as inf and NaN losses
+        reason = pl.concat_str([shown, pl.lit("expected a finite number, found '"), text, pl.lit("'")])
+        return value, pl.when(~blank & (value.is_null() | ~value.is_finite())).then(reason)
     if col.kind == "yymmddhh":
         # Polars wants hour and minute together, so parse YYMMDDHH as YYMMDDHH + "00"
         value = (text + "00").str.strptime(pl.Datetime("us"), "%y%m%d%H%M", strict=False)
@@ -150,10 +151,10 @@ def scan_parquet_raw(path: Path, layout: Layout, row_offset: int) -> pl.LazyFram
     try:
         names = pl.scan_parquet(path).collect_schema().names()
     except (pl.exceptions.ComputeError, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+        raise DataError(f"{path}: not a readable Parquet file: {exc} (give a Parquet file, or format: delimited)") from None
     missing = [c.name for c in layout.columns if c.kind != "drop" and c.name not in names]
     if missing:
-        raise DataError(f"{path}: Parquet file lacks column(s) {missing}; it has {names}")
+        raise DataError(f"{path}: Parquet file lacks column(s) {missing}; it has {names} (declare its columns with layout: generic)")
     texts = {c.name: pl.col(c.name).cast(pl.String) for c in layout.columns if c.kind != "drop"}
     return (
         pl.scan_parquet(path)

@@ -28,7 +28,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.atomic import publish_dir, scratch_dir_beside
+from common.atomic import ensure_writable, publish_dir, scratch_dir_beside
+from common.locks import exclusive
 from common.errors import DataError
 from features.feature_map import FeatureMap, FieldInfo, SourceInfo, SplitInfo
 from features.hashing import HASH_VERSION
@@ -149,6 +150,15 @@ def _write_splits(staged: pl.LazyFrame, n_rows: int, split: pl.Expr, needed: lis
 
 
 def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | None = None) -> PrepareResult:
+    """Raw files -> splits, vocabularies and feature map in ``output`` (or ``dataset.output``); one
+    prepare at a time per output, the result published whole or not at all."""
+    out = Path(output or cfg.output)
+    ensure_writable(out.parent)
+    with exclusive(out, "ctr prepare"):
+        return _prepare(cfg, raw, out)
+
+
+def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareResult:
     started = time.perf_counter()
     layout = resolve_layout(cfg)
     paths = list(raw) if raw else [Path(p) for p in cfg.raw]
@@ -168,7 +178,6 @@ def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | No
     if unknown:
         raise DataError(f"dataset '{cfg.name}': min_count_per_field names unknown field(s) {unknown}; "
                         f"categorical fields are {categorical}")
-    out = Path(output or cfg.output)
     work = scratch_dir_beside(out)
     passes: dict[str, float] = {}
     mark = time.perf_counter()
@@ -183,7 +192,7 @@ def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | No
         sources, offset = [], 0
         for k, path in enumerate(paths):
             n = _stage_file(path, cfg, layout, specs, offset, work / "staged" / f"part-{k:05d}.parquet")
-            sources.append(SourceInfo(path=str(path), bytes=path.stat().st_size, rows=n))
+            sources.append(SourceInfo(path=str(path.resolve()), bytes=path.stat().st_size, rows=n))
             offset += n
             log.info("parsed %s: %d rows", path, n)
         done("parse + stage")

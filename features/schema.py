@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from common.strict import Strict
 
@@ -69,7 +69,7 @@ class DatasetConfig(Strict):
     # transforms
     integer_mode: Literal["bucket", "numeric"] = "bucket"
     min_count: int = Field(default=10, ge=1)
-    min_count_per_field: dict[str, int] = Field(default_factory=dict)
+    min_count_per_field: dict[str, PositiveInt] = Field(default_factory=dict)
     split: SplitConfig = SplitConfig()
     # bad input policy
     max_reject_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
@@ -85,10 +85,15 @@ class DatasetConfig(Strict):
                 missing.append("separator")
             if missing:
                 raise ValueError(f"layout 'generic' needs {', '.join(missing)}")
+            labels = [c.name for c in self.columns or [] if c.kind == "label"]
+            if len(labels) != 1:
+                raise ValueError(f"a generic layout needs exactly one column of kind 'label', found {labels or 'none'}")
         else:
             given = [k for k, v in generic_keys.items() if v is not None]
             if given:
                 raise ValueError(f"layout '{self.layout}' fixes {', '.join(given)}; use layout 'generic' to set them")
+        if self.synthetic is not None and len(self.raw) != 1:
+            raise ValueError(f"a synthetic dataset is generated into exactly one raw file; raw lists {len(self.raw)}")
         return self
 
 
@@ -153,8 +158,5 @@ def resolve_layout(cfg: DatasetConfig) -> Layout:
                 *(ColumnSpec(name=c, kind="categorical") for c in AVAZU_CATEGORIES),
             ],
         )
-    assert cfg.columns is not None and cfg.header is not None
-    labels = [c.name for c in cfg.columns if c.kind == "label"]
-    if len(labels) != 1:
-        raise ValueError(f"dataset '{cfg.name}': a generic layout needs exactly one label column, found {labels}")
+    assert cfg.columns is not None and cfg.header is not None  # the config's validator checked them
     return Layout(separator=cfg.separator or ",", header=cfg.header, columns=list(cfg.columns))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from common.errors import CheckpointError, ConfigError, DataError, ExportError, TrainingDiverged
 
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, ExportError)
+
 
 def _generate(args: argparse.Namespace) -> None:
     from pipelines.synthetic import generate
@@ -164,10 +166,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged, ExportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 (an expected error is one line; anything else is a bug: re-raised)
+        message = user_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of an expected user error, found wherever it sits in the chain of
+    causes (Ray Train and Ray Data wrap a worker's exception, often twice); None for a bug."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, USER_ERRORS):
+            return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if isinstance(e, OSError) and e.filename is not None:
+            return f"{e.filename}: {e.strerror or e} (check that the path exists and that you may read or write it)"
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 if __name__ == "__main__":

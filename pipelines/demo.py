@@ -23,6 +23,7 @@ from ctr.run_dir import RunDir
 from deploy.export import export_model, latency, load_edge
 from pipelines.compress_job import run_compress
 from pipelines.evaluate import evaluate
+from pipelines.synthetic import read_teacher
 from pipelines.train_job import prepared_data, run_dir_of, run_train
 
 log = logging.getLogger("ctr.run")
@@ -66,9 +67,9 @@ def run_chain(config: Path, overrides: list[str] | None = None) -> dict[str, Any
     for (name, path), m in zip(exported.items(), result["models"]):
         summary["models"][name] = {"bytes": m["bytes"], "auc": m["auc"], "auc_ci": m["auc_ci"], "logloss": m["logloss"],
                                    "delong_p_vs_baseline": p_values.get(m["name"]), **timing[name]}
-    teacher = Path(fmap.sources[0].path + ".teacher.json")
-    if teacher.is_file():
-        summary["teacher_auc_best_possible"] = json.loads(teacher.read_text())["teacher_auc"]
+    teacher = read_teacher(Path(fmap.sources[0].path))
+    if teacher is not None and isinstance(teacher.get("teacher_auc"), float):
+        summary["teacher_auc_best_possible"] = teacher["teacher_auc"]
     return summary
 
 

@@ -14,7 +14,7 @@ import hashlib
 import html
 import io
 import json
-import os
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,17 +25,20 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write, atomic_write_text, ensure_writable
 from common.digest import sha256_file
 from common.errors import DataError
 from common.json_lines import read_json_lines
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import model_size, plain_model
 from ctr.loader import make_batch, stack_columns
-from ctr.metrics import auc, auc_interval, classification_metrics, delong_test
+from ctr.metrics import auc, auc_interval, classification_metrics, delong_test, one_class_metrics
 from ctr.run_dir import STAGE_CHECKPOINT, RunDir
-from deploy.export import load_edge, manifest_path, resolve_source
+from deploy.export import manifest_path, open_edge, resolve_source
 from features.feature_map import FeatureMap
+from features.vocab import OOV_ID
+
+log = logging.getLogger("ctr.evaluate")
 
 RELIABILITY_BINS = 10
 BATCH_ROWS = 65536
@@ -64,8 +67,7 @@ def _recipe(run: RunDir) -> list[dict[str, Any]]:
 def load_scorer(path: Path) -> Scorer:
     """An exported file (checked against its manifest), or a run directory / checkpoint file."""
     if path.is_file() and manifest_path(path).is_file():
-        model = load_edge(path)
-        manifest = json.loads(manifest_path(path).read_text())
+        model, manifest = open_edge(path)
         inputs = manifest["inputs"]
 
         def edge(dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -79,8 +81,10 @@ def load_scorer(path: Path) -> Scorer:
     payload = load_checkpoint(checkpoint)
     net = plain_model(fmap, payload)
     keys = [f.name for f in fmap.categorical]
+    vocab = np.array([int(f.num_embeddings or 0) for f in fmap.categorical], dtype=np.int64)
 
     def plain(dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        ids = np.where((ids >= 0) & (ids < vocab), ids, OOV_ID)  # as the exported model: unknown ids read OOV
         batch = make_batch(keys, torch.from_numpy(ids.T.copy()), torch.from_numpy(dense), torch.zeros(len(ids)))
         with torch.no_grad():
             return torch.sigmoid(net(batch.dense, batch.sparse)[0]).numpy()
@@ -94,8 +98,47 @@ def parquet_files(data: Path) -> list[Path]:
     """The file itself, or every ``*.parquet`` of a directory in name order (the row order used)."""
     files = sorted(data.glob("*.parquet")) if data.is_dir() else [data] if data.is_file() else []
     if not files:
-        raise DataError(f"{data}: no such Parquet file (or a directory without *.parquet files)")
+        raise DataError(f"{data}: no such Parquet file, or a directory without *.parquet files (check the path)")
     return files
+
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(exc).split())[:160]}) "
+                        "(give a Parquet file, e.g. a split written by ctr prepare)") from None
+
+
+def check_types(path: Path, schema: pa.Schema, scorer: Scorer, label: str | None) -> None:
+    """Ids must be integers (a float id would be truncated, a string one has no row), dense
+    features and the label numbers."""
+    for c in scorer.ids:
+        kind = schema.field(c).type
+        if not pa.types.is_integer(kind):
+            raise DataError(f"{path}: column '{c}' holds {kind}, but the model reads integer ids from the feature map "
+                            "(prepare the raw data with ctr prepare, which encodes the values)")
+    for c in [*scorer.dense, *([label] if label else [])]:
+        kind = schema.field(c).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+            raise DataError(f"{path}: column '{c}' holds {kind}, not numbers (prepare the data with ctr prepare)")
+
+
+def check_values(path: Path, batch: pa.RecordBatch, seen: int, scorer: Scorer, label: str | None) -> np.ndarray | None:
+    """No missing value in what the model reads; labels 0 or 1. Returns the labels (if any)."""
+    for c in [*scorer.ids, *scorer.dense, *([label] if label else [])]:
+        column = batch.column(c)
+        if column.null_count:
+            row = seen + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{path}: row {row}: column '{c}' is empty (null) (fill it, or drop the row)")
+    if label is None:
+        return None
+    y = batch.column(label).to_numpy(zero_copy_only=False)
+    bad = ~np.isin(y, (0, 1))
+    if bad.any():
+        raise DataError(f"{path}: row {seen + int(np.flatnonzero(bad)[0])}: label {y[bad][0].item()} is not 0 or 1 "
+                        "(labels are clicks: 0 or 1)")
+    return y
 
 
 def data_hash(files: list[Path]) -> str:
@@ -109,13 +152,14 @@ def check_columns(files: list[Path], scorers: list[Scorer], slices: list[str]) -
     """The columns to read; every file must hold what every model reads, and rows."""
     rows = 0
     for path in files:
-        meta = pq.ParquetFile(path)
+        meta = open_parquet(path)
         have = set(meta.schema_arrow.names)
         for s in scorers:
             missing = [c for c in [s.label, *s.dense, *s.ids] if c not in have]
             if missing:
                 raise DataError(f"{path}: model {s.path} reads columns {missing} that the file lacks "
                                 f"(its feature map does not match this data)")
+            check_types(path, meta.schema_arrow, s, s.label)
         unknown = [c for c in slices if c not in have]
         if unknown:
             raise DataError(f"{path}: slice field(s) {unknown} are not columns of the file")
@@ -131,11 +175,10 @@ def score_file(path: Path, scorers: list[Scorer], slices: list[str], columns: li
     Both the local stream and each Ray task score a file through this, batch for batch, so their
     scores are the same bits."""
     label, seen = scorers[0].label, 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
-        y = batch.column(label).to_numpy(zero_copy_only=False)
-        bad = ~np.isin(y, (0, 1))
-        if bad.any():
-            raise DataError(f"{path}: row {seen + int(np.flatnonzero(bad)[0])}: label {y[bad][0].item()} is not 0 or 1")
+    for batch in open_parquet(path).iter_batches(batch_size=batch_size, columns=columns):
+        y = check_values(path, batch, seen, scorers[0], label)
+        for s in scorers[1:]:
+            check_values(path, batch, seen, s, None)
         out = {"label": y.astype(np.float32)}
         for i, s in enumerate(scorers):
             out[f"score_{i}"] = s.score(*stack_columns(_arrow_column(batch), s.ids, s.dense, len(y))).astype(np.float32)
@@ -159,7 +202,7 @@ def gather(parts: list[dict[str, np.ndarray]], models: int,
 def _score_stream(files: list[Path], scorers: list[Scorer], slices: list[str], batch_size: int,
                   progress: bool) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
     columns = check_columns(files, scorers, slices)
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    total = sum(open_parquet(f).metadata.num_rows for f in files)
     parts = []
     with tqdm(total=total, unit="row", unit_scale=True, desc="scoring", disable=not progress) as bar:
         for path in files:
@@ -204,15 +247,16 @@ def _plots(labels: np.ndarray, scores: list[np.ndarray], names: list[str], resul
 
     plots = {}
     fig, ax = plt.subplots(figsize=(5, 5))
-    for name, s, r in zip(names, scores, results):
+    for name, s, r in zip(names, scores, results) if 0 < labels.sum() < labels.size else ():
         order = np.argsort(-s, kind="mergesort")
         tp = np.cumsum(labels[order]) / labels.sum()
         fp = np.cumsum(1 - labels[order]) / (labels.size - labels.sum())
         keep = np.linspace(0, s.size - 1, min(ROC_POINTS, s.size)).astype(int)
         ax.plot(np.r_[0, fp[keep]], np.r_[0, tp[keep]], label=f"{name} (AUC {r['auc']:.4f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-    ax.legend(fontsize=7)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (needs both classes)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     plots["ROC curves"] = _png(fig)
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, r in zip(names, results):
@@ -247,8 +291,10 @@ def comparison_table(result: dict[str, Any]) -> str:
     for m in result["models"]:
         low, high = m["auc_ci"]
         p = p_values.get(m["name"])
-        rows.append(f"| {m['name']} | {m['bytes']:,} | {m['auc']:.5f} [{low:.5f}, {high:.5f}] | {m['logloss']:.5f} | "
-                    f"{m['ne']:.5f} | {m['calibration']:.4f} | {'' if p is None else f'{p:.3g}'} |")
+        shown = "undefined (one class)" if m["auc"] is None else f"{m['auc']:.5f} [{low:.5f}, {high:.5f}]"
+        ne = "undefined" if m["ne"] is None else f"{m['ne']:.5f}"
+        rows.append(f"| {m['name']} | {m['bytes']:,} | {shown} | {m['logloss']:.5f} | "
+                    f"{ne} | {m['calibration']:.4f} | {'' if p is None else f'{p:.3g}'} |")
     return "\n".join(rows)
 
 
@@ -286,6 +332,7 @@ def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | 
     ``metrics.json`` and ``report.html`` into ``out_dir``. ``scores_from``: another scoring backend
     (the Ray one) in place of the local stream."""
     files = parquet_files(data)
+    ensure_writable(out_dir)  # before the scoring, not after it
     scorers = [load_scorer(m) for m in models]
     slices = slices or []
     if scores_from is None:
@@ -293,15 +340,19 @@ def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | 
     else:
         check_columns(files, scorers, slices)
         labels, scores, slice_values = scores_from(scorers)
+    both = 0 < labels.sum() < labels.size
+    if not both:
+        log.warning("%s: every label is %d: AUC, its interval, NE and the DeLong tests are undefined; logloss and "
+                    "calibration are still reported", data, int(labels[0]))
     results = []
     for s, probs in zip(scorers, scores):
-        metrics = classification_metrics(labels, probs)
-        _, low, high = auc_interval(labels, probs)
+        metrics = classification_metrics(labels, probs) if both else {**one_class_metrics(labels, probs)}
+        low, high = auc_interval(labels, probs)[1:] if both else (None, None)
         results.append({"name": s.name, "path": str(s.path), "sha256": s.sha256, "bytes": s.bytes, **metrics,
                         "auc_ci": [low, high], "reliability": reliability(labels, probs),
                         "slices": {c: slice_aucs(labels, probs, slice_values[c], top_values) for c in slices}})
     comparisons = [{"model": r["name"], "against": results[0]["name"], **delong_test(labels, probs, scores[0])}
-                   for r, probs in zip(results[1:], scores[1:])]
+                   for r, probs in zip(results[1:], scores[1:])] if both else []
     result = {"data": {"path": str(data), "files": len(files), "sha256": data_hash(files), "rows": int(labels.size)},
               "models": results, "comparisons": comparisons}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -312,27 +363,41 @@ def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | 
 
 
 def score_parquet(model_file: Path, data: Path, out: Path | None, batch_size: int = BATCH_ROWS) -> dict[str, Any]:
-    """``ctr score``: an exported model over a Parquet file, the scores written atomically to ``out``;
-    where the file has labels, AUC, logloss, NE and calibration too."""
+    """``ctr score``: a model over a Parquet file, the scores written atomically to ``out``; where
+    the file has labels, logloss, calibration and (with both classes) AUC and NE too."""
     scorer = load_scorer(model_file)
-    file = pq.ParquetFile(data)
+    files = parquet_files(data)
+    if len(files) != 1:
+        raise DataError(f"{data}: ctr score reads one Parquet file and this directory holds {len(files)} "
+                        "(score them one at a time, or use ctr evaluate)")
+    path = files[0]
+    file = open_parquet(path)
     have = set(file.schema_arrow.names)
     missing = [c for c in scorer.dense + scorer.ids if c not in have]
     if missing:
-        raise DataError(f"{data}: columns {missing} that the model reads are missing")
+        raise DataError(f"{path}: columns {missing} that the model reads are missing (score data prepared with the "
+                        "model's feature map)")
     label = scorer.label if scorer.label in have else None
-    scores, labels = [], []
+    check_types(path, file.schema_arrow, scorer, label)
+    if out is not None:
+        ensure_writable(out.parent)
+    scores, labels, seen = [], [], 0
     for batch in file.iter_batches(batch_size=batch_size, columns=scorer.dense + scorer.ids + ([label] if label else [])):
+        y = check_values(path, batch, seen, scorer, label)
         scores.append(scorer.score(*stack_columns(_arrow_column(batch), scorer.ids, scorer.dense, batch.num_rows)))
-        if label:
-            labels.append(batch.column(label).to_numpy().astype(np.float32))
+        if y is not None:
+            labels.append(y.astype(np.float32))
+        seen += batch.num_rows
     probs = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
     result: dict[str, Any] = {"rows": int(probs.size)}
     if out is not None:
-        temp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        pq.write_table(pa.table({"score": probs}), temp)
-        os.replace(temp, out)
+        atomic_write(out, lambda fh: pq.write_table(pa.table({"score": probs}), fh))
         result["scores"] = str(out)
     if label and probs.size:
-        result.update(classification_metrics(np.concatenate(labels), probs))
+        y = np.concatenate(labels)
+        if 0 < y.sum() < y.size:
+            result.update(classification_metrics(y, probs))
+        else:
+            log.warning("%s: every label is %d: AUC and NE are undefined", path, int(y[0]))
+            result.update(one_class_metrics(y, probs))
     return result

@@ -18,9 +18,7 @@ def ensure_synthetic_raw(cfg: DatasetConfig) -> None:
     """Write the generated raw file of a ``synthetic:`` dataset unless it is already there."""
     if cfg.synthetic is None:
         return
-    if len(cfg.raw) != 1:
-        raise ValueError(f"dataset '{cfg.name}': a synthetic dataset has exactly one raw file, got {cfg.raw}")
-    path = Path(cfg.raw[0])
+    path = Path(cfg.raw[0])  # exactly one: the config's validator checked it
     if path.exists():
         return
     s = cfg.synthetic

@@ -10,17 +10,22 @@ Everything is vectorised NumPy, written in chunks, and seeded: the same seed giv
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
 from common.atomic import atomic_write_text
+from common.errors import ConfigError
+from common.yaml_config import COMMAND_LINE
 from ctr.metrics import auc
 from features.schema import AVAZU_CATEGORIES, CRITEO_CATEGORIES, CRITEO_INTEGERS
+
+log = logging.getLogger("ctr.generate")
 
 Kind = Literal["criteo", "avazu"]
 CHUNK_ROWS = 200_000
@@ -52,6 +57,9 @@ class Scenario:
     hour_weight: float = 0.0
 
 
+TEACHER_FORMAT = "ctr-teacher-v1"  # what marks a <raw>.teacher.json as written by this generator
+
+
 @dataclass
 class GenerateReport:
     kind: str
@@ -63,6 +71,7 @@ class GenerateReport:
     seconds: float
     informative: list[str] = field(default_factory=list)
     noise: list[str] = field(default_factory=list)
+    format: str = TEACHER_FORMAT
 
 
 def criteo_scenario() -> Scenario:
@@ -188,7 +197,7 @@ def _avazu_frame(cols: dict[str, pl.Series], labels: np.ndarray, rng: np.random.
 def generate(kind: Kind, rows: int, out: Path, seed: int = 2024) -> GenerateReport:
     """Write ``rows`` synthetic rows to ``out`` (atomically) and a ``<out>.teacher.json`` report."""
     if rows <= 0:
-        raise ValueError(f"rows must be positive, got {rows}")
+        raise ConfigError(f"{COMMAND_LINE}: --rows {rows}: a generated log needs at least one row (give --rows 1 or more)")
     started = time.perf_counter()
     sc = scenario(kind)
     teacher = draw_teacher(sc, seed)
@@ -226,4 +235,18 @@ def generate(kind: Kind, rows: int, out: Path, seed: int = 2024) -> GenerateRepo
         informative=[f.name for f in sc.fields if f.weight > 0], noise=[f.name for f in sc.fields if f.weight == 0],
     )
     atomic_write_text(out.with_name(out.name + ".teacher.json"), json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def read_teacher(raw: Path) -> dict[str, Any] | None:
+    """The generator's report beside a raw file, or None: a missing file, or one the generator did
+    not write (no matching ``format``), is only a missing extra, never an error."""
+    path = raw.with_name(raw.name + ".teacher.json")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("format") != TEACHER_FORMAT:
+        log.warning("%s: not a teacher report written by 'ctr generate' (no format %r); ignored", path, TEACHER_FORMAT)
+        return None
     return report

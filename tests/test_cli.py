@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,10 @@ compress:
     assert (tmp_path / "run" / "export" / "compressed.pt").is_file()
     assert main(["run", str(exp)]) == 0  # a second run reuses the trained baseline and the stage
     capsys.readouterr()
+    # an unrelated <raw>.teacher.json is only a missing extra, never a crash of the finished chain
+    Path(f"{raw}.teacher.json").write_text(json.dumps({"note": "not the generator's"}))
+    assert main(["run", str(exp)]) == 0
+    assert "| compressed |" in capsys.readouterr().out
     # the recipe runs on the trained run's config: a YAML whose model differs is refused, naming the key
     assert main(["compress", str(exp), "model.hidden=[8]"]) == 2
     err = capsys.readouterr().err

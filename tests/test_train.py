@@ -90,9 +90,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_crite
         return loss * float("nan") if calls["n"] == 15 else loss
 
     monkeypatch.setattr(train_module, "binary_cross_entropy_with_logits", nan_at_step_15)
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 0, step 14; stopped\. The last good checkpoint is .*last\.pt"):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 0, step 14; training stopped and the last good "
+                                               r"checkpoint is .*last\.pt \(lower trainer\.lr"):
         experiment(prepared_criteo, tmp_path / "run").fit()
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["loop"]["step"] == 10
+    calls["n"] = 14  # the very first step of a new run: no checkpoint to name
+    with pytest.raises(TrainingDiverged, match=r"step 0; training stopped and no checkpoint was written before it"):
+        experiment(prepared_criteo, tmp_path / "fresh").fit()
+    assert not (tmp_path / "fresh" / "checkpoints" / "last.pt").exists()
 
 
 def test_early_stopping_and_lr_decay(prepared_criteo: PrepareResult, tmp_path: Path,
