@@ -13,7 +13,6 @@ Usage: python benchmarks/bench_compress.py [--suite optembed|afm|all] [--config 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import warnings
 from pathlib import Path

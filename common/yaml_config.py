@@ -49,8 +49,8 @@ def safe_yaml(text: str, where: str) -> Any:
             return None
         size = _expanded_size(node, {})
         if size > MAX_NODES:
-            raise ConfigError(f"{where}: the YAML expands to more than {MAX_NODES:,} values through its aliases "
-                              f"(&anchor / *alias); write the values out, or use fewer nested aliases")
+            raise ConfigError(f"{where}: the YAML expands to more than {MAX_NODES:,} values through its &anchor / "
+                              "*alias references (write the values out, or nest fewer aliases)")
         return loader.construct_document(node)
     finally:
         loader.dispose()

@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.atomic import ensure_writable, publish_dir, scratch_dir_beside
-from common.locks import exclusive
 from common.errors import DataError
+from common.locks import exclusive
 from features.feature_map import FeatureMap, FieldInfo, SourceInfo, SplitInfo
 from features.hashing import HASH_VERSION
 from features.parse import (

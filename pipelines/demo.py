@@ -9,7 +9,6 @@ baseline, finished stages) are reused, so an interrupted run continues.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path

@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ctr.checkpoint import load_checkpoint
 from ctr.run_dir import RunDir
 from deploy.export import export_model, manifest_path, pending_manifest_path
 from features.prepare import PrepareResult
@@ -159,6 +158,7 @@ trainer: {batch_size: 512, eval_batch_size: 4096, progress: false, threads: 1, r
 """)
     monkeypatch.chdir(project)
     assert main(["train", "exp.yaml"]) == 0
+    capsys.readouterr()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -202,6 +202,7 @@ def test_5_kill_9_during_prepare_and_export_leaves_litter_that_the_next_run_remo
     assert litter(tmp_path) and not out.exists()
     assert main(["prepare", str(config)]) == 0
     assert litter(tmp_path) == [] and (out / "feature_map.json").is_file()
+    assert not (tmp_path / ".prep.lock").exists()  # the killed holder's lock file is taken over, then removed
     model = tmp_path / "m.pt"
     killed = False
     for _ in range(5):  # the scratch file lives about a second: catch it, or try again
@@ -307,7 +308,7 @@ def test_10_unsafe_checkpoints_and_malformed_manifests(runs: dict[str, Path], ex
     for broken in ("{not json", json.dumps({"file_sha256": "x"}), json.dumps([1, 2])):
         manifest_path(copy).write_text(broken)
         fails(["score", str(copy), str(test)], capsys, str(manifest_path(copy)), "not a manifest written by ctr export")
-    readme = (ROOT / "README.md").read_text()
+    readme = " ".join((ROOT / "README.md").read_text().split())
     assert "protects against corruption" in readme and "does not protect against a deliberate swap" in readme
 
 
