@@ -7,9 +7,10 @@ STAMP := $(VENV)/.ctr-installed
 
 .PHONY: setup setup-gpu demo test test-fast bench clean
 
-$(STAMP): pyproject.toml requirements/cpu.txt requirements/common.txt
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/common.txt requirements/onnx.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --no-deps -r requirements/cpu.txt
+	$(BIN)/pip install --no-deps -r requirements/onnx.txt
 	$(BIN)/pip install --no-deps -e .
 	$(BIN)/python -c "import torch, fbgemm_gpu, torchrec; assert torch.version.cuda is None, 'expected the CPU torch build'"
 	touch $(STAMP)
@@ -21,6 +22,7 @@ setup-gpu:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -r requirements/gpu.txt
 	$(BIN)/pip install --no-deps -r requirements/common.txt
+	$(BIN)/pip install --no-deps -r requirements/onnx.txt
 	$(BIN)/pip install --no-deps -e .
 	$(BIN)/python -c "import torch, fbgemm_gpu, torchrec; assert torch.cuda.is_available(), 'no CUDA device visible'"
 	touch $(STAMP)

@@ -2,8 +2,9 @@
 
 For each experiment (its run directory must hold a trained baseline and a compression recipe; see
 bench_compress.py), exports the baseline and the recipe's last stage (fp32, and the last stage with
-int8 tables too), then times each file in this process with ``torch.set_num_threads(1)``: batch-1
-latency percentiles over single test rows, and rows/s at batch 1024, all in one run.
+int8 tables too) as TorchScript and as ONNX, then times each file in this process on one thread
+(``torch.set_num_threads(1)``; onnxruntime with one intra-op thread): batch-1 latency percentiles
+over single test rows, and rows/s at batch 1024, all in one run.
 
 Usage: python benchmarks/bench_export.py [--config configs/experiments/synthetic_dcnv2_full.yaml ...]
 """
@@ -30,16 +31,18 @@ CONFIGS = [Path("configs/experiments/synthetic_dcnv2_full.yaml"), Path("configs/
 
 def exported(name: str, run_dir: Path, data_dir: Path, fmap: FeatureMap) -> list[tuple]:
     """(name, model, file bytes, batch-1 p50 ms, p99 ms, batch-1024 rows/s, parity) for the baseline
-    (fp32) and the recipe's last stage (fp32, int8), each file exported, reloaded and timed here."""
+    (fp32) and the recipe's last stage (fp32, int8), TorchScript first, then the same as ONNX under
+    onnxruntime; each file exported, reloaded and timed here."""
     batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, 1024)))
     dense, ids = batch.dense, batch.ids()
     rows = []
-    for label, stage, fmt in (("baseline", None, "fp32"), ("recipe", "latest", "fp32"), ("recipe", "latest", "int8")):
-        path = WORK / "export" / name / f"{label}_{fmt}.pt"
-        manifest = export_model(run_dir, path, stage, fmt)
-        t = latency(load_edge(path), dense, ids)
-        rows.append((name, f"{label} ({fmt})", path.stat().st_size, t["p50_ms"], t["p99_ms"], t["rows_per_s"],
-                     manifest["parity"]))
+    for runtime, suffix in (("torchscript", "pt"), ("onnx", "onnx")):
+        for label, stage, tables in (("baseline", None, "fp32"), ("recipe", "latest", "fp32"), ("recipe", "latest", "int8")):
+            path = WORK / "export" / name / f"{label}_{tables}.{suffix}"
+            manifest = export_model(run_dir, path, stage, tables, fmt=runtime)
+            t = latency(load_edge(path, threads=1), dense, ids)
+            rows.append((name, f"{label} ({tables}, {runtime})", path.stat().st_size, t["p50_ms"], t["p99_ms"],
+                         t["rows_per_s"], manifest["parity"]))
     return rows
 
 

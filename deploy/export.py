@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,9 +28,11 @@ from ctr.loader import ParquetBatches
 from ctr.metrics import auc
 from ctr.run_dir import RunDir
 from deploy.edge import EMBEDDING_FORMATS, edge_bytes, edge_model
+from deploy.onnx_format import OnnxModel, require_onnx, write_onnx
 from features.feature_map import FeatureMap
 
 MANIFEST_SUFFIX = ".manifest.json"
+FORMATS = ("torchscript", "onnx")
 FP32_TOLERANCE = 1e-5  # max |exported - in-memory| probability
 QUANTIZED_AUC_TOLERANCE = 5e-4  # |AUC difference| for fp16 / int8 tables
 
@@ -72,9 +74,13 @@ def manifest_relative(path: Path, manifest_dir: Path) -> str:
 
 
 def export_model(source: Path, out: Path, stage: str | None = None, embeddings: str | None = None,
-                 sample_rows: int = 16384) -> dict[str, Any]:
-    """Write ``out`` (TorchScript) and its manifest; returns the manifest. ``embeddings`` None: the
-    run config's ``export.embeddings``."""
+                 sample_rows: int = 16384, fmt: str = "torchscript") -> dict[str, Any]:
+    """Write ``out`` (TorchScript, or ONNX with ``fmt='onnx'``) and its manifest; returns the
+    manifest. ``embeddings`` None: the run config's ``export.embeddings``."""
+    if fmt not in FORMATS:
+        raise ExportError(f"{out}: unknown export format '{fmt}' (use one of {', '.join(FORMATS)})")
+    if fmt == "onnx":
+        require_onnx()  # before any work, with the command that installs it
     ensure_writable(out.parent)  # before any work
     run, checkpoint = resolve_source(source, stage)
     payload = load_checkpoint(checkpoint)
@@ -90,19 +96,21 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
         edge = edge_model(model, vocab, embeddings)
     except ValueError as exc:
         raise ExportError(f"{checkpoint}: {exc}") from None
-    scripted = torch.jit.script(edge)
     batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, sample_rows)))
     with torch.no_grad():
         expected = torch.sigmoid(model(batch.dense, batch.sparse)[0])
     remove_stale(out, ("tmp",))
     temp = scratch_path(out)
     try:
-        torch.jit.save(scripted, str(temp))
+        if fmt == "onnx":
+            write_onnx(edge, batch.dense, batch.ids(), temp)
+        else:
+            torch.jit.save(torch.jit.script(edge), str(temp))
         with torch.no_grad():
-            got = torch.jit.load(str(temp))(batch.dense, batch.ids())
+            got = load_model_file(temp, fmt)(batch.dense, batch.ids())
         parity = _parity(expected, got, batch.labels, embeddings)
         manifest = {
-            "format": "ctr-edge-v2",
+            "format": "ctr-edge-v2", "runtime": fmt,
             "file_sha256": sha256_file(temp), "file_bytes": temp.stat().st_size,
             "inputs": {"dense": [f.name for f in fmap.dense], "ids": [f.name for f in fmap.categorical],
                        "id_ranges": dict(zip((f.name for f in fmap.categorical), vocab)),
@@ -157,7 +165,8 @@ def _read_manifest(meta: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def open_edge(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def open_edge(path: Path, threads: int | None = None) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                                                               dict[str, Any]]:
     """An edge file and its manifest, after checking the file against it (size and sha256). The
     sha256 catches a truncated or corrupted file; it does not authenticate: whoever can replace the
     file can replace the manifest too."""
@@ -176,19 +185,27 @@ def open_edge(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     if digest != manifest["file_sha256"]:
         raise ExportError(f"{path}: content differs from its manifest's sha256 (altered after export; "
                           "export the model again)")
+    return load_model_file(path, manifest.get("runtime", "torchscript"), threads), manifest
+
+
+def load_model_file(path: Path, fmt: str, threads: int | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The edge file as a callable (dense, ids) -> probabilities, by its runtime (``threads``: for
+    onnxruntime, which does not follow torch's thread setting)."""
+    if fmt == "onnx":
+        return OnnxModel(path, threads)
     try:
-        return torch.jit.load(str(path)), manifest
+        return torch.jit.load(str(path))
     except RuntimeError as exc:
         raise ExportError(f"{path}: matches its manifest but torch cannot load it ({' '.join(str(exc).split())[:200]}) "
                           "(export it again with this torch version)") from None
 
 
-def load_edge(path: Path) -> torch.jit.ScriptModule:
+def load_edge(path: Path, threads: int | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Load an edge file after checking it against its manifest."""
-    return open_edge(path)[0]
+    return open_edge(path, threads)[0]
 
 
-def latency(model: torch.jit.ScriptModule, dense: torch.Tensor, ids: torch.Tensor, single: int = 300,
+def latency(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dense: torch.Tensor, ids: torch.Tensor, single: int = 300,
             rounds: int = 20) -> dict[str, float]:
     """Batch-1 latency percentiles (ms) over single rows, and rows/s at batch 1024, at the caller's
     thread count (edge devices: set torch.set_num_threads(1) first)."""

@@ -51,7 +51,7 @@ def _compress(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from deploy.export import export_model
 
-    manifest = export_model(args.run_dir, args.out, args.stage, args.embeddings)
+    manifest = export_model(args.run_dir, args.out, args.stage, args.embeddings, fmt=args.format)
     parity = manifest["parity"]
     print(f"exported {args.out} ({manifest['file_bytes']:,} bytes, {manifest['embeddings']} tables) from "
           f"{manifest['source']['checkpoint']}; parity on {parity['rows']:,} test rows: max |diff| "
@@ -73,13 +73,21 @@ def _evaluate(args: argparse.Namespace) -> None:
         from pipelines.ray_evaluate import ray_scores
 
         cluster = RayConfig(address=args.ray_address)
-        scores_from = lambda scorers: ray_scores(args.data, scorers, args.slice or [], cluster)  # noqa: E731
-    result = evaluate(args.models, args.data, args.out, args.slice, args.top, scores_from=scores_from)
+        scores_from = lambda scorers, fields: ray_scores(args.data, scorers, fields, cluster)  # noqa: E731
+    result = evaluate(args.models, args.data, args.out, args.slice, args.top, scores_from=scores_from,
+                      groups=args.group)
     print(comparison_table(result))
     for c in result["comparisons"]:
         print(f"DeLong test {c['model']} vs {c['against']}: AUC difference {c['difference']:+.5f}, "
               f"z {c['z']:.2f}, p {c['p_value']:.3g}")
     print(f"report: {args.out / 'report.html'}; metrics: {args.out / 'metrics.json'}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from pipelines.tune import results_table, run_tune
+
+    rows = run_tune(args.config, args.overrides, args.trials, args.budget_mb)
+    print(results_table(rows, args.budget_mb))
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -121,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write one TorchScript file (plus manifest) that runs with torch alone")
     exp.add_argument("run_dir", type=Path, help="a run directory (its best checkpoint) or a checkpoint file in one")
-    exp.add_argument("--out", type=Path, required=True, help="the .pt file to write")
+    exp.add_argument("--out", type=Path, required=True, help="the file to write (.pt for TorchScript, .onnx for ONNX)")
+    exp.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript",
+                     help="TorchScript (runs with torch alone) or ONNX opset 18 (runs with onnxruntime)")
     exp.add_argument("--stage", help="a compression stage of the run (e.g. 02_optembed, or 'latest')")
     exp.add_argument("--embeddings", choices=["fp32", "fp16", "int8"],
                      help="how the tables are stored (int8: per-row scale and bias); default: export.embeddings")
@@ -139,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("evaluation"), help="where metrics.json and report.html go")
     ev.add_argument("--slice", nargs="*", help="fields to report AUC per value for (their most frequent values)")
     ev.add_argument("--top", type=int, default=10, help="values per slice field")
+    ev.add_argument("--group", action="append", metavar="FIELD",
+                    help="report group AUC by this field (a user or device id, e.g. Avazu's device_id); repeatable")
     ev.add_argument("--ray", action="store_true", help="score with Ray Data (one task per file)")
     ev.add_argument("--ray-address", help="a Ray cluster to join (default: a private local instance)")
     ev.set_defaults(func=_evaluate)
@@ -147,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="experiment YAML")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     run.set_defaults(func=_run)
+
+    tune = sub.add_parser("tune", help="search the recipe's knobs and the learning rates on Ray Tune (ASHA)")
+    tune.add_argument("config", type=Path, help="experiment YAML with a compress: recipe")
+    tune.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    tune.add_argument("--trials", type=int, default=8, help="trials to run (a killed tune resumes when run again)")
+    tune.add_argument("--budget-mb", type=float, help="best validation AUC within this size; without it: the "
+                                                       "size/AUC Pareto front")
+    tune.set_defaults(func=_tune)
 
     demo = sub.add_parser("demo", help="the whole chain on the built-in synthetic dataset (DNN, OptFS + AFM)")
     demo.add_argument("--config", type=Path, default=Path("configs/experiments/synthetic_dnn_recipe.yaml"))

@@ -57,7 +57,7 @@ def run_chain(config: Path, overrides: list[str] | None = None) -> dict[str, Any
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        timing = {name: latency(load_edge(path), batch.dense, batch.ids()) for name, path in exported.items()}
+        timing = {name: latency(load_edge(path, threads=1), batch.dense, batch.ids()) for name, path in exported.items()}
     finally:
         torch.set_num_threads(threads)
     summary = {"experiment": cfg.name, "run_dir": str(run_dir), "report": str(run.evaluation / "report.html"),

@@ -32,7 +32,7 @@ from common.json_lines import read_json_lines
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import model_size, plain_model
 from ctr.loader import make_batch, stack_columns
-from ctr.metrics import auc, auc_interval, classification_metrics, delong_test, one_class_metrics
+from ctr.metrics import auc, auc_interval, classification_metrics, delong_test, group_auc, one_class_metrics
 from ctr.run_dir import STAGE_CHECKPOINT, RunDir
 from deploy.export import manifest_path, open_edge, resolve_source
 from features.feature_map import FeatureMap
@@ -162,7 +162,8 @@ def check_columns(files: list[Path], scorers: list[Scorer], slices: list[str]) -
             check_types(path, meta.schema_arrow, s, s.label)
         unknown = [c for c in slices if c not in have]
         if unknown:
-            raise DataError(f"{path}: slice field(s) {unknown} are not columns of the file")
+            raise DataError(f"{path}: slice or group field(s) {unknown} are not columns of the file "
+                            "(name columns of the data)")
         rows += meta.metadata.num_rows
     if rows == 0:
         raise DataError(f"{files[0] if len(files) == 1 else files[0].parent}: the file has no rows")
@@ -285,6 +286,12 @@ def _plots(labels: np.ndarray, scores: list[np.ndarray], names: list[str], resul
 
 
 def comparison_table(result: dict[str, Any]) -> str:
+    """The printed result: the models' table, then group AUC where asked for."""
+    groups = group_table(result)
+    return "\n".join(model_table(result) + ([""] + groups if groups else []))
+
+
+def model_table(result: dict[str, Any]) -> list[str]:
     rows = ["| model | bytes | AUC [95% CI] | logloss | NE | calibration | DeLong p vs first |",
             "|---|---:|---|---:|---:|---:|---:|"]
     p_values = {c["model"]: c["p_value"] for c in result["comparisons"]}
@@ -295,14 +302,38 @@ def comparison_table(result: dict[str, Any]) -> str:
         ne = "undefined" if m["ne"] is None else f"{m['ne']:.5f}"
         rows.append(f"| {m['name']} | {m['bytes']:,} | {shown} | {m['logloss']:.5f} | "
                     f"{ne} | {m['calibration']:.4f} | {'' if p is None else f'{p:.3g}'} |")
-    return "\n".join(rows)
+    return rows
+
+
+def group_table(result: dict[str, Any]) -> list[str]:
+    """Group AUC per model and group field, and by group size (impressions per group)."""
+    if not any(m["groups"] for m in result["models"]):
+        return []
+    rows = ["| model | group field | group AUC | groups scored | groups skipped (one class) | by group size: "
+            "size, groups, group AUC |", "|---|---|---:|---:|---:|---|"]
+    for m in result["models"]:
+        for field, g in m["groups"].items():
+            sizes = "; ".join(f"{b['size']}: {b['groups']:,}, {'-' if b['group_auc'] is None else format(b['group_auc'], '.4f')}"
+                              for b in g["by_size"] if b["groups"])
+            shown = "undefined" if g["group_auc"] is None else f"{g['group_auc']:.5f}"
+            rows.append(f"| {m['name']} | {field} | {shown} | {g['groups_scored']:,} | {g['groups_skipped_one_class']:,} "
+                        f"| {sizes} |")
+    return rows
+
+
+def _html_table(table: list[str]) -> str:
+    """A markdown table (as the command prints it) as HTML."""
+    if not table:
+        return ""
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" +
+            "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
 
 
 def _html(result: dict[str, Any], plots: dict[str, str]) -> str:
-    table = comparison_table(result).splitlines()
-    head = [c.strip() for c in table[0].strip("|").split("|")]
-    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    groups = group_table(result)
+    group_html = f"<h2>Group AUC</h2>{_html_table(groups)}" if groups else ""
     figures = "".join(f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{png}'>"
                       f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, png in plots.items())
     slices = "".join(
@@ -316,7 +347,7 @@ def _html(result: dict[str, Any], plots: dict[str, str]) -> str:
 figure{{display:inline-block;margin:1em}}</style></head>
 <body><h1>Offline evaluation</h1><p>Data: {html.escape(result['data']['path'])} ({result['data']['rows']:,} rows,
 sha256 {result['data']['sha256'][:16]}...)</p>
-<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{cells}</table>{figures}{slices}
+{_html_table(model_table(result))}{group_html}{figures}{slices}
 <script>window.addEventListener("load", () => {{
   const shown = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
   document.body.setAttribute("data-plots-rendered", String(shown));
@@ -324,22 +355,27 @@ sha256 {result['data']['sha256'][:16]}...)</p>
 """
 
 
+ScoresFrom = Callable[[list[Scorer], list[str]], tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]]
+
+
 def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | None = None, top_values: int = 10,
-             batch_size: int = BATCH_ROWS, progress: bool = True,
-             scores_from: Callable[[list[Scorer]], tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]] | None = None
-             ) -> dict[str, Any]:
+             batch_size: int = BATCH_ROWS, progress: bool = True, scores_from: ScoresFrom | None = None,
+             groups: list[str] | None = None) -> dict[str, Any]:
     """Evaluate every model on ``data`` (a Parquet file or a directory of them); writes
-    ``metrics.json`` and ``report.html`` into ``out_dir``. ``scores_from``: another scoring backend
-    (the Ray one) in place of the local stream."""
+    ``metrics.json`` and ``report.html`` into ``out_dir``. ``slices``: fields to report AUC per
+    value for; ``groups``: fields to report group AUC by (a user or device id). ``scores_from``:
+    another scoring backend (the Ray one) in place of the local stream, given the scorers and the
+    extra fields to read."""
     files = parquet_files(data)
     ensure_writable(out_dir)  # before the scoring, not after it
     scorers = [load_scorer(m) for m in models]
-    slices = slices or []
+    slices, groups = slices or [], groups or []
+    fields = sorted({*slices, *groups})
     if scores_from is None:
-        labels, scores, slice_values = _score_stream(files, scorers, slices, batch_size, progress)
+        labels, scores, slice_values = _score_stream(files, scorers, fields, batch_size, progress)
     else:
-        check_columns(files, scorers, slices)
-        labels, scores, slice_values = scores_from(scorers)
+        check_columns(files, scorers, fields)
+        labels, scores, slice_values = scores_from(scorers, fields)
     both = 0 < labels.sum() < labels.size
     if not both:
         log.warning("%s: every label is %d: AUC, its interval, NE and the DeLong tests are undefined; logloss and "
@@ -350,7 +386,8 @@ def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | 
         low, high = auc_interval(labels, probs)[1:] if both else (None, None)
         results.append({"name": s.name, "path": str(s.path), "sha256": s.sha256, "bytes": s.bytes, **metrics,
                         "auc_ci": [low, high], "reliability": reliability(labels, probs),
-                        "slices": {c: slice_aucs(labels, probs, slice_values[c], top_values) for c in slices}})
+                        "slices": {c: slice_aucs(labels, probs, slice_values[c], top_values) for c in slices},
+                        "groups": {c: group_auc(labels, probs, slice_values[c]) for c in groups}})
     comparisons = [{"model": r["name"], "against": results[0]["name"], **delong_test(labels, probs, scores[0])}
                    for r, probs in zip(results[1:], scores[1:])] if both else []
     result = {"data": {"path": str(data), "files": len(files), "sha256": data_hash(files), "rows": int(labels.size)},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ import torch
 
 from common.atomic import atomic_write_text
 from ctr.compress.recipe import run_recipe
-from ctr.config import AFMConfig, AFMStep, RankRule, TrainerConfig
+from ctr.config import AFMConfig, AFMStep, OptEmbedConfig, OptEmbedStep, OptFSConfig, OptFSStep, RankRule, TrainerConfig
 from ctr.embedding_config import embedding_config
 from ctr.experiment import ExperimentConfig
 from ctr.models import model_config
+from ctr.run_dir import RunDir
 from ctr.train import Trainer
 from features.prepare import PrepareResult, prepare
 from features.schema import DatasetConfig
@@ -66,3 +68,49 @@ def runs(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactor
         run_recipe(cfg, fmap, prepared_criteo.output, run_dir)
         out[name] = run_dir
     return out
+
+
+# Small recipes on the session's prepared set: one trained baseline per model, copied by each test
+# that compresses it (tests/test_structure.py, tests/test_onnx.py).
+STAGES = {
+    "optfs": OptFSStep(optfs=OptFSConfig(search_epochs=2, rewind_epoch=1, retrain_epochs=1, final_temp=50.0,
+                                         penalty=1e-4, gate_lr=0.05)),
+    "optembed": OptEmbedStep(optembed=OptEmbedConfig(rows=False, search_rows=2000, population=4, parents=2,
+                                                      generations=2, retrain_epochs=1)),
+    "afm": AFMStep(afm=AFMConfig(layer_rank=RankRule(fixed=4), embedding_rank=RankRule(fixed=4), finetune_epochs=0)),
+}
+MODELS = {
+    "dnn": {"name": "dnn", "hidden": [32, 16]},
+    "deepfm": {"name": "deepfm", "hidden": [16]},
+    "dcnv2": {"name": "dcnv2", "hidden": [16], "cross_layers": 2},
+    "finalmlp": {"name": "finalmlp", "stream1": [32, 16], "stream2": [16], "gate_hidden": [8], "heads": 4},
+}
+
+
+def recipe_experiment(prepared: PrepareResult, run_dir: Path, model: str, stages: list[str]) -> ExperimentConfig:
+    return ExperimentConfig(
+        name="t", dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared.output)),
+        model=model_config(embedding=embedding_config(dim=8), **MODELS[model]),
+        trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, progress=False, threads=1,
+                              run_dir=str(run_dir), lr=3e-3),
+        compress=[STAGES[s] for s in stages])
+
+
+@pytest.fixture(scope="session")
+def baselines(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One trained baseline per model, copied by each test that compresses it."""
+    out = {}
+    for model in MODELS:
+        run_dir = tmp_path_factory.mktemp(f"base_{model}")
+        cfg = recipe_experiment(prepared_criteo, run_dir, model, [])
+        Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, run_dir).fit()
+        (run_dir / "feature_map.json").write_text((prepared_criteo.output / "feature_map.json").read_text())
+        RunDir(run_dir).write_data_json(prepared_criteo.output, "")
+        out[model] = run_dir
+    return out
+
+
+def copy_run(baselines: dict[str, Path], model: str, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(baselines[model], run_dir)
+    return run_dir

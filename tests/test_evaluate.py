@@ -74,10 +74,10 @@ def test_ray_scoring_equals_the_local_stream(models: list[Path], prepared_criteo
     data.mkdir()
     for i, start in enumerate(range(0, table.num_rows, 700)):
         pq.write_table(table.slice(start, 700), data / f"part-{i:03d}.parquet")
-    local = evaluate(models, data, tmp_path / "local", slices=["C1"], progress=False)
+    local = evaluate(models, data, tmp_path / "local", slices=["C1"], groups=["C2"], progress=False)
     try:
-        remote = evaluate(models, data, tmp_path / "ray", slices=["C1"],
-                          scores_from=lambda scorers: ray_scores(data, scorers, ["C1"]))
+        remote = evaluate(models, data, tmp_path / "ray", slices=["C1"], groups=["C2"],
+                          scores_from=lambda scorers, fields: ray_scores(data, scorers, fields))
     finally:
         ray.shutdown()
     assert remote["models"] == local["models"]  # exactly: the same scores, row for row
@@ -101,5 +101,27 @@ def test_bad_input_is_named(models: list[Path], prepared_criteo: PrepareResult, 
     pq.write_table(bad, tmp_path / "labels.parquet")
     with pytest.raises(DataError, match=r"labels.parquet: row 5: label 2.0 is not 0 or 1"):
         evaluate(models, tmp_path / "labels.parquet", tmp_path / "out", progress=False)
-    with pytest.raises(DataError, match="slice field"):
+    with pytest.raises(DataError, match="slice or group field"):
         evaluate(models, data, tmp_path / "out", slices=["nope"], progress=False)
+
+
+def test_group_auc_by_a_field_in_the_table_the_json_and_the_report(models: list[Path], prepared_criteo: PrepareResult,
+                                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.cli import main
+
+    data = prepared_criteo.output / prepared_criteo.feature_map.splits["test"].file
+    assert main(["evaluate", *map(str, models), "--data", str(data), "--out", str(tmp_path), "--group", "C2",
+                 "--group", "C6"]) == 0
+    printed = capsys.readouterr().out
+    assert "| C2 |" in printed and "| C6 |" in printed and "groups skipped (one class)" in printed
+    saved = json.loads((tmp_path / "metrics.json").read_text())["models"][0]["groups"]
+    assert set(saved) == {"C2", "C6"}
+    table = pq.read_table(data)
+    labels = table["label"].to_numpy()
+    c6 = table["C6"].to_numpy()
+    expected_groups = len(np.unique(c6))
+    assert saved["C6"]["groups"] == expected_groups
+    assert saved["C6"]["groups_scored"] + saved["C6"]["groups_skipped_one_class"] == expected_groups
+    assert sum(b["impressions"] for b in saved["C6"]["by_size"]) == len(labels)
+    assert 0.5 < saved["C6"]["group_auc"] < 1.0
+    assert "Group AUC" in (tmp_path / "report.html").read_text()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ctr.metrics import auc, auc_interval, delong, delong_test, logloss, normalized_entropy
+from ctr.metrics import auc, auc_interval, delong, delong_test, group_auc, logloss, normalized_entropy
 
 
 def test_auc_counts_ties_as_half() -> None:
@@ -64,3 +64,23 @@ def test_delong_ties_and_agreement_with_the_rank_auc() -> None:
     assert same["difference"] == 0 and same["p_value"] == 1.0
     test = delong_test(labels, a, b)
     assert test["difference"] > 0 and test["p_value"] < 0.05  # b is a plus noise: clearly worse
+
+
+def test_group_auc_by_hand_with_one_class_groups_and_ties() -> None:
+    labels = np.array([1, 0, 1, 0, 1, 1, 1, 0, 1, 0, 1])
+    scores = np.array([0.9, 0.5, 0.4, 0.3, 0.8, 0.1, 0.2, 0.2, 0.2, 0.6, 0.7])
+    groups = np.array(list("AAABBCCDDDD"))
+    # A: positives 0.9, 0.4 against 0.5 -> 1/2; B: 0.8 over 0.3 -> 1; C: clicks only, skipped;
+    # D: positive 0.2 ties 0.2 (1/2) and loses to 0.6, positive 0.7 beats both -> 2.5 / 4
+    result = group_auc(labels, scores, groups)
+    assert result["group_auc"] == pytest.approx((3 * 0.5 + 2 * 1.0 + 4 * 0.625) / 9)
+    assert (result["groups"], result["groups_scored"], result["groups_skipped_one_class"]) == (4, 3, 1)
+    assert result["impressions"] == 11
+    assert [b["size"] for b in result["by_size"]] == ["1", "2-9", "10-99", "100-999", "1000+"]
+    assert result["by_size"][1]["groups"] == 4 and result["by_size"][0]["group_auc"] is None
+
+
+def test_group_auc_equals_the_plain_auc_of_one_group() -> None:
+    rng = np.random.default_rng(0)
+    labels, scores = rng.integers(0, 2, 500), rng.random(500).round(2)  # rounded: many ties
+    assert group_auc(labels, scores, np.zeros(500))["group_auc"] == pytest.approx(auc(labels, scores))

@@ -4,7 +4,6 @@ built from the training modules, bytes counted on the edge format, and FinalMLP 
 from __future__ import annotations
 
 import itertools
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,61 +12,16 @@ from common.errors import ConfigError
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import model_size, plain_model
-from ctr.config import AFMConfig, AFMStep, OptEmbedConfig, OptEmbedStep, OptFSConfig, OptFSStep, RankRule, TrainerConfig
-from ctr.embedding_config import embedding_config
-from ctr.experiment import ExperimentConfig
+from ctr.config import AFMConfig, AFMStep, OptFSStep, RankRule
 from ctr.models import model_config
 from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, NarrowWidths, SelectRows, step_from_dict, step_to_dict
-from ctr.train import Trainer
 from deploy.edge import edge_bytes, edge_model
 from deploy.export import export_model
 from features.prepare import PrepareResult
-from features.schema import DatasetConfig
 from pipelines.evaluate import evaluate
 
-STAGES = {
-    "optfs": OptFSStep(optfs=OptFSConfig(search_epochs=2, rewind_epoch=1, retrain_epochs=1, final_temp=50.0,
-                                         penalty=1e-4, gate_lr=0.05)),
-    "optembed": OptEmbedStep(optembed=OptEmbedConfig(rows=False, search_rows=2000, population=4, parents=2,
-                                                      generations=2, retrain_epochs=1)),
-    "afm": AFMStep(afm=AFMConfig(layer_rank=RankRule(fixed=4), embedding_rank=RankRule(fixed=4), finetune_epochs=0)),
-}
-MODELS = {
-    "dnn": {"name": "dnn", "hidden": [32, 16]},
-    "dcnv2": {"name": "dcnv2", "hidden": [16], "cross_layers": 2},
-    "finalmlp": {"name": "finalmlp", "stream1": [32, 16], "stream2": [16], "gate_hidden": [8], "heads": 4},
-}
-
-
-def experiment(prepared: PrepareResult, run_dir: Path, model: str, stages: list[str]) -> ExperimentConfig:
-    return ExperimentConfig(
-        name="t", dataset=DatasetConfig(name="test", layout="criteo_tsv", output=str(prepared.output)),
-        model=model_config(embedding=embedding_config(dim=8), **MODELS[model]),
-        trainer=TrainerConfig(batch_size=1024, eval_batch_size=8192, progress=False, threads=1,
-                              run_dir=str(run_dir), lr=3e-3),
-        compress=[STAGES[s] for s in stages])
-
-
-@pytest.fixture(scope="module")
-def baselines(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One trained baseline per model, copied by each test that compresses it."""
-    out = {}
-    for model in MODELS:
-        run_dir = tmp_path_factory.mktemp(f"base_{model}")
-        cfg = experiment(prepared_criteo, run_dir, model, [])
-        Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, run_dir).fit()
-        (run_dir / "feature_map.json").write_text((prepared_criteo.output / "feature_map.json").read_text())
-        RunDir(run_dir).write_data_json(prepared_criteo.output, "")
-        out[model] = run_dir
-    return out
-
-
-def copy_run(baselines: dict[str, Path], model: str, tmp_path: Path) -> Path:
-    run_dir = tmp_path / "run"
-    shutil.copytree(baselines[model], run_dir)
-    return run_dir
-
+from conftest import STAGES, copy_run, recipe_experiment
 
 ORDERS = [list(order) for order in itertools.permutations(STAGES)]
 
@@ -78,7 +32,7 @@ ORDERS = [list(order) for order in itertools.permutations(STAGES)]
 def test_every_stage_order_gives_the_model_it_claims_and_exports(baselines: dict[str, Path], prepared_criteo: PrepareResult,
                                                                  tmp_path: Path, model: str, order: list[str]) -> None:
     run_dir = copy_run(baselines, model, tmp_path)
-    cfg = experiment(prepared_criteo, run_dir, model, order)
+    cfg = recipe_experiment(prepared_criteo, run_dir, model, order)
     lines = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, run_dir)
     assert [line["stage"] for line in lines] == ["baseline", *order]
     for line in lines[1:]:  # each reshaping equals the masked / factorised model it came from
@@ -96,7 +50,7 @@ def test_every_stage_order_gives_the_model_it_claims_and_exports(baselines: dict
 def test_finalmlp_trains_compresses_exports_and_evaluates(baselines: dict[str, Path], prepared_criteo: PrepareResult,
                                                           tmp_path: Path) -> None:
     run_dir = copy_run(baselines, "finalmlp", tmp_path)
-    cfg = experiment(prepared_criteo, run_dir, "finalmlp", ["optfs", "optembed", "afm"])
+    cfg = recipe_experiment(prepared_criteo, run_dir, "finalmlp", ["optfs", "optembed", "afm"])
     lines = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, run_dir)
     assert lines[0]["valid_auc"] > 0.6 and all(line["exact_max_diff"] <= 1e-6 for line in lines[1:])
     assert lines[-1]["factorized"]  # AFM found the two streams' Linears to factorise
@@ -114,7 +68,7 @@ def test_a_changed_stage_reruns_with_the_later_ones_and_unchanged_stages_are_reu
     run_dir = copy_run(baselines, "dnn", tmp_path)
     fmap, data = prepared_criteo.feature_map, prepared_criteo.output
     run = RunDir(run_dir)
-    cfg = experiment(prepared_criteo, run_dir, "dnn", ["optfs", "afm"])
+    cfg = recipe_experiment(prepared_criteo, run_dir, "dnn", ["optfs", "afm"])
     run_recipe(cfg, fmap, data, run_dir)
     mtimes = lambda: [p.stat().st_mtime_ns for p in run.stage_checkpoints()]  # noqa: E731
     first = mtimes()
