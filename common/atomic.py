@@ -54,6 +54,9 @@ def remove_stale(final: Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[P
 def ensure_writable(folder: Path) -> None:
     """Fail before any work when ``folder`` cannot be created or written (one line, not a traceback
     after hours of work)."""
+    blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"{blocked}: is a file, so {folder} cannot be a directory (choose another output directory)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".ctr-write-check-", dir=folder)

@@ -206,7 +206,9 @@ def _describe(exc: ValidationError, model: type[BaseModel], origins: dict[str, s
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"{where}: unknown key '{dotted}'{hint} (valid keys here: {', '.join(valid)})")
         else:
-            lines.append(f"{where}: key '{dotted}': {err['msg']} (got {err.get('input')!r})")
+            got = err.get("input")
+            shown = f"got {got!r}" if not isinstance(got, (dict, list)) else f"fix the '{dotted}' section"
+            lines.append(f"{where}: key '{dotted}': {err['msg']} ({shown})")
     return "; ".join(lines)
 
 

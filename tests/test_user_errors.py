@@ -279,11 +279,11 @@ def test_9_an_output_that_cannot_be_written_fails_before_the_work(runs: dict[str
     config = tmp_path / "ds.yaml"
     config.write_text(f"dataset: {{name: w, layout: criteo_tsv, raw: [{ROOT / 'tests/data/criteo_kaggle_train.head200.tsv'}], "
                       f"output: {blocker / 'out'}}}\n")
-    fails(["prepare", str(config)], capsys, str(blocker), "cannot write here")
+    fails(["prepare", str(config)], capsys, str(blocker), "cannot be a directory")
     test = prepared_criteo.output / "test.parquet"
-    fails(["evaluate", str(exported), "--data", str(test), "--out", str(blocker / "ev")], capsys, "cannot write here")
-    fails(["export", str(runs["dcnv2"]), "--out", str(blocker / "m.pt")], capsys, "cannot write here")
-    fails(["score", str(exported), str(test), "--out", str(blocker / "s.parquet")], capsys, "cannot write here")
+    fails(["evaluate", str(exported), "--data", str(test), "--out", str(blocker / "ev")], capsys, "cannot be a directory")
+    fails(["export", str(runs["dcnv2"]), "--out", str(blocker / "m.pt")], capsys, "cannot be a directory")
+    fails(["score", str(exported), str(test), "--out", str(blocker / "s.parquet")], capsys, "cannot be a directory")
     assert blocker.read_text() == "not a folder"
 
 
