@@ -287,7 +287,8 @@ def recipe_speed_section(rep: Report, args: argparse.Namespace) -> None:
         f"{args.steps} steps after 3 warm-up steps, {default_threads()} threads.", "",
         "| model | train samples/s | vs baseline |", "|---|---:|---:|",
         *(f"| {k} | {v:,.0f} | {v / rates['baseline']:.2f}x |" for k, v in rates.items()), "",
-        "Serving: the exported TorchScript files (torch only), 1 thread, reloaded and timed in this process; "
+        "Serving: the exported files, TorchScript (torch only) and ONNX (onnxruntime, one intra-op thread), 1 thread, "
+        "reloaded and timed in this process; "
         "parity against the checkpoint on the test split.", "", export_table(served)]))
 
 
