@@ -80,7 +80,8 @@ def step_from_dict(data: dict[str, Any]) -> Step:
     values = dict(data)
     kind = values.pop("kind", None)
     if kind not in STEP_KINDS:
-        raise ConfigError(f"unknown structure step kind {kind!r} (known: {sorted(STEP_KINDS)})")
+        raise ConfigError(f"unknown structure step kind {kind!r}; known: {sorted(STEP_KINDS)} (use a checkpoint "
+                          "written by this version of ctr)")
     return STEP_KINDS[kind](**values)
 
 
@@ -119,13 +120,15 @@ class Layout:
         by = {**self.by, step.kind: step.by}
         if isinstance(step, SelectRows):
             if len(step.rows) != self.num_fields:
-                raise ConfigError(f"{step.by}: select_rows lists {len(step.rows)} fields, the model has {self.num_fields}")
+                raise ConfigError(f"{step.by}: select_rows lists {len(step.rows)} fields, the model has {self.num_fields} "
+                                  "(the checkpoint belongs to other data)")
             return replace(self, rows=list(step.rows), remapped=True, by=by)
         if isinstance(step, NarrowWidths):
             wider = [f for f, (w, have) in enumerate(zip(step.widths, self.stored_widths)) if w > have]
             if wider:
                 raise ConfigError(f"{step.by}: narrow_widths asks field(s) {wider} for more columns than the tables "
-                                  f"kept after {self.by.get('narrow_widths') or self.by.get('factorize_embedding')}")
+                                  f"kept after {self.by.get('narrow_widths') or self.by.get('factorize_embedding')} "
+                                  "(keep widths within what an earlier stage left)")
             return replace(self, widths=list(step.widths), by=by)
         if isinstance(step, FactorizeEmbedding):
             if self.projection_rank is not None or "factorize_embedding" in self.by:
@@ -136,7 +139,8 @@ class Layout:
                            restores=None if step.folded else list(step.restores))
         if isinstance(step, FactorizeLinear):
             if step.path in self.factorized:
-                raise ConfigError(f"{step.by}: layer {step.path} was already factorised by {self.by['factorize_linear']}")
+                raise ConfigError(f"{step.by}: layer {step.path} was already factorised by {self.by['factorize_linear']} "
+                                  "(drop one of the two)")
             return replace(self, factorized={**self.factorized, step.path: step.rank}, by=by)
         if isinstance(step, FoldNorm):
             return replace(self, folded_norms=(*self.folded_norms, step.path), by=by)

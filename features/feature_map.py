@@ -87,5 +87,6 @@ class FeatureMap(_Frozen):
         except ValidationError as exc:
             raise DataError(f"{path}: not a valid feature map: {exc} (prepare the data again with ctr prepare)") from None
         if fmap.format_version != FORMAT_VERSION:
-            raise DataError(f"{path}: feature map format {fmap.format_version}, this code reads {FORMAT_VERSION}")
+            raise DataError(f"{path}: feature map format {fmap.format_version}, this code reads {FORMAT_VERSION} "
+                            "(prepare the data again with this version's ctr prepare)")
         return fmap

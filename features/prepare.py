@@ -84,7 +84,8 @@ def _stage_file(path: Path, cfg: DatasetConfig, layout: Layout, specs: list[Feat
         raise explain_read_failure(path, exc) from None
     n = pq.ParquetFile(target).metadata.num_rows
     if n == 0:
-        raise DataError(f"{path}: no data rows" + (" after the header line" if layout.header else ""))
+        raise DataError(f"{path}: no data rows" + (" after the header line" if layout.header else "") +
+                        " (give the file with its rows)")
     return n
 
 
@@ -103,11 +104,12 @@ def _check_rejects(staged: pl.LazyFrame, total: int, limit: float, rejects_path:
     n_rejected = pl.scan_csv(rejects_path, infer_schema=False).select(pl.len()).collect().item()
     if n_rejected and n_rejected > limit * total:
         os.replace(rejects_path, keep_at)
-        shown = "\n".join(f"  {r['file']} line {r['line']}: {r['reason']}" for r in head.iter_rows(named=True))
+        rows = list(head.iter_rows(named=True))
+        shown = "; ".join(f"{r['file']} line {r['line']}: {r['reason']}" for r in rows)
         raise DataError(
-            f"{n_rejected} of {total} rows rejected ({n_rejected / total:.2%}), over the limit of {limit:.2%} "
-            f"(dataset.max_reject_fraction); first rejects:\n{shown}\nall rejects: {keep_at}"
-        )
+            f"{rows[0]['file']}:{rows[0]['line']}: {n_rejected} of {total} rows rejected ({n_rejected / total:.2%}), "
+            f"over the limit of {limit:.2%}; first rejects: {shown} (every reject with its line and reason is in "
+            f"{keep_at}; fix the data, or raise dataset.max_reject_fraction)")
     return n_rejected
 
 
@@ -169,15 +171,15 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
     if cfg.split.method == "time":
         kinds = {c.name: c.kind for c in layout.columns}
         if kinds.get(cfg.split.time_column) not in ("yymmddhh", "integer", "numeric"):
-            raise DataError(f"dataset '{cfg.name}': split.time_column '{cfg.split.time_column}' must be a "
-                            f"yymmddhh, integer or numeric column of the layout")
+            raise DataError(f"dataset '{cfg.name}': split.time_column '{cfg.split.time_column}' is not a "
+                        f"yymmddhh, integer or numeric column of the layout (name one that is)")
     specs = feature_specs(layout, cfg.integer_mode)
     categorical = [s.name for s in specs if s.type == "categorical"]
     dense = [s.name for s in specs if s.type == "dense"]
     unknown = sorted(set(cfg.min_count_per_field) - set(categorical))
     if unknown:
-        raise DataError(f"dataset '{cfg.name}': min_count_per_field names unknown field(s) {unknown}; "
-                        f"categorical fields are {categorical}")
+        raise DataError(f"dataset '{cfg.name}': min_count_per_field names unknown field(s) {unknown} "
+                        f"(categorical fields are {categorical})")
     work = scratch_dir_beside(out)
     passes: dict[str, float] = {}
     mark = time.perf_counter()
@@ -216,7 +218,8 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
         done("encode + write splits")
         splits = {name: SplitInfo(file=f"{name}.parquet", rows=counts[name]) for name in SPLITS}
         if splits["train"].rows == 0:
-            raise DataError(f"dataset '{cfg.name}': the train split is empty ({offset} rows read, split {cfg.split})")
+            raise DataError(f"dataset '{cfg.name}': the train split is empty ({offset} rows read, split {cfg.split}) "
+                            "(give more rows, or other split ratios)")
         shutil.rmtree(work / "staged")
         fields = [
             FieldInfo(name=s.name, type=s.type, source=s.source, transform=s.transform,

@@ -121,7 +121,8 @@ def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], budget: in
     ranks = {name: 1 for name in spectra}
     used = sum(cost[name] + o for name, (_, _, o) in spectra.items())  # + the second factor's bias
     if used > budget:
-        raise ConfigError(f"a budget of {budget:,} parameters is below rank 1 for every layer ({used:,})")
+        raise ConfigError(f"a budget of {budget:,} parameters is below rank 1 for every layer ({used:,} needed) "
+                          "(raise afm.layers_budget_mb or compress.target_mb)")
     while True:
         best, gain = None, -1.0
         for name, k in ranks.items():
@@ -332,9 +333,11 @@ class AFMStage:
             raise ConfigError(f"{ctx.stage_id}: afm.layers cannot follow {layout.by['factorize_linear']}, which already "
                              "factorised the layers (set layers: false here, or drop one stage)")
         if c.embeddings and ctx.cfg.model.embedding.kind != "per_field":
-            raise ConfigError("afm.embeddings needs per-field tables (embedding kind 'per_field')")
+            raise ConfigError(f"{ctx.stage_id}: afm.embeddings needs per-field tables (set embedding kind 'per_field', "
+                              "or afm.embeddings: false)")
         if not MODELS[ctx.cfg.model.name].embeddings:
-            raise ConfigError(f"afm compresses embeddings and layers; model '{ctx.cfg.model.name}' has neither")
+            raise ConfigError(f"{ctx.stage_id}: afm compresses embeddings and layers; model '{ctx.cfg.model.name}' has "
+                              "neither (use another model, or drop the afm stage)")
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         c = self.cfg

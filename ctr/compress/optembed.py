@@ -137,7 +137,7 @@ class WidthSearch:
         narrowest = int(kept_rows.sum()) * WIDTH_STEP
         if self.budget is not None and narrowest > self.budget:
             raise ConfigError(f"optembed.max_embedding_share {cfg.max_embedding_share} is below what the narrowest "
-                             f"candidate (every field {WIDTH_STEP} wide) needs: {narrowest / full_params:.4f}")
+                             f"candidate (every field {WIDTH_STEP} wide) needs: {narrowest / full_params:.4f} (raise the share)")
 
     def params(self, widths: np.ndarray) -> int:
         return int((self.kept_rows * widths).sum())

@@ -58,11 +58,12 @@ def unified_keys(fields: list[FieldInfo], cfg: UnifiedEmbedding) -> list[KeySpec
     per_table = shared_rows // cfg.num_tables
     if per_table < 1:
         raise ConfigError(f"embedding budget of {budget_rows(cfg)} rows leaves no room for the shared table(s) after "
-                         f"{sum(k.rows for k in exact)} rows of exact small-vocabulary tables (collisionless_max)")
+                         f"{sum(k.rows for k in exact)} rows of exact small-vocabulary tables (raise num_rows / budget_mb, or "
+                          "lower collisionless_max)")
     multiplexed = [(i, f, j) for i, f in enumerate(fields) if not _exact(f, cfg) for j in range(cfg.chunks.get(f.name, 1))]
     unknown = sorted(set(cfg.chunks) - {f.name for f in fields})
     if unknown:
-        raise ConfigError(f"embedding.chunks names unknown field(s) {unknown}")
+        raise ConfigError(f"embedding.chunks names unknown field(s) {unknown} (name categorical fields of the data)")
     shared = [KeySpec(f"{f.name}@{j}", i, j, f"unified_{n % cfg.num_tables}", per_table, False)
               for n, (i, f, j) in enumerate(multiplexed)]
     return exact + sorted(shared, key=lambda k: k.table)  # grouped by table: the EBC's output order
@@ -78,7 +79,8 @@ def hashed_keys(fields: list[FieldInfo], cfg: HashedEmbedding) -> list[KeySpec]:
     left = budget - sum(v for v, e in zip(vocab, exact) if e)
     total = sum(v for v, e in zip(vocab, exact) if not e)
     if left < sum(not e for e in exact):
-        raise ConfigError(f"embedding budget of {budget} rows is too small for per-field hashing of {len(fields)} fields")
+        raise ConfigError(f"embedding budget of {budget} rows is too small for per-field hashing of {len(fields)} fields "
+                          "(raise num_rows / budget_mb)")
     rows = [v if e else max(1, left * v // total) for v, e in zip(vocab, exact)]
     return [KeySpec(f"{f.name}@0", i, 0, f"hash_{f.name}", rows[i], exact[i]) for i, f in enumerate(fields)]
 
