@@ -91,7 +91,7 @@ def afm_table(line: dict[str, Any]) -> None:
 
 
 def trained_line(fmap: FeatureMap, path: Path) -> dict[str, Any]:
-    params, parts = model_size(fmap, load_checkpoint(path))
+    params, parts = model_size(fmap, plain_model(fmap, load_checkpoint(path)))
     return {"stage_id": "trained", "stage": "baseline", "parameters": params, "bytes": sum(parts.values()),
             "embedding_bytes": parts["embedding tables"] + parts["id remap"]}
 

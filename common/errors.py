@@ -5,6 +5,12 @@ message names the file (and line when known) it is about.
 """
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """Another library's error message, whitespace folded to one line and cut at ``limit`` characters,
+    to quote inside one of ours."""
+    return " ".join(str(exc).split())[:limit]
+
+
 class DataError(ValueError):
     """Raw or prepared data that cannot be used as it is."""
 

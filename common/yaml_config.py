@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from common.errors import ConfigError
+from common.errors import ConfigError, one_line
 
 M = TypeVar("M", bound=BaseModel)
 COMMAND_LINE = "<command line>"
@@ -62,7 +62,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = safe_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())} (fix the syntax)") from None
+        raise ConfigError(f"{path}: not valid YAML: {one_line(exc, 10_000)} (fix the syntax)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read: {exc} (check the file and its permissions)") from None
     if data is None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from common.atomic import atomic_write
-from common.errors import CheckpointError
+from common.errors import CheckpointError, one_line
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -31,8 +31,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a checkpoint this project wrote, and it may be unsafe to load: it holds "
                               "objects other than tensors and plain values (use a checkpoint written by ctr)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupted ({reason}) "
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupted ({one_line(exc)}) "
                               "(use the run's other checkpoint, or train again)") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise CheckpointError(f"{path}: not a ctr checkpoint, it has no 'model' entry (use a checkpoint written by ctr)")

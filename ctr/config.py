@@ -80,7 +80,16 @@ class OptFSConfig(Strict):
         return self
 
 
-class OptFSStep(Strict):
+class StageStep(Strict):
+    """One entry of ``compress.stages``: a single key naming the stage, its settings as the value."""
+
+    @property
+    def stage(self) -> tuple[str, Strict]:
+        (name, settings), = ((k, v) for k, v in self if v is not None)
+        return name, settings
+
+
+class OptFSStep(StageStep):
     optfs: OptFSConfig
 
 
@@ -115,7 +124,7 @@ class OptEmbedConfig(Strict):
         return self
 
 
-class OptEmbedStep(Strict):
+class OptEmbedStep(StageStep):
     optembed: OptEmbedConfig
 
 
@@ -151,7 +160,7 @@ class AFMConfig(Strict):
     mimic_weight: float = Field(default=0.0, ge=0.0)  # feature-mimicking MSE beside logloss
 
 
-class AFMStep(Strict):
+class AFMStep(StageStep):
     afm: AFMConfig
 
 

@@ -85,12 +85,15 @@ class RunDir:
     def is_run(self) -> bool:
         return self.feature_map.is_file()
 
-    def write_data_json(self, prepared: Path, feature_map_text: str) -> None:
-        """Where the prepared data is (relative to this directory, and absolute) and the feature map's sha256."""
+    def link_data(self, prepared: Path) -> None:
+        """Tie this run to its prepared data: a copy of the data's feature map, and ``data.json`` with
+        where the data is (relative to this directory, and absolute) and the feature map's sha256."""
+        text = (prepared / FEATURE_MAP).read_text(encoding="utf-8")
+        atomic_write_text(self.feature_map, text)
         relative = os.path.relpath(prepared.resolve(), self.root.resolve())
         atomic_write_text(self.data_json, json.dumps({
             "prepared": relative, "prepared_absolute": str(prepared.resolve()),
-            "feature_map_sha256": hashlib.sha256(feature_map_text.encode()).hexdigest()}, indent=2) + "\n")
+            "feature_map_sha256": hashlib.sha256(text.encode()).hexdigest()}, indent=2) + "\n")
 
     def prepared_data(self) -> Path:
         """The prepared data directory named by ``data.json``: relative to this directory (the two

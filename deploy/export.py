@@ -20,7 +20,7 @@ import torch
 
 from common.atomic import atomic_write_text, ensure_writable, remove_stale, scratch_path
 from common.digest import sha256_file
-from common.errors import ExportError
+from common.errors import ExportError, one_line
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import plain_model
 from ctr.experiment import load_experiment
@@ -196,7 +196,7 @@ def load_model_file(path: Path, fmt: str, threads: int | None = None) -> Callabl
     try:
         return torch.jit.load(str(path))
     except RuntimeError as exc:
-        raise ExportError(f"{path}: matches its manifest but torch cannot load it ({' '.join(str(exc).split())[:200]}) "
+        raise ExportError(f"{path}: matches its manifest but torch cannot load it ({one_line(exc)}) "
                           "(export it again with this torch version)") from None
 
 

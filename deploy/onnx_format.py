@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from common.errors import ExportError
+from common.errors import ExportError, one_line
 from deploy.edge import EdgeModel
 
 OPSET = 18
@@ -60,9 +60,9 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own untyped errors for a bad file)
-            raise ExportError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:200]}) "
+            raise ExportError(f"{path}: onnxruntime cannot load it ({one_line(exc)}) "
                               "(export the model again)") from None
 
     def __call__(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {"dense": dense.numpy(), "ids": ids.numpy()})[0]
+        out = self.session.run(None, dict(zip(INPUTS, (dense.numpy(), ids.numpy()))))[0]
         return torch.from_numpy(out)

@@ -41,7 +41,7 @@ def run_chain(config: Path, overrides: list[str] | None = None) -> dict[str, Any
         run_train(config, overrides)
     stage = None
     if cfg.compress.stages:
-        log.info("compression recipe: %s", ", ".join(next(k for k, v in s if v is not None) for s in cfg.compress.stages))
+        log.info("compression recipe: %s", ", ".join(s.stage[0] for s in cfg.compress.stages))
         run_compress(config, overrides)
         stage = "latest"
     exported = {"baseline": run.export / "baseline.pt"}

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common.atomic import atomic_write, atomic_write_text, ensure_writable
 from common.digest import sha256_file
-from common.errors import DataError
+from common.errors import DataError, one_line
 from common.json_lines import read_json_lines
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import model_size, plain_model
@@ -90,7 +90,7 @@ def load_scorer(path: Path) -> Scorer:
             return torch.sigmoid(net(batch.dense, batch.sparse)[0]).numpy()
 
     name = checkpoint.parent.name if checkpoint.name == STAGE_CHECKPOINT else f"{run.root.name}/{checkpoint.stem}"
-    return Scorer(name, checkpoint, sha256_file(checkpoint), sum(model_size(fmap, payload)[1].values()), keys,
+    return Scorer(name, checkpoint, sha256_file(checkpoint), sum(model_size(fmap, net)[1].values()), keys,
                   [f.name for f in fmap.dense], fmap.label, plain, _recipe(run))
 
 
@@ -106,7 +106,7 @@ def open_parquet(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(exc).split())[:160]}) "
+        raise DataError(f"{path}: not a readable Parquet file ({one_line(exc, 160)}) "
                         "(give a Parquet file, e.g. a split written by ctr prepare)") from None
 
 

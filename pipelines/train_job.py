@@ -69,9 +69,7 @@ def run_train(config: Path | None, overrides: list[str], resume: Path | None = N
         run = RunDir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        fmap_text = (data_dir / FILE_NAME).read_text(encoding="utf-8")
-        atomic_write_text(run.feature_map, fmap_text)
-        run.write_data_json(data_dir, fmap_text)
+        run.link_data(data_dir)
     if use_ray or cfg.trainer.num_workers > 1:
         from pipelines.ray_train import run_ray_train  # Ray starts only when asked for
 

@@ -33,9 +33,9 @@ from common.atomic import atomic_write, atomic_write_text
 from common.errors import ConfigError
 from common.json_lines import read_json_lines
 from ctr.checkpoint import load_checkpoint
-from ctr.compress.optfs import REFERENCE_PENALTY, REFERENCE_ROWS
+from ctr.compress.optfs import OptFSStage
 from ctr.compress.recipe import run_recipe
-from ctr.compress.stage import model_size
+from ctr.compress.stage import model_size, plain_model
 from ctr.config import RayConfig
 from ctr.experiment import ExperimentConfig, load_experiment
 from ctr.run_dir import RunDir
@@ -55,20 +55,17 @@ def search_space(cfg: ExperimentConfig, fmap: FeatureMap) -> dict[str, Any]:
                              "trainer.sparse_lr": tune.loguniform(t.sparse_lr / 3, t.sparse_lr * 3)}
     rows = sum(int(f.num_embeddings or 0) for f in fmap.categorical)
     for i, step in enumerate(cfg.compress.stages):
-        if step_name(step) == "optfs":
-            penalty = step.optfs.penalty or REFERENCE_PENALTY * REFERENCE_ROWS / rows
+        name, settings = step.stage
+        if name == "optfs":
+            penalty = OptFSStage(settings).penalty_weight(rows)  # the configured value, or the rule's
             space[f"compress.stages.{i}.optfs.penalty"] = tune.loguniform(penalty / 10, penalty * 10)
-        elif step_name(step) == "optembed":
+        elif name == "optembed":
             space[f"compress.stages.{i}.optembed.max_embedding_share"] = tune.uniform(0.2, 0.8)
-        elif step_name(step) == "afm":
+        elif name == "afm":
             ranks = [r for r in (4, 8) if r <= cfg.model.embedding.dim]
             space[f"compress.stages.{i}.afm.embedding_rank"] = tune.choice([{"fixed": r} for r in ranks])
             space[f"compress.stages.{i}.afm.layer_rank"] = tune.choice([{"energy": e} for e in (0.9, 0.95, 0.99, 0.999)])
     return space
-
-
-def step_name(step: Any) -> str:
-    return next(k for k, v in step if v is not None)
 
 
 def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -99,9 +96,8 @@ def run_trial(config: dict[str, Any], tree: dict[str, Any], data_dir: str, budge
     torch.set_num_threads(1)
     if not run.best.is_file():  # a resumed trial keeps what it finished
         Trainer(cfg, fmap, Path(data_dir), run_dir).fit(resume=run.last.is_file())
-        atomic_write_text(run.feature_map, (Path(data_dir) / "feature_map.json").read_text())
-        run.write_data_json(Path(data_dir), run.feature_map.read_text())
-    _, parts = model_size(fmap, load_checkpoint(run.best))
+        run.link_data(Path(data_dir))
+    _, parts = model_size(fmap, plain_model(fmap, load_checkpoint(run.best)))
     base_auc = json.loads(run.result.read_text())["best_valid_auc"]
     tune.report({"objective": objective(base_auc, sum(parts.values()), budget_mb), "valid_auc": base_auc,
                  "bytes": sum(parts.values()), "stage": "baseline"})

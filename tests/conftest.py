@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 
-from common.atomic import atomic_write_text
 from ctr.compress.recipe import run_recipe
 from ctr.config import AFMConfig, AFMStep, OptEmbedConfig, OptEmbedStep, OptFSConfig, OptFSStep, RankRule, TrainerConfig
 from ctr.embedding_config import embedding_config
@@ -63,8 +61,7 @@ def runs(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactor
                                             embeddings=model.embedding.kind == "per_field", finetune_epochs=0))])
         fmap = prepared_criteo.feature_map
         Trainer(cfg, fmap, prepared_criteo.output, run_dir).fit()
-        (run_dir / "feature_map.json").write_text((prepared_criteo.output / "feature_map.json").read_text())
-        atomic_write_text(run_dir / "data.json", json.dumps({"prepared": str(prepared_criteo.output)}))
+        RunDir(run_dir).link_data(prepared_criteo.output)
         run_recipe(cfg, fmap, prepared_criteo.output, run_dir)
         out[name] = run_dir
     return out
@@ -104,8 +101,7 @@ def baselines(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathF
         run_dir = tmp_path_factory.mktemp(f"base_{model}")
         cfg = recipe_experiment(prepared_criteo, run_dir, model, [])
         Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, run_dir).fit()
-        (run_dir / "feature_map.json").write_text((prepared_criteo.output / "feature_map.json").read_text())
-        RunDir(run_dir).write_data_json(prepared_criteo.output, "")
+        RunDir(run_dir).link_data(prepared_criteo.output)
         out[model] = run_dir
     return out
 

@@ -112,7 +112,7 @@ def test_the_edge_model_reuses_the_trained_dense_arch_and_bytes_are_what_it_stor
     edge = edge_model(model, [f.num_embeddings for f in fmap.categorical])
     assert edge.arch is model.arch  # the same modules: no second forward
     parts = edge_bytes(edge)
-    assert model_size(fmap, payload)[1] == parts
+    assert model_size(fmap, model)[1] == parts
     tables = sum(t.numel() for name, t in model.state_dict().items() if "embedding_bags" in name and "first" not in name)
     assert parts["embedding tables"] >= 4 * tables and parts["id remap"] == 0
     manifest = export_model(baselines["dcnv2"], tmp_path / "m.pt")

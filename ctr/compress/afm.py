@@ -250,11 +250,11 @@ class AFMStage:
         state["projection.weight"], state["projection.bias"] = proj_w, proj_b
         return state, FactorizeEmbedding(ranks=ranks, restores=list(widths), folded=False, by=ctx.stage_id)
 
-    def _layer_budget(self, ctx: StageContext, payload: dict[str, Any], model: CTRModel, targets: list[str]) -> int | None:
+    def _layer_budget(self, ctx: StageContext, model: CTRModel, targets: list[str]) -> int | None:
         if self.cfg.layers_budget_mb is None and ctx.target_mb is None:  # ranks by rule, no budget
             return None
         factorisable = sum(model.get_submodule(p).weight.numel() + model.get_submodule(p).bias.numel() for p in targets)
-        others = sum(model_size(ctx.fmap, payload)[1].values()) - BYTES_PER_PARAM * factorisable
+        others = sum(model_size(ctx.fmap, model)[1].values()) - BYTES_PER_PARAM * factorisable
         budget_bytes = (self.cfg.layers_budget_mb * 2**20 if self.cfg.layers_budget_mb is not None
                         else ctx.target_mb * 2**20 - others)
         if budget_bytes <= 0:
@@ -263,10 +263,10 @@ class AFMStage:
                              f"afm.embedding_rank) or raise the target")
         return int(budget_bytes // BYTES_PER_PARAM)
 
-    def _compress_layers(self, ctx: StageContext, payload: dict[str, Any], model: CTRModel, batches: list[Batch],
+    def _compress_layers(self, ctx: StageContext, model: CTRModel, batches: list[Batch],
                          found: Factorisation) -> list[Step]:
         targets = linear_targets(model)
-        budget = self._layer_budget(ctx, payload, model, targets)
+        budget = self._layer_budget(ctx, model, targets)
         planned: dict[str, int] = {}
         if budget is not None:  # one pass over the uncompressed layers to share the budget out
             spectra = {}
@@ -353,20 +353,19 @@ class AFMStage:
             added.append(step)
             model = plain_model(ctx.fmap, stage_payload(source, state, (*steps, *added)))
         if c.layers:
-            partial = stage_payload(source, model.state_dict(), (*steps, *added))
-            added += self._compress_layers(ctx, partial, model, batches, found)
+            added += self._compress_layers(ctx, model, batches, found)
         final = (*steps, *added)
         payload = stage_payload(source, {k: v.detach().clone() for k, v in model.state_dict().items()}, final)
-        exact = max_difference(plain_model(ctx.fmap, payload), found.claimed(plain_model(ctx.fmap, source)),
-                               ctx.check_batches())
-        before = validation_metrics(ctx, payload)["auc"]
+        reshaped = plain_model(ctx.fmap, payload)
+        exact = max_difference(reshaped, found.claimed(plain_model(ctx.fmap, source)), ctx.check_batches())
+        before = validation_metrics(ctx, reshaped)["auc"]
         after = None
         log.info("afm: validation AUC %.5f before fine-tuning", before)
         factorized = [s.path for s in added if isinstance(s, FactorizeLinear)]
         if c.finetune_epochs:
             teacher = plain_model(ctx.fmap, source) if c.mimic_weight > 0 else None
             tuned = {**payload, "model": self._finetune(ctx, payload, final, factorized, teacher)}
-            after = validation_metrics(ctx, tuned)["auc"]
+            after = validation_metrics(ctx, plain_model(ctx.fmap, tuned))["auc"]
         kept = after is not None and after > before  # fine-tuning can overfit a model already at its best epoch
         if kept:
             payload = tuned

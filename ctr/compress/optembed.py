@@ -314,8 +314,8 @@ class OptEmbedStage:
         claimed = self._masked_supernet(ctx, supernet, steps, layout, found["widths"])
         exact = max_difference(plain_model(ctx.fmap, stage_payload(source, narrowed_state, narrowed)), claimed,
                                ctx.check_batches())
-        start = supernet if self.cfg.retrain_from == "supernet" else initial
-        start_state, _ = self._narrow(ctx, start, steps, kept, found["widths"])
+        start_state = (narrowed_state if self.cfg.retrain_from == "supernet"
+                       else self._narrow(ctx, initial, steps, kept, found["widths"])[0])
         c = self.cfg
         hooks = TrainHooks(steps=narrowed, initial_state=start_state)
         state = self._train(self._trainer(ctx, "retrain", c.retrain_epochs, c.retrain_patience, hooks))

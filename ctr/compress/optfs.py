@@ -44,7 +44,6 @@ class FeatureGates(nn.Module):
 
     def __init__(self, sizes: list[int]) -> None:
         super().__init__()
-        self.num_fields = len(sizes)
         self.sizes = sizes
         self.m = nn.Parameter(torch.full((sum(sizes),), GATE_INIT))
         self.register_buffer("offsets", torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0).view(-1, 1))
@@ -127,7 +126,7 @@ class OptFSStage:
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         fields = ctx.fmap.categorical
-        steps, layout = source_layout(ctx, source)
+        steps, _ = source_layout(ctx, source)
         if ctx.cfg.model.embedding.kind != "per_field":
             raise ConfigError(f"optfs selects rows of per-field tables; embedding kind '{ctx.cfg.model.embedding.kind}' "
                              "shares hashed tables (use kind 'per_field')")

@@ -14,7 +14,6 @@ An interrupted stage whose inputs did not change resumes in its own folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.compress.afm import AFMStage
 from ctr.compress.optembed import OptEmbedStage
 from ctr.compress.optfs import OptFSStage
-from ctr.compress.stage import Stage, StageContext, model_size, validation_metrics
+from ctr.compress.stage import Stage, StageContext, model_size, plain_model, validation_metrics
 from ctr.config import CompressStep
 from ctr.distributed import local_process_group
 from ctr.experiment import ExperimentConfig
@@ -47,8 +46,8 @@ RUNTIME_ONLY = {"threads", "progress", "run_dir", "ray"}
 
 
 def build_stage(step: CompressStep) -> tuple[str, Stage]:
-    (name, stage_cfg), = ((k, v) for k, v in step if v is not None)
-    return name, STAGE_CLASSES[name](stage_cfg)
+    name, settings = step.stage
+    return name, STAGE_CLASSES[name](settings)
 
 
 def stage_fingerprint(cfg: ExperimentConfig, step: CompressStep, source_sha256: str) -> dict[str, Any]:
@@ -56,10 +55,6 @@ def stage_fingerprint(cfg: ExperimentConfig, step: CompressStep, source_sha256: 
     return {"format": STAGE_FORMAT, "source_sha256": source_sha256,
             "settings": {"stage": step.model_dump(mode="json", exclude_none=True),
                          "target_mb": cfg.compress.target_mb, "trainer": trainer}}
-
-
-def _digest(fingerprint: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
 def _recorded(folder: Path) -> dict[str, Any] | None:
@@ -88,8 +83,9 @@ def move_aside(folder: Path, run: RunDir) -> Path:
 
 def _line(stage_id: str, stage: str, ctx: StageContext, payload: dict[str, Any], seconds: float,
           details: dict[str, Any], fingerprint: str) -> dict[str, Any]:
-    params, parts = model_size(ctx.fmap, payload)
-    metrics = validation_metrics(ctx, payload)
+    model = plain_model(ctx.fmap, payload)  # built once for both the size and the metrics
+    params, parts = model_size(ctx.fmap, model)
+    metrics = validation_metrics(ctx, model)
     return {"stage_id": stage_id, "stage": stage, "parameters": params, "bytes": sum(parts.values()),
             "embedding_bytes": parts["embedding tables"] + parts["id remap"], "bytes_by_part": parts,
             "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "seconds": seconds,
@@ -103,7 +99,7 @@ def run_recipe(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir:
 
 def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run: RunDir) -> list[dict[str, Any]]:
     run.compress.mkdir(parents=True, exist_ok=True)
-    previous = {line["stage_id"]: line for line in read_json_lines(run.report)} if run.report.is_file() else {}
+    previous = {line["stage_id"]: line for line in read_json_lines(run.report)}
     source_path = run.best
     source, source_sha = load_checkpoint(source_path), sha256_file(source_path)
     lines: list[dict[str, Any]] = []

@@ -84,12 +84,11 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module, batches: list[Batch])
     return worst
 
 
-def model_size(fmap: FeatureMap, payload: dict[str, Any]) -> tuple[int, dict[str, int]]:
-    """(float parameters, bytes by part) of a checkpoint, the bytes counted on the fp32 edge model
+def model_size(fmap: FeatureMap, model: CTRModel) -> tuple[int, dict[str, int]]:
+    """(float parameters, bytes by part) of a plain model, the bytes counted on the fp32 edge model
     that ``ctr export`` would write: what deploy stores, not what training holds."""
-    state = payload["model"]
+    state = model.state_dict()
     params = sum(v.numel() for v in state.values() if v.is_floating_point())
-    model = plain_model(fmap, payload)
     if model.embedding is None:  # LR: no edge form; its tables and dense term as stored in training
         return params, {"embedding tables": sum(v.numel() * v.element_size() for v in state.values()),
                         "id remap": 0, "dense layers": 0}
@@ -97,5 +96,5 @@ def model_size(fmap: FeatureMap, payload: dict[str, Any]) -> tuple[int, dict[str
     return params, edge_bytes(edge_model(model, vocab))
 
 
-def validation_metrics(ctx: StageContext, payload: dict[str, Any]) -> dict[str, float]:
-    return classification_metrics(*predict(plain_model(ctx.fmap, payload), ctx.split("valid")))
+def validation_metrics(ctx: StageContext, model: CTRModel) -> dict[str, float]:
+    return classification_metrics(*predict(model, ctx.split("valid")))

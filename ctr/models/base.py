@@ -149,6 +149,3 @@ class CTRModel(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.interact(self.lookup(sparse), dense, sparse)
 
-
-def mlp_fields(cfg: MLPModel) -> dict[str, Any]:
-    return {"hidden": list(cfg.hidden), "dropout": cfg.dropout, "batch_norm": cfg.batch_norm}
