@@ -191,7 +191,7 @@ def training_section(rep: Report, args: argparse.Namespace, dirs: dict[str, Path
         "best-on-validation weights scored on the test split. Embeddings: ours fbgemm's fused row-wise Adagrad "
         "(lr 0.05, the only fused optimizer on CPU), FuxiCTR dense `nn.Embedding` under the same Adam as the rest. "
         "samples/s: the training loop alone (data loading and steps; validation and checkpoints excluded), each "
-        "side with its own loader (ours: Parquet batches from a background thread; FuxiCTR: Ray Data).",
+        "side with its own loader (ours: Parquet batches read between steps; FuxiCTR: Ray Data).",
         "", *lines, "", f"Equal AUC means within {AUC_TOLERANCE} of the peer's (one seed each)."]))
 
 
@@ -246,7 +246,7 @@ def limit_section(rep: Report, args: argparse.Namespace) -> None:
         "activations, the loss and the optimizers are outside the FLOP count, so 100% is out of reach.",
         "", *lines, "", f"Our batch loader alone (one shuffled pass over the train split, same batch size): "
         f"{loader_rate:,.0f} samples/s, {loader_rate / rep.numbers['train_dcnv2']['ours']['train_samples_per_s']:.0f}x "
-        "the DCNv2 training loop; it runs in a background thread, so the step rarely waits for it."]))
+        "the DCNv2 training loop, which reads its batches between steps."]))
 
 
 def recipe_section(rep: Report, args: argparse.Namespace) -> None:

@@ -1,16 +1,14 @@
 """Prepared Parquet split -> training batches (TorchRec ``KeyedJaggedTensor`` + dense + labels).
 
 Rows travel Parquet row groups -> Arrow -> NumPy (zero copy) -> torch in whole windows of row groups;
-the per-batch work is one slice and one dtype cast per tensor, so there is no per-row Python.
+the per-batch work is one gather and one dtype cast per tensor, so there is no per-row Python.
 Shuffling is two-level and seeded per epoch: the order of row groups, then the rows inside a window
-of several row groups. A background thread reads and assembles the next batches while the training
-step runs, so reading overlaps compute.
+of several row groups. Batches are read in the consumer's thread, between training steps (see
+``ParquetBatches.__iter__`` for why not in a thread beside them).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from common.errors import DataError
 from features.feature_map import FeatureMap
-
-_END = object()
 
 
 @dataclass
@@ -84,26 +80,34 @@ def stack_columns(column: Callable[[str], np.ndarray], ids: list[str], dense: li
 
 @dataclass
 class _Window:
-    ids: torch.Tensor  # [F, N] int32
-    dense: torch.Tensor  # [N, D] float32
-    labels: torch.Tensor  # [N]
+    """Rows of several row groups as NumPy arrays (NumPy gathers on the calling thread alone, leaving
+    the intra-op threads to the training step)."""
+
+    ids: np.ndarray  # [F, N] int
+    dense: np.ndarray  # [N, D] float32
+    labels: np.ndarray  # [N] float32
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def take(self, index: torch.Tensor | slice) -> "_Window":
+    def take(self, index: np.ndarray | slice) -> "_Window":
         return _Window(self.ids[:, index], self.dense[index], self.labels[index])
 
     @staticmethod
     def cat(a: "_Window", b: "_Window") -> "_Window":
-        return _Window(torch.cat([a.ids, b.ids], 1), torch.cat([a.dense, b.dense]), torch.cat([a.labels, b.labels]))
+        return _Window(np.concatenate([a.ids, b.ids], 1), np.concatenate([a.dense, b.dense]),
+                       np.concatenate([a.labels, b.labels]))
+
+    def batch(self, keys: list[str]) -> Batch:
+        return make_batch(keys, torch.from_numpy(np.ascontiguousarray(self.ids)), torch.from_numpy(self.dense),
+                          torch.from_numpy(self.labels))
 
 
 class ParquetBatches:
     """Iterable of :class:`Batch` over one split; call :meth:`set_epoch` to reshuffle reproducibly."""
 
     def __init__(self, path: Path, feature_map: FeatureMap, batch_size: int, *, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False, prefetch: int = 4, window_rows: int = 262_144) -> None:
+                 seed: int = 0, drop_last: bool = False, window_rows: int = 262_144) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.path = Path(path)
@@ -121,7 +125,6 @@ class ParquetBatches:
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
-        self.prefetch = prefetch
         self.window_rows = max(window_rows, batch_size)
         self.epoch = 0
 
@@ -137,12 +140,13 @@ class ParquetBatches:
         self.epoch = epoch
 
     def _read(self, groups: list[int]) -> _Window:
-        table = self.file.read_row_groups(groups, columns=[self.label, *self.dense_names, *self.keys])
+        # one thread: Arrow's pool would contend with the training step's threads for the cores
+        table = self.file.read_row_groups(groups, columns=[self.label, *self.dense_names, *self.keys], use_threads=False)
         col = lambda name: table.column(name).combine_chunks().to_numpy(zero_copy_only=False)  # noqa: E731
         ids = np.stack([col(k) for k in self.keys]) if self.keys else np.zeros((0, table.num_rows), np.int32)
         dense = np.stack([col(d) for d in self.dense_names], 1) if self.dense_names else np.zeros((table.num_rows, 0), np.float32)
         labels = np.array(col(self.label), dtype=np.float32)  # owned copy: Arrow buffers are read-only
-        return _Window(torch.from_numpy(ids), torch.from_numpy(dense), torch.from_numpy(labels))
+        return _Window(ids, dense, labels)
 
     def _windows(self, gen: torch.Generator | None) -> Iterator[_Window]:
         n_groups = self.file.metadata.num_row_groups
@@ -159,51 +163,33 @@ class ParquetBatches:
             yield self._read(pending)
 
     def _batches(self) -> Iterator[Batch]:
+        """Each window's rows in a seeded random order (kept in order without shuffling), cut into
+        batches; the rows left over at a window's end open the next window's first batch. Each batch
+        is gathered straight from the window, so a row is copied once."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch) if self.shuffle else None
+        size = self.batch_size
         carry: _Window | None = None
         for window in self._windows(gen):
-            if gen is not None:
-                window = window.take(torch.randperm(len(window), generator=gen))
+            order = torch.randperm(len(window), generator=gen).numpy() if gen is not None else None
+            pick = (lambda a, b: slice(a, b)) if order is None else (lambda a, b: order[a:b])  # noqa: E731
+            start = 0
             if carry is not None:
-                window = _Window.cat(carry, window)
-            full = len(window) - len(window) % self.batch_size
-            for start in range(0, full, self.batch_size):
-                part = window.take(slice(start, start + self.batch_size))
-                yield make_batch(self.keys, part.ids, part.dense, part.labels)
-            carry = window.take(slice(full, None)) if full < len(window) else None
+                start = min(size - len(carry), len(window))
+                carry = _Window.cat(carry, window.take(pick(0, start)))
+                if len(carry) < size:
+                    continue
+                yield carry.batch(self.keys)
+                carry = None
+            full = start + (len(window) - start) // size * size
+            for begin in range(start, full, size):
+                yield window.take(pick(begin, begin + size)).batch(self.keys)
+            carry = window.take(pick(full, len(window))) if full < len(window) else None
         if carry is not None and not self.drop_last:
-            yield make_batch(self.keys, carry.ids, carry.dense, carry.labels)
+            yield carry.batch(self.keys)
 
     def __iter__(self) -> Iterator[Batch]:
-        """Batches assembled by a background thread, at most ``prefetch`` ahead of the consumer."""
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def produce() -> None:
-            try:
-                for batch in self._batches():
-                    while not stop.is_set():
-                        try:
-                            out.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                out.put(_END)
-            except BaseException as exc:  # handed to the consumer, raised there
-                out.put(exc)
-
-        worker = threading.Thread(target=produce, name="parquet-prefetch", daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            worker.join(timeout=5)
+        """Batches assembled in the consumer's thread, between its steps. A CPU training step keeps
+        every core busy: a prefetch thread beside it made the DNN training loop 12-16% slower on 2
+        cores (the threads contend for the cores), where loading in line costs the loader's own
+        work, about 2% of the loop."""
+        return self._batches()

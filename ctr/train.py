@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits
+from torch.profiler import record_function
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
@@ -54,6 +55,8 @@ from features.feature_map import FeatureMap
 
 log = logging.getLogger("ctr.train")
 MIN_IMPROVEMENT = 1e-6
+# the step's phases, as marked for the profiler
+PHASES = ("step.forward", "step.loss", "step.backward", "step.dense_update")
 
 
 @dataclass
@@ -173,6 +176,7 @@ class Trainer:
         torch.manual_seed(self.t.seed)
         self.main = dist.get_rank() == 0  # the rank that writes files and shows progress
         model = build_model(self.fmap, self.cfg.model, steps=self.hooks.steps)
+        model.embedding_penalty = self.t.embedding_l2 > 0
         if self.hooks.attach is not None:
             self.hooks.attach(model)
         self.model: DistributedModelParallel = shard_model(model, self.t.sparse_optimizer, self.t.sparse_lr,
@@ -193,7 +197,7 @@ class Trainer:
         for name, p in named:
             groups.setdefault(ratio(name), []).append(p)
         opt = torch.optim.Adam if self.t.optimizer == "adam" else torch.optim.Adagrad
-        self.optimizer = opt([{"params": ps, "lr": self.t.lr * r, "lr_ratio": r} for r, ps in groups.items()], lr=self.t.lr)
+        self.optimizer = opt([{"params": ps, "lr": self.t.lr * r, "lr_ratio": r} for r, ps in groups.items()], lr=self.t.lr, fused=True)
         self.state = LoopState(lr=self.t.lr, sparse_lr=self.t.sparse_lr)
 
     def _set_lr(self) -> None:
@@ -270,27 +274,33 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _step(self, batch: Batch) -> float:
+        """One training step. Its phases are marked for ``torch.profiler`` (benchmarks/profile_step.py);
+        a mark costs about a microsecond when no profiler runs."""
         if self.runtime.device != CPU:
             batch = batch.to(self.runtime.device)
-        logits, penalty = self.model(batch.dense, batch.sparse)
-        loss = binary_cross_entropy_with_logits(logits, batch.labels)
-        if self.t.embedding_l2:
-            loss = loss + self.t.embedding_l2 * penalty
-        if self.hooks.extra_loss is not None:
-            loss = loss + self.hooks.extra_loss(self.model)
-        if not torch.isfinite(loss):
-            last = self.ckpt_dir / LAST
-            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written before it"
-            raise TrainingDiverged(
-                f"{self.run_dir}: loss is {loss.item()} at epoch {self.state.epoch}, step {self.state.step}; training "
-                f"stopped and {kept} (lower trainer.lr / trainer.sparse_lr, or set trainer.grad_clip_norm)")
+        with record_function(PHASES[0]):
+            logits, penalty = self.model(batch.dense, batch.sparse)
+        with record_function(PHASES[1]):
+            loss = binary_cross_entropy_with_logits(logits, batch.labels)
+            if self.t.embedding_l2:
+                loss = loss + self.t.embedding_l2 * penalty
+            if self.hooks.extra_loss is not None:
+                loss = loss + self.hooks.extra_loss(self.model)
+            if not torch.isfinite(loss):
+                last = self.ckpt_dir / LAST
+                kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written before it"
+                raise TrainingDiverged(
+                    f"{self.run_dir}: loss is {loss.item()} at epoch {self.state.epoch}, step {self.state.step}; training "
+                    f"stopped and {kept} (lower trainer.lr / trainer.sparse_lr, or set trainer.grad_clip_norm)")
         self.optimizer.zero_grad(set_to_none=True)
         self.sgd.zero_grad(set_to_none=True)
-        loss.backward()  # also applies the fused embedding update to the rows of this batch
-        if self.t.grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(self.dense_params, self.t.grad_clip_norm)
-        self.optimizer.step()
-        self.sgd.step()
+        with record_function(PHASES[2]):
+            loss.backward()  # also applies the fused embedding update to the rows of this batch
+        with record_function(PHASES[3]):
+            if self.t.grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(self.dense_params, self.t.grad_clip_norm)
+            self.optimizer.step()
+            self.sgd.step()
         return loss.detach().item()
 
     def _epoch(self) -> None:

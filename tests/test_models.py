@@ -32,7 +32,9 @@ def test_forward_backward_updates_embeddings_and_dense(name: str, extra: dict, p
     cfg = model_config(name=name, embedding=embedding_config(dim=8), **extra)
     with local_process_group():
         torch.manual_seed(0)
-        model = shard_model(build_model(prepared_criteo.feature_map, cfg), "rowwise_adagrad", 0.1)
+        plain = build_model(prepared_criteo.feature_map, cfg)
+        plain.embedding_penalty = True
+        model = shard_model(plain, "rowwise_adagrad", 0.1)
         before = plain_state_dict(model)
         tables = [k for k in before if "embedding_bags" in k]
         assert all(before[k].abs().max() <= 0.05 for k in tables)  # uniform(-0.05, 0.05) init
@@ -68,3 +70,16 @@ def test_cross_layer_formula() -> None:
     layer = net.layers[0].project
     expected = x0 * (x0 @ layer.weight.T + layer.bias) + x0
     assert torch.allclose(net(x0), expected)
+
+
+def test_embedding_penalty_is_the_mean_squared_norm_of_the_looked_up_rows_and_zero_when_off(
+        prepared_criteo: PrepareResult, batch) -> None:
+    torch.manual_seed(0)
+    model = build_model(prepared_criteo.feature_map, model_config(name="dnn", hidden=[8], embedding=embedding_config(dim=4)),
+                        torch.device("cpu"))
+    emb = model.lookup(batch.sparse)
+    _, off = model(batch.dense, batch.sparse)
+    model.embedding_penalty = True
+    _, on = model(batch.dense, batch.sparse)
+    assert off.item() == 0.0
+    assert on.item() == pytest.approx(emb.pow(2).sum().item() / batch.size, rel=1e-6)

@@ -5,8 +5,8 @@ into tensors, and a dense arch (interactions and over-arch) that takes tensors o
 flat input's stored columns -> the model's own dense arch. The edge export keeps the dense arch
 (and the projection) as they are and swaps only the sparse side for a torch-only one, so a model's
 forward is written once. Every model returns (logits [B], embedding penalty): the penalty is the
-mean squared norm of the embedding rows looked up for the batch, so an L2 on embeddings reaches
-exactly the rows the fused optimizer updates.
+mean squared norm of the embedding rows looked up for the batch (when ``embedding_penalty`` is on),
+so an L2 on embeddings reaches exactly the rows the fused optimizer updates.
 """
 
 from __future__ import annotations
@@ -129,6 +129,9 @@ class CTRModel(nn.Module):
         self.arch = arch
         self.dim, self.num_dense = dim, num_dense
         self.gates: nn.Module | None = None  # set by a compression search (OptFS gates, OptEmbed masks)
+        # the trainer turns this on when trainer.embedding_l2 > 0; otherwise the penalty is a zero and costs
+        # nothing (computed on every step, it took 2% of the DNN step)
+        self.embedding_penalty = False
 
     def lookup(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         if self.embedding is None:
@@ -142,9 +145,11 @@ class CTRModel(nn.Module):
             emb = self.projection(emb)
         x = flat_input(emb, dense, self.columns)
         if self.first_order is None:
-            return self.arch(emb, x, dense, torch.zeros(emb.shape[0])), penalty(emb)
-        w = self.first_order(sparse)
-        return self.arch(emb, x, dense, w.sum(dim=(1, 2))), penalty(emb, w)
+            logits, looked_up = self.arch(emb, x, dense, torch.zeros(emb.shape[0])), (emb,)
+        else:
+            w = self.first_order(sparse)
+            logits, looked_up = self.arch(emb, x, dense, w.sum(dim=(1, 2))), (emb, w)
+        return logits, penalty(*looked_up) if self.embedding_penalty else emb.new_zeros(())
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.interact(self.lookup(sparse), dense, sparse)
