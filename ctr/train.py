@@ -251,7 +251,8 @@ class Trainer:
 
     def _validate(self) -> None:
         metrics = classification_metrics(*predict(self.model, self.valid_data, self.runtime.device))
-        self._record("valid", metrics)
+        # loop seconds so far in this process (validation and checkpoints excluded): time-to-AUC curves
+        self._record("valid", {**metrics, "loop_seconds": round(self.loop_seconds, 3)})
         s = self.state
         s.history.append({"step": s.step, "auc": metrics["auc"], "logloss": metrics["logloss"]})
         if metrics["auc"] > s.best_auc + MIN_IMPROVEMENT:

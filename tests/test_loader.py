@@ -69,3 +69,17 @@ def test_dense_columns(synthetic_criteo: Path, tmp_path: Path) -> None:
 def test_missing_split(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="split file not found"):
         ParquetBatches(tmp_path / "nope.parquet", prepared_criteo.feature_map, 10)
+
+
+def test_each_shuffled_batch_is_gathered_as_if_whole_windows_were_shuffled_then_cut(prepared_criteo: PrepareResult) -> None:
+    """The loader gathers each batch straight from its window; the order must be the documented one:
+    windows of row groups in a seeded order, each window's rows in a seeded order, leftovers opening
+    the next window's first batch (batch 700 divides neither the 4096-row windows nor the split)."""
+    it = loader(prepared_criteo, batch_size=700, shuffle=True, seed=3, window_rows=4096)
+    it.set_epoch(2)
+    got = torch.cat([b.sparse["C7"].values() for b in it])
+    gen = torch.Generator().manual_seed(3 * 1_000_003 + 2)
+    expected = []
+    for window in it._windows(gen):  # same generator draws, in the same order: groups, then rows
+        expected.append(torch.from_numpy(window.ids[it.keys.index("C7")])[torch.randperm(len(window), generator=gen)])
+    assert got.tolist() == torch.cat(expected).tolist()

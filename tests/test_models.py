@@ -78,8 +78,8 @@ def test_embedding_penalty_is_the_mean_squared_norm_of_the_looked_up_rows_and_ze
     model = build_model(prepared_criteo.feature_map, model_config(name="dnn", hidden=[8], embedding=embedding_config(dim=4)),
                         torch.device("cpu"))
     emb = model.lookup(batch.sparse)
-    _, off = model(batch.dense, batch.sparse)
+    logits_off, off = model(batch.dense, batch.sparse)
     model.embedding_penalty = True
-    _, on = model(batch.dense, batch.sparse)
-    assert off.item() == 0.0
+    logits_on, on = model(batch.dense, batch.sparse)
+    assert off.item() == 0.0 and torch.equal(logits_on, logits_off)
     assert on.item() == pytest.approx(emb.pow(2).sum().item() / batch.size, rel=1e-6)

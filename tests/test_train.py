@@ -52,6 +52,9 @@ def test_training_learns_and_is_deterministic(prepared_criteo: PrepareResult, tm
     assert trainer.loop_seconds < a["train_seconds"]  # validation and checkpoints are outside it
     lines = metrics_lines(tmp_path / "a")
     assert [l["event"] for l in lines][-1] == "test" and lines[0]["step"] == 10
+    # each validation records the loop seconds so far: a time-to-AUC curve
+    loop = [l["loop_seconds"] for l in lines if l["event"] == "valid"]
+    assert 0 < loop[0] and loop == sorted(loop) and loop[-1] <= trainer.loop_seconds + 1e-3
     assert {"auc", "logloss", "ne", "calibration"} <= set(lines[0])
     best = load_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt")
     assert best["loop"]["best_auc"] == a["best_valid_auc"]
@@ -173,3 +176,21 @@ def test_resume_before_the_first_checkpoint_starts_over(prepared_criteo: Prepare
     resumed = experiment(prepared_criteo, tmp_path / "b").fit(resume=True)
     assert resumed["test_auc"] == straight["test_auc"] and resumed["steps"] == straight["steps"]
     assert metrics_lines(tmp_path / "b") == metrics_lines(tmp_path / "a")
+
+
+def test_fused_dense_optimizer_follows_the_plain_one(prepared_criteo: PrepareResult, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's fused Adam (one kernel for all dense parameters) against torch's default Adam: the
+    same losses over three steps, within 1e-5."""
+    def losses(run_dir: Path) -> list[float]:
+        trainer = experiment(prepared_criteo, run_dir, model="dcnv2")
+        torch.set_num_threads(1)
+        with train_module.local_process_group():
+            trainer._build()
+            return [trainer._step(batch) for _, batch in zip(range(3), trainer.train_data)]
+
+    fused = losses(tmp_path / "fused")
+    plain_adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda *a, **kw: plain_adam(*a, **{**kw, "fused": False}))
+    plain = losses(tmp_path / "plain")
+    assert fused == pytest.approx(plain, abs=1e-5) and fused[0] != fused[2]
