@@ -42,8 +42,10 @@ def model_flops_per_sample(shapes: list[tuple[int, int]]) -> float:
     return sum(6.0 * i * o for i, o in shapes)
 
 
-def matmul_rate(shapes: list[tuple[int, int]], repeats: int = 10) -> float:
-    """FLOP/s of the forward and both backward matmuls of these Linear shapes at batch BATCH."""
+def matmul_rate(shapes: list[tuple[int, int]], repeats: int = 10, trials: int = 3) -> float:
+    """FLOP/s of the forward and both backward matmuls of these Linear shapes at batch BATCH: the best
+    of ``trials`` timings of ``repeats`` passes each (the machine's attainable rate; a single timing
+    moved by 15% between runs)."""
     mats = [(torch.randn(BATCH, i), torch.randn(o, i), torch.randn(BATCH, o)) for i, o in shapes]
 
     def run() -> None:
@@ -53,10 +55,13 @@ def matmul_rate(shapes: list[tuple[int, int]], repeats: int = 10) -> float:
             g.T @ x  # grad wrt weight
 
     run()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    return repeats * BATCH * model_flops_per_sample(shapes) / (time.perf_counter() - started)
+    best = float("inf")
+    for _ in range(trials):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        best = min(best, time.perf_counter() - started)
+    return repeats * BATCH * model_flops_per_sample(shapes) / best
 
 
 def step_rate(model: nn.Module, batches: list[Batch], steps: int) -> float:
