@@ -54,6 +54,7 @@ class SyntheticConfig(Strict):
     kind: Literal["criteo", "avazu"] = "criteo"
     rows: int = Field(default=1_000_000, ge=1)
     seed: int = 2024
+    profile: bool = False  # the real dataset's per-field distinct values and long tails (ctr generate --profile)
 
 
 class DatasetConfig(Strict):

@@ -5,19 +5,32 @@ answer key. Labels are drawn from a known teacher (first-order weights per value
 interactions between chosen fields, pure-noise fields, Zipf-like value frequencies), and the
 teacher's own AUC on the drawn labels is the best AUC any model can reach on that data.
 Everything is vectorised NumPy, written in chunks, and seeded: the same seed gives the same bytes.
+
+Two families: the default scenarios (small vocabularies, the demo's and the tests' data) and the
+full-size profiles (``profile=True``), where every categorical field follows the real dataset: a
+power law with tail exponent ``TAIL_EXPONENT`` over a support solved so that the expected number of
+distinct values in the real row count equals the published figure (``PROFILE_DISTINCT``). Most values
+of the large fields are then rare, as on real logs. Profile fields keep no per-value table: values
+come from the inverse CDF and their teacher weights (uniform, of the same variance as the default
+scenario's normal ones) from a hash of (field, value), so memory stays flat at any vocabulary.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from common.atomic import atomic_write_text
 from common.errors import ConfigError
@@ -32,7 +45,7 @@ CHUNK_ROWS = 200_000
 # scales the Criteo teacher's weights: 0.65 puts its AUC near 0.80, like the best models on real Criteo
 CRITEO_SIGNAL = 0.65
 INTERACTION_RANK = 4
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_HEX_PAIRS = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2").view(np.uint16)  # byte -> 2 hex chars
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class FieldSim:
     blank: float = 0.0  # share of blank cells
     zipf: float = 1.1
     int_offset: int = 0  # "int" render: value index + offset
+    support: int = 0  # > 0 (profiles): a power law over this many values, exponent ``zipf``, weights hashed
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,7 @@ class GenerateReport:
     seconds: float
     informative: list[str] = field(default_factory=list)
     noise: list[str] = field(default_factory=list)
+    profile: bool = False
     format: str = TEACHER_FORMAT
 
 
@@ -106,8 +121,69 @@ def avazu_scenario() -> Scenario:
     return Scenario("avazu", fields, pairs, pair_scale=0.35, hour_weight=0.3)
 
 
-def scenario(kind: Kind) -> Scenario:
-    return criteo_scenario() if kind == "criteo" else avazu_scenario()
+def scenario(kind: Kind, profile: bool = False) -> Scenario:
+    base = criteo_scenario() if kind == "criteo" else avazu_scenario()
+    return profile_scenario(base) if profile else base
+
+
+# The real datasets' row counts and published distinct values per categorical field: Criteo's Kaggle
+# display-advertising log (the table sizes DLRM uses for it) and Avazu's 10-day log.
+PROFILE_ROWS: dict[str, int] = {"criteo": 45_840_617, "avazu": 40_428_967}
+PROFILE_DISTINCT: dict[str, dict[str, int]] = {
+    "criteo": dict(zip(CRITEO_CATEGORIES, [
+        1460, 583, 10_131_227, 2_202_608, 305, 24, 12_517, 633, 3, 93_145, 5683, 8_351_593, 3194, 27, 14_992,
+        5_461_306, 10, 5652, 2173, 4, 7_046_547, 18, 15, 286_181, 105, 142_572])),
+    "avazu": dict(zip(AVAZU_CATEGORIES, [
+        7, 7, 4737, 7745, 26, 8552, 559, 36, 2_686_408, 6_729_486, 8251, 5, 4, 2626, 8, 9, 435, 4, 68, 172, 60])),
+}
+# One exponent for every field: at 1.05 the largest Criteo field (C3) still reaches its published
+# count with a finite support, and the expected vocabulary at full size is about 1.4M values after min
+# count 10 and 7.6M after min count 2 (the real log keeps about 1.1M after min count 10).
+TAIL_EXPONENT = 1.05
+
+
+def value_masses(support: int, exponent: float, index: np.ndarray) -> np.ndarray:
+    """P(value k) for k in ``index`` under the profile sampler: ``floor(x) - 1`` with x drawn from the
+    density proportional to x**-exponent on [1, support + 1)."""
+    a = 1.0 - exponent
+    k = index.astype(np.float64)
+    return ((k + 2.0) ** a - (k + 1.0) ** a) / ((support + 1.0) ** a - 1.0)
+
+
+def expected_distinct(rows: int, support: int, exponent: float) -> float:
+    """Expected number of distinct values in ``rows`` draws: sum over k of 1 - (1 - p_k)^rows, exact for
+    the first 10,000 values and by the trapezoid rule on a geometric grid beyond (within 0.1%)."""
+    head = np.arange(min(support, 10_000))
+    total = float(-np.expm1(rows * np.log1p(-value_masses(support, exponent, head))).sum())
+    if support > head.size:
+        grid = np.unique(np.geomspace(head.size, support - 1, 20_000).astype(np.int64))
+        seen = -np.expm1(rows * np.log1p(-value_masses(support, exponent, grid)))
+        total += float(np.trapezoid(seen, grid)) + 0.5 * (seen[0] + seen[-1])
+    return total
+
+
+def profile_support(distinct: int, rows: int, exponent: float = TAIL_EXPONENT) -> int:
+    """The support whose expected distinct values in ``rows`` draws is ``distinct`` (bisection)."""
+    if distinct <= 64:  # so few values all show up in millions of rows
+        return distinct
+    low, high = distinct, distinct * 4096
+    while high - low > max(1, low // 10_000):
+        mid = (low + high) // 2
+        if expected_distinct(rows, mid, exponent) < distinct:
+            low = mid
+        else:
+            high = mid
+    return min((low, high), key=lambda k: abs(expected_distinct(rows, k, exponent) - distinct))
+
+
+def profile_scenario(base: Scenario) -> Scenario:
+    """``base`` with every categorical field following the real dataset (see the module docstring);
+    the teacher's weights, noise fields, pairs and the integer fields stay as in ``base``."""
+    rows, distinct = PROFILE_ROWS[base.kind], PROFILE_DISTINCT[base.kind]
+    fields = [f if f.name not in distinct else
+              replace(f, cardinality=distinct[f.name], zipf=TAIL_EXPONENT, support=profile_support(distinct[f.name], rows))
+              for f in base.fields]
+    return replace(base, fields=fields)
 
 
 @dataclass(frozen=True)
@@ -128,7 +204,7 @@ def draw_teacher(sc: Scenario, seed: int) -> Teacher:
     in_pairs = {n for pair in sc.pairs for n in pair}
     for f in sc.fields:
         salt[f.name] = int(rng.integers(1, 2**31)) * 2 + 1
-        if f.render == "count":
+        if f.render == "count" or f.support:  # a profile field's weights are hashed, not tabled
             first[f.name] = rng.normal(0.0, f.weight, size=2)  # weight on log1p(v), and on blank
             continue
         p = 1.0 / np.arange(1, f.cardinality + 1) ** f.zipf
@@ -140,11 +216,58 @@ def draw_teacher(sc: Scenario, seed: int) -> Teacher:
     return Teacher(cdf, first, factors, salt, hour, bias=-1.6)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 whose outputs look independent."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hashed_uniforms(index: np.ndarray, salt: int, parts: int = 1) -> np.ndarray:
+    """``parts`` (<= 4) values per (salt, index), uniform with mean 0 and variance 1, the same every time
+    they are asked for: a profile field's teacher weights without a table. One 64-bit hash per index,
+    16 bits per value (steps of 5e-5: finer than any weight needs). [n, parts]"""
+    h = _mix64(index.astype(np.uint64) * _GOLDEN + np.uint64(salt))
+    bits = np.stack([(h >> np.uint64(16 * k)) & np.uint64(0xFFFF) for k in range(parts)], 1)
+    return (bits.astype(np.float64) + 0.5) * (2.0 * np.sqrt(3.0) / 65536.0) - np.sqrt(3.0)
+
+
+def power_law_index(u: np.ndarray, support: int, exponent: float) -> np.ndarray:
+    """Uniforms -> values 0..support-1 with P(k) = ``value_masses`` (inverse CDF, no table)."""
+    a = 1.0 - exponent
+    x = (u * ((support + 1.0) ** a - 1.0) + 1.0) ** (1.0 / a)
+    return np.minimum(np.floor(x).astype(np.int64) - 1, support - 1)
+
+
+def _first_weight(f: FieldSim, t: Teacher, idx: np.ndarray) -> np.ndarray:
+    return hashed_uniforms(idx, t.salt[f.name])[:, 0] * f.weight if f.support else t.first[f.name][idx]
+
+
+def _factor_rows(f: FieldSim, t: Teacher, idx: np.ndarray, pair_scale: float) -> np.ndarray:
+    if not f.support:
+        return t.factors[f.name][idx]
+    return hashed_uniforms(idx, t.salt[f.name] + 2, INTERACTION_RANK) * np.sqrt(pair_scale / INTERACTION_RANK)
+
+
 def _hex8(x: np.ndarray) -> np.ndarray:
-    """uint32 -> 8 lowercase hex characters each, as a NumPy bytes array (no per-row Python)."""
-    shifts = np.arange(28, -1, -4, dtype=np.uint32)
-    nibbles = (x.astype(np.uint32)[:, None] >> shifts) & np.uint32(0xF)
-    return np.ascontiguousarray(_HEX[nibbles]).view("S8").ravel()
+    """uint32 -> 8 lowercase hex characters each, as a NumPy bytes array (no per-row Python): each of
+    the four big-endian bytes looks up its two characters."""
+    pairs = _HEX_PAIRS[x.astype(">u4").view(np.uint8).reshape(-1, 4)]
+    return np.ascontiguousarray(pairs).view("S8").ravel()
+
+
+def _hex_column(name: str, token: np.ndarray, blank: np.ndarray) -> pl.Series:
+    """8-character hex strings, null where ``blank``: an Arrow string array over the rendered bytes
+    (fixed offsets, a validity bitmap), handed to Polars without a per-value conversion."""
+    data = _hex8(token)
+    offsets = np.arange(0, 8 * len(data) + 1, 8, dtype=np.int32)
+    valid = np.packbits(~blank, bitorder="little")
+    array = pa.StringArray.from_buffers(len(data), pa.py_buffer(offsets), pa.py_buffer(data), pa.py_buffer(valid),
+                                        null_count=int(blank.sum()))
+    return pl.Series(name, array)
 
 
 def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> tuple[dict[str, pl.Series], np.ndarray]:
@@ -162,18 +285,22 @@ def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> t
             logit += np.where(blank, w_blank, w_log * (np.log1p(np.maximum(v, 0)) - 1.8))
             cols[f.name] = pl.Series(f.name, v).set(pl.Series(blank), None)
             continue
-        idx = np.minimum(np.searchsorted(t.cdf[f.name], rng.random(n)), f.cardinality - 1)
+        if f.support:
+            idx = power_law_index(rng.random(n), f.support, f.zipf)
+        else:
+            idx = np.minimum(np.searchsorted(t.cdf[f.name], rng.random(n)), f.cardinality - 1)
         picked[f.name] = np.where(blank, -1, idx)
-        logit += np.where(blank, 0.0, t.first[f.name][idx])
+        logit += np.where(blank, 0.0, _first_weight(f, t, idx))
         if f.render == "hex":
             token = ((idx.astype(np.uint64) + np.uint64(0x9E37)) * np.uint64(t.salt[f.name])) & np.uint64(0xFFFFFFFF)
-            series = pl.Series(f.name, _hex8(token)).cast(pl.String)
+            cols[f.name] = _hex_column(f.name, token, blank)
         else:
-            series = pl.Series(f.name, idx + f.int_offset)
-        cols[f.name] = series.set(pl.Series(blank), None)
+            cols[f.name] = pl.Series(f.name, idx + f.int_offset).set(pl.Series(blank), None)
+    by_name = {f.name: f for f in sc.fields}
     for a, b in sc.pairs:
         ia, ib = picked[a], picked[b]
-        dot = np.einsum("ij,ij->i", t.factors[a][np.maximum(ia, 0)], t.factors[b][np.maximum(ib, 0)])
+        dot = np.einsum("ij,ij->i", _factor_rows(by_name[a], t, np.maximum(ia, 0), sc.pair_scale),
+                        _factor_rows(by_name[b], t, np.maximum(ib, 0), sc.pair_scale))
         logit += np.where((ia >= 0) & (ib >= 0), dot, 0.0)
     return cols, logit
 
@@ -194,37 +321,62 @@ def _avazu_frame(cols: dict[str, pl.Series], labels: np.ndarray, rng: np.random.
     return frame, logit
 
 
-def generate(kind: Kind, rows: int, out: Path, seed: int = 2024) -> GenerateReport:
-    """Write ``rows`` synthetic rows to ``out`` (atomically) and a ``<out>.teacher.json`` report."""
+def _render_chunk(sc: Scenario, teacher: Teacher, seed: int, chunk: int, n: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Chunk ``chunk`` of the file: its text, the teacher's click probabilities and the labels. Each
+    chunk has its own seeded generator, so chunks can be drawn in any order, on any thread."""
+    rng = np.random.default_rng([seed, 1, chunk])
+    cols, logit = _draw_chunk(sc, teacher, rng, n)
+    u = rng.random(n)
+    if sc.kind == "avazu":
+        frame, logit = _avazu_frame(cols, np.zeros(n, dtype=np.int8), rng, teacher, logit)
+    p = 1.0 / (1.0 + np.exp(-logit))
+    y = (u < p).astype(np.int8)
+    if sc.kind == "avazu":
+        frame = frame.with_columns(pl.Series("click", y))
+    else:
+        frame = pl.DataFrame([pl.Series("label", y), *cols.values()])
+    text = io.BytesIO()
+    frame.write_csv(text, separator="\t" if sc.kind == "criteo" else ",", include_header=False, null_value="",
+                    quote_style="never")
+    return text.getvalue(), p.astype(np.float32), y
+
+
+def generate(kind: Kind, rows: int, out: Path, seed: int = 2024, profile: bool = False) -> GenerateReport:
+    """Write ``rows`` synthetic rows to ``out`` (atomically) and a ``<out>.teacher.json`` report;
+    ``profile``: the full-size profile of ``kind`` (see the module docstring).
+
+    Chunks are drawn on a pool of threads, one per core, and written in order (NumPy and Polars
+    release the GIL in their loops; a pool of processes was slower on 2 cores, shipping 50 MB of text
+    per chunk back); at most two chunks per thread are held, so memory stays flat at any size but for
+    the probabilities and labels kept for the teacher's AUC (5 bytes a row)."""
     if rows <= 0:
         raise ConfigError(f"{COMMAND_LINE}: --rows {rows}: a generated log needs at least one row (give --rows 1 or more)")
     started = time.perf_counter()
-    sc = scenario(kind)
+    sc = scenario(kind, profile)
     teacher = draw_teacher(sc, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     probs = np.empty(rows, dtype=np.float32)
     labels = np.empty(rows, dtype=np.int8)
+    workers = os.cpu_count() or 1
     try:
-        with tmp.open("wb") as fh:
+        with tmp.open("wb") as fh, ThreadPoolExecutor(workers, thread_name_prefix="generate") as pool:
             if kind == "avazu":
                 fh.write((",".join(["id", "click", "hour", *AVAZU_CATEGORIES]) + "\n").encode())
+            pending: deque[tuple[int, Future]] = deque()
+
+            def write_oldest() -> None:
+                start, future = pending.popleft()
+                text, p, y = future.result()
+                fh.write(text)
+                probs[start:start + len(y)], labels[start:start + len(y)] = p, y
+
             for chunk, start in enumerate(range(0, rows, CHUNK_ROWS)):
-                n = min(CHUNK_ROWS, rows - start)
-                rng = np.random.default_rng([seed, 1, chunk])
-                cols, logit = _draw_chunk(sc, teacher, rng, n)
-                u = rng.random(n)
-                if kind == "avazu":
-                    frame, logit = _avazu_frame(cols, np.zeros(n, dtype=np.int8), rng, teacher, logit)
-                p = 1.0 / (1.0 + np.exp(-logit))
-                y = (u < p).astype(np.int8)
-                if kind == "avazu":
-                    frame = frame.with_columns(pl.Series("click", y))
-                else:
-                    frame = pl.DataFrame([pl.Series("label", y), *cols.values()])
-                frame.write_csv(fh, separator="\t" if kind == "criteo" else ",", include_header=False,
-                                null_value="", quote_style="never")
-                probs[start:start + n], labels[start:start + n] = p, y
+                pending.append((start, pool.submit(_render_chunk, sc, teacher, seed, chunk, min(CHUNK_ROWS, rows - start))))
+                if len(pending) > 2 * workers:
+                    write_oldest()
+            while pending:
+                write_oldest()
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -233,6 +385,7 @@ def generate(kind: Kind, rows: int, out: Path, seed: int = 2024) -> GenerateRepo
         kind=kind, rows=rows, seed=seed, path=str(out), teacher_auc=auc(labels, probs),
         positive_rate=float(labels.mean()), seconds=time.perf_counter() - started,
         informative=[f.name for f in sc.fields if f.weight > 0], noise=[f.name for f in sc.fields if f.weight == 0],
+        profile=profile,
     )
     atomic_write_text(out.with_name(out.name + ".teacher.json"), json.dumps(asdict(report), indent=2) + "\n")
     return report

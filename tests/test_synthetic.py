@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 
 from pipelines.synthetic import _hex8, generate
 
@@ -54,3 +55,58 @@ def test_noise_fields_carry_no_signal_and_informative_ones_do(tmp_path: Path) ->
     assert informative > 4e-4
     for noise in ("C5", "C10", "C15", "C25", "C26"):
         assert abs(signal_variance(noise)) < 0.1 * informative, noise
+
+
+def test_profile_supports_reach_the_published_distinct_values_at_full_size() -> None:
+    from pipelines.synthetic import PROFILE_DISTINCT, PROFILE_ROWS, expected_distinct, scenario
+
+    for kind in ("criteo", "avazu"):
+        for f in scenario(kind, profile=True).fields:
+            if f.support:
+                published = PROFILE_DISTINCT[kind][f.name]
+                assert expected_distinct(PROFILE_ROWS[kind], f.support, f.zipf) == pytest.approx(published, rel=0.01), f.name
+
+
+def test_power_law_sampler_follows_its_masses() -> None:
+    from pipelines.synthetic import power_law_index, value_masses
+
+    rng = np.random.default_rng(0)
+    n, support = 400_000, 1_000_000
+    idx = power_law_index(rng.random(n), support, 1.05)
+    assert idx.min() >= 0 and idx.max() < support
+    counts = np.bincount(idx, minlength=support)
+    masses = value_masses(support, 1.05, np.arange(support))
+    assert masses.sum() == pytest.approx(1.0, abs=1e-9)
+    head = np.arange(5)  # the head, value by value: within 4 binomial standard deviations
+    assert np.all(np.abs(counts[head] - n * masses[head]) < 4 * np.sqrt(n * masses[head]))
+    assert counts[1000:].sum() == pytest.approx(n * masses[1000:].sum(), rel=0.02)  # the tail as a whole
+
+
+def test_hashed_weights_have_unit_variance_and_repeat() -> None:
+    from pipelines.synthetic import hashed_uniforms
+
+    w = hashed_uniforms(np.arange(200_000), salt=12345, parts=4)
+    assert w.shape == (200_000, 4) and np.all(np.abs(w) < np.sqrt(3.0))
+    assert np.all(np.abs(w.mean(0)) < 0.01) and np.allclose(w.std(0), 1.0, atol=0.01)
+    assert abs(np.corrcoef(w.T)[0, 1]) < 0.01  # the four parts of one hash are independent
+    assert np.array_equal(w[:10], hashed_uniforms(np.arange(10), salt=12345, parts=4))
+    assert not np.array_equal(w[:10], hashed_uniforms(np.arange(10), salt=54321, parts=4))
+
+
+def test_criteo_profile_distinct_values_follow_the_documented_distribution(tmp_path: Path) -> None:
+    """At 100k rows each field's distinct values match the expectation under its sampler (the same
+    rule that reaches the published figures at 45.8M rows), and the big fields are mostly rare values."""
+    from pipelines.synthetic import expected_distinct, scenario
+
+    rows = 100_000
+    report = generate("criteo", rows, tmp_path / "p.txt", seed=3, profile=True)
+    assert report.profile and 0.7 < report.teacher_auc < 0.95
+    names = ["label", *[f"I{i}" for i in range(1, 14)], *[f"C{i}" for i in range(1, 27)]]
+    df = pl.read_csv(tmp_path / "p.txt", separator="\t", has_header=False, new_columns=names, infer_schema=False)
+    for f in scenario("criteo", profile=True).fields:
+        if f.support:
+            present = df[f.name].drop_nulls()
+            expected = expected_distinct(present.len(), f.support, f.zipf)
+            assert present.n_unique() == pytest.approx(expected, rel=0.03, abs=3), f.name
+    counts = df["C3"].drop_nulls().value_counts()["count"]
+    assert (counts == 1).mean() > 0.5  # most of C3's values are seen once
