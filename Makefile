@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ctr-installed
 
-.PHONY: setup setup-gpu demo test test-fast bench clean
+.PHONY: setup setup-gpu demo test test-fast bench bench-scale clean
 
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/common.txt requirements/onnx.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test-fast: $(STAMP)
 ROWS ?= 1000000
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --rows $(ROWS)
+
+# Criteo and Avazu at full size (profile-generated: 45.8M and 40.4M rows, min count 2): generate, prepare,
+# one epoch, checkpoint, export, evaluate, FuxiCTR's prepare beside ours; hours on 2 cores and about 40 GB
+# of disk under benchmarks/_work/scale. Writes the Scale section of benchmarks/RESULTS.md. Not part of CI.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf data/prepared runs benchmarks/_work

@@ -57,6 +57,18 @@ class TrainerConfig(Strict):
     ray: RayConfig = RayConfig()
 
 
+def sample_rows(rows: int | None, fraction: float | None, train_rows: int) -> int | None:
+    """The rows a search phase trains on (``rows``, or ``fraction`` of the split), None for all of them.
+    The sample is whole row groups drawn with the trainer's seed; the retrain always reads every row.
+    At 10M+ rows a sample keeps a search's cost from growing with the data. The configs allow at most
+    one of the two."""
+    if rows is not None:
+        return rows if rows < train_rows else None
+    if fraction is not None and fraction < 1.0:
+        return max(1, int(fraction * train_rows))
+    return None
+
+
 class OptFSConfig(Strict):
     """OptFS feature-value gates (Lyu et al., WWW'23); defaults from the reference at embedding 16.
 
@@ -72,11 +84,15 @@ class OptFSConfig(Strict):
     retrain_patience: int = Field(default=1, ge=1)
     removed_to: Literal["zero", "oov"] = "zero"
     gate_lr: float | None = Field(default=None, gt=0.0)  # None: trainer.lr, as in the reference
+    search_rows: int | None = Field(default=None, ge=1)  # the search on a sample (see sample_rows); None: all rows
+    search_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _rewind_in_search(self) -> "OptFSConfig":
         if self.rewind_epoch >= self.search_epochs:
             raise ValueError(f"rewind_epoch {self.rewind_epoch} must be < search_epochs {self.search_epochs}")
+        if self.search_rows is not None and self.search_fraction is not None:
+            raise ValueError("give search_rows or search_fraction, not both")
         return self
 
 
@@ -107,7 +123,9 @@ class OptEmbedConfig(Strict):
     supernet_epochs: int = Field(default=1, ge=1)
     threshold_lr: float = Field(default=1e-4, gt=0.0)  # SGD on the per-field thresholds
     threshold_penalty: float = Field(default=1e-5, ge=0.0)  # alpha in alpha * sum_f exp(-t_f)
-    search_rows: int = Field(default=20000, ge=1000)  # validation rows cached for the search
+    search_rows: int = Field(default=20000, ge=1000)  # validation rows cached for the evolutionary search
+    supernet_rows: int | None = Field(default=None, ge=1)  # the supernet on a sample (see sample_rows); None: all
+    supernet_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     population: int = Field(default=20, ge=4)
     parents: int = Field(default=10, ge=2)  # the best candidates that mutate and cross over
     mutation_prob: float = Field(default=0.1, gt=0.0, le=1.0)
@@ -121,6 +139,8 @@ class OptEmbedConfig(Strict):
     def _parents_fit(self) -> "OptEmbedConfig":
         if self.parents > self.population:
             raise ValueError(f"parents {self.parents} must be <= population {self.population}")
+        if self.supernet_rows is not None and self.supernet_fraction is not None:
+            raise ValueError("give supernet_rows or supernet_fraction, not both")
         return self
 
 

@@ -107,7 +107,7 @@ class ParquetBatches:
     """Iterable of :class:`Batch` over one split; call :meth:`set_epoch` to reshuffle reproducibly."""
 
     def __init__(self, path: Path, feature_map: FeatureMap, batch_size: int, *, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False, window_rows: int = 262_144) -> None:
+                 seed: int = 0, drop_last: bool = False, window_rows: int = 262_144, sample_rows: int | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.path = Path(path)
@@ -127,10 +127,24 @@ class ParquetBatches:
         self.drop_last = drop_last
         self.window_rows = max(window_rows, batch_size)
         self.epoch = 0
+        self.groups = self._sample_groups(sample_rows) if sample_rows else list(range(self.file.metadata.num_row_groups))
+
+    def _sample_groups(self, rows: int) -> list[int]:
+        """Whole row groups drawn in a seeded order until they hold at least ``rows`` rows, kept in file
+        order: a sample of the split that costs no read of the rest (e.g. a search phase's rows)."""
+        meta = self.file.metadata
+        chosen, held = [], 0
+        for g in torch.randperm(meta.num_row_groups, generator=torch.Generator().manual_seed(self.seed)).tolist():
+            if held >= rows:
+                break
+            chosen.append(g)
+            held += meta.row_group(g).num_rows
+        return sorted(chosen)
 
     @property
     def num_rows(self) -> int:
-        return self.file.metadata.num_rows
+        meta = self.file.metadata
+        return sum(meta.row_group(g).num_rows for g in self.groups)
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_rows, self.batch_size)
@@ -149,8 +163,8 @@ class ParquetBatches:
         return _Window(ids, dense, labels)
 
     def _windows(self, gen: torch.Generator | None) -> Iterator[_Window]:
-        n_groups = self.file.metadata.num_row_groups
-        order = torch.randperm(n_groups, generator=gen).tolist() if gen is not None else list(range(n_groups))
+        order = [self.groups[i] for i in torch.randperm(len(self.groups), generator=gen).tolist()] if gen is not None \
+            else self.groups
         pending: list[int] = []
         rows = 0
         for g in order:

@@ -129,6 +129,7 @@ class TrainHooks:
     lr_ratio: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> lr multiple
     sgd_lr: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> own plain SGD at this lr
     on_epoch_start: Callable[["Trainer"], None] | None = None
+    train_rows: int | None = None  # train on a seeded sample of whole row groups holding this many rows (a search phase)
 
 
 class TrainBatches(Protocol):
@@ -164,8 +165,8 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         t = self.t
         split = lambda name: data_dir / fmap.splits[name].file  # noqa: E731
-        self.train_data = self.runtime.train_data or ParquetBatches(split("train"), fmap, t.batch_size,
-                                                                    shuffle=t.shuffle, seed=t.seed)
+        self.train_data = self.runtime.train_data or ParquetBatches(split("train"), fmap, t.batch_size, shuffle=t.shuffle,
+                                                                    seed=t.seed, sample_rows=self.hooks.train_rows)
         self.valid_data = ParquetBatches(split("valid"), fmap, t.eval_batch_size)
         self.test_data = ParquetBatches(split("test"), fmap, t.eval_batch_size)
         # The training loop alone (loading + steps, no validation or checkpoints): what throughput means.

@@ -83,3 +83,18 @@ def test_each_shuffled_batch_is_gathered_as_if_whole_windows_were_shuffled_then_
     for window in it._windows(gen):  # same generator draws, in the same order: groups, then rows
         expected.append(torch.from_numpy(window.ids[it.keys.index("C7")])[torch.randperm(len(window), generator=gen)])
     assert got.tolist() == torch.cat(expected).tolist()
+
+
+def test_a_sample_is_whole_seeded_row_groups(prepared_criteo: PrepareResult) -> None:
+    full = loader(prepared_criteo)
+    sample = loader(prepared_criteo, sample_rows=5000, seed=4)
+    meta = sample.file.metadata
+    sizes = [meta.row_group(g).num_rows for g in sample.groups]
+    # as few whole row groups (of up to 2048 rows) as hold 5000 rows; the last one drawn tipped it over
+    assert sample.num_rows == sum(sizes) and 5000 <= sample.num_rows < 5000 + 2048 < full.num_rows
+    assert len(sample) == -(-sample.num_rows // 1000)
+    assert loader(prepared_criteo, sample_rows=5000, seed=4).groups == sample.groups != \
+        loader(prepared_criteo, sample_rows=5000, seed=5).groups
+    every = {tuple(r) for b in full for r in b.ids().tolist()}
+    got = [tuple(r) for b in sample for r in b.ids().tolist()]
+    assert len(got) == sample.num_rows and set(got) <= every

@@ -119,7 +119,8 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "stage")
     sizes = [f.num_embeddings for f in prepared_criteo.feature_map.categorical]
     with local_process_group():
-        kept, snapshot = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
+        kept, snapshot, rows = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
+    assert rows == prepared_criteo.feature_map.splits["train"].rows  # no sample asked: every row
     assert snapshot.keys() == source["model"].keys()
     assert all(torch.equal(snapshot[k], source["model"][k]) for k in snapshot)
     assert len(kept) == len(prepared_criteo.feature_map.categorical)
@@ -144,3 +145,29 @@ def test_gate_gradients_are_bitwise_reproducible_on_two_threads() -> None:
         assert all(torch.equal(first, grad()) for _ in range(10))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_search_on_a_sample_then_retrain_on_every_row(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
+    train_rows = prepared_criteo.feature_map.splits["train"].rows  # 8 row groups of 2048
+    # 2 search epochs of 4 steps: gate_lr 0.1 lets an untouched row drift below 0 (README's rule)
+    cfg = experiment(prepared_criteo, tmp_path / "run", penalty=1e-4, gate_lr=0.1, search_fraction=0.25)
+    Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
+    optfs = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run")[1]
+    assert 0.25 * train_rows <= optfs["search_train_rows"] <= 0.25 * train_rows + 2048  # whole row groups
+    stage = tmp_path / "run" / "compress" / "01_optfs"
+    per_epoch = lambda rows: -(-rows // cfg.trainer.batch_size)  # noqa: E731
+    search = load_checkpoint(stage / "search" / "checkpoints" / "last.pt")["loop"]
+    assert search["step"] == 2 * per_epoch(optfs["search_train_rows"])
+    retrain = load_checkpoint(stage / "retrain" / "checkpoints" / "last.pt")["loop"]
+    assert retrain["step"] == per_epoch(train_rows)  # the retrain reads the whole split
+    assert optfs["rows_after"] < optfs["rows_before"]
+
+
+def test_search_sample_takes_rows_or_a_fraction_not_both() -> None:
+    from ctr.config import sample_rows
+
+    assert sample_rows(None, None, 1000) is None and sample_rows(5000, None, 1000) is None
+    assert sample_rows(300, None, 1000) == 300 and sample_rows(None, 0.1, 1000) == 100
+    with pytest.raises(ValueError, match="give search_rows or search_fraction, not both"):
+        OptFSConfig(search_rows=10, search_fraction=0.5)

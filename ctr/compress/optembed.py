@@ -36,7 +36,7 @@ from common.json_lines import append_json_line, read_json_lines
 from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
 from ctr.compress.tables import REMAP_KEY, compact_rows, narrow_state, table_key
-from ctr.config import OptEmbedConfig
+from ctr.config import OptEmbedConfig, sample_rows
 from ctr.distributed import load_plain_state_dict, plain_state_dict
 from ctr.loader import Batch, head
 from ctr.metrics import auc
@@ -244,7 +244,8 @@ class OptEmbedStage:
             {k: v for k, v in source["model"].items() if k == REMAP_KEY}
         penalty = (lambda model: c.threshold_penalty * model.module.gates.penalty()) if c.rows else None
         hooks = TrainHooks(steps=steps, initial_state=start, attach=attach, extra_loss=penalty,
-                           sgd_lr={GATES: c.threshold_lr}, on_epoch_start=snapshot)
+                           sgd_lr={GATES: c.threshold_lr}, on_epoch_start=snapshot,
+                           train_rows=sample_rows(c.supernet_rows, c.supernet_fraction, ctx.fmap.splits["train"].rows))
         best = self._train(self._trainer(ctx, "supernet", c.supernet_epochs, ctx.cfg.trainer.patience, hooks))
         return best, load_checkpoint(rewind)["model"]
 

@@ -22,7 +22,7 @@ from torchrec import KeyedJaggedTensor
 from common.errors import ConfigError
 from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
 from ctr.compress.tables import REMAP_KEY, compact_rows, id_remap, table_key
-from ctr.config import OptFSConfig
+from ctr.config import OptFSConfig, sample_rows
 from ctr.distributed import plain_state_dict
 from ctr.structure import SelectRows
 from ctr.train import Trainer, TrainHooks
@@ -88,7 +88,9 @@ class OptFSStage:
             return self.cfg.penalty
         return REFERENCE_PENALTY * REFERENCE_ROWS / rows
 
-    def _search(self, ctx: StageContext, source: dict[str, Any], steps: tuple, sizes: list[int]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    def _search(self, ctx: StageContext, source: dict[str, Any], steps: tuple,
+                sizes: list[int]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int]:
+        """The gates' hard mask, the rewind snapshot and the train rows one search epoch read."""
         c = self.cfg
         lam = self.penalty_weight(sum(sizes))
         snapshot: dict[str, torch.Tensor] = {}
@@ -110,9 +112,10 @@ class OptFSStage:
         trainer = Trainer(search_cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "search", TrainHooks(
             steps=steps, initial_state=start, attach=attach, on_epoch_start=on_epoch_start,
             extra_loss=lambda model: lam * model.module.gates.penalty(),
-            lr_ratio={"gates.": (c.gate_lr or search_cfg.trainer.lr) / search_cfg.trainer.lr}))
+            lr_ratio={"gates.": (c.gate_lr or search_cfg.trainer.lr) / search_cfg.trainer.lr},
+            train_rows=sample_rows(c.search_rows, c.search_fraction, ctx.fmap.splits["train"].rows)))
         trainer.train()
-        return trainer.model.module.gates.kept(), snapshot
+        return trainer.model.module.gates.kept(), snapshot, trainer.train_data.num_rows
 
     def _retrain(self, ctx: StageContext, steps: tuple, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.cfg
@@ -131,7 +134,7 @@ class OptFSStage:
             raise ConfigError(f"optfs selects rows of per-field tables; embedding kind '{ctx.cfg.model.embedding.kind}' "
                              "shares hashed tables (use kind 'per_field')")
         sizes = [int(source["model"][table_key(f.name)].shape[0]) for f in fields]
-        kept, snapshot = self._search(ctx, source, steps, sizes)
+        kept, snapshot, search_rows = self._search(ctx, source, steps, sizes)
         remaps = id_remap(source["model"], fields)
         if self.cfg.removed_to == "oov":  # the OOV row must survive: removed ids read it
             kept = [k.clone().index_fill_(0, old[OOV_ID].clamp(min=0).view(1), True) if old[OOV_ID] >= 0 else k
@@ -150,7 +153,7 @@ class OptFSStage:
             "penalty": self.penalty_weight(sum(sizes)),
             "kept_rows": kept_rows,
             "kept_share": {f.name: kept_rows[f.name] / n for f, n in zip(fields, sizes)},
-            "rows_before": sum(sizes), "rows_after": sum(kept_rows.values()),
+            "rows_before": sum(sizes), "rows_after": sum(kept_rows.values()), "search_train_rows": search_rows,
             "exact_max_diff": exact,
         }
         return StageOutput(payload=payload, details=details)
