@@ -14,7 +14,7 @@ For each dataset, in one run, with nothing else meant to run on the machine:
   8. FuxiCTR's preprocessing on growing heads of the Criteo file, up to the largest size it completes.
 Every command is timed with the peak memory of its process tree (PSS) and the load average after it.
 The section is written into benchmarks/RESULTS.md under "## Scale" (replacing an older one); the raw
-numbers go to _work/scale/results.json.
+numbers go to _work/scale/results_<criteo rows>_<avazu rows>.json.
 
 Usage: python benchmarks/bench_scale.py [--criteo-rows 45840617] [--avazu-rows 40428967] [--models dnn dcnv2]
        python benchmarks/bench_scale.py checkpoint RUN_DIR   (internal: prints save/restore seconds as JSON)
@@ -30,6 +30,20 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import polars as pl
+from peer_env import peer_python
+from run_all import PEER, SCALE_TITLE, headed_csv_splits, machine
+
+from ctr.distributed import local_process_group
+from ctr.experiment import load_experiment
+from ctr.loader import ParquetBatches
+from ctr.run_dir import LAST, RunDir
+from ctr.train import Trainer
+from deploy.export import latency, load_edge
+from features.feature_map import FeatureMap
+from features.schema import AVAZU_CATEGORIES, CRITEO_CATEGORIES, SplitConfig
+from pipelines.synthetic import PROFILE_DISTINCT
 
 from _common import WORK, load_note, run_measured
 
@@ -59,10 +73,6 @@ class Section:
 
 def distinct_values(raw: Path, kind: str) -> dict[str, int]:
     """Each categorical field's distinct values over the whole file (one streaming pass of Polars)."""
-    import polars as pl
-
-    from features.schema import AVAZU_CATEGORIES, CRITEO_CATEGORIES
-
     if kind == "criteo":
         names = ["label", *(f"I{i}" for i in range(1, 14)), *CRITEO_CATEGORIES]
         scan = pl.scan_csv(raw, separator="\t", has_header=False, new_columns=names, infer_schema=False, quote_char=None)
@@ -76,8 +86,6 @@ def distinct_values(raw: Path, kind: str) -> dict[str, int]:
 
 def read_csv_rate(raw: Path, kind: str, rows: int) -> float:
     """Rows/s of Polars' eager read_csv (every column as a string, all threads) on the file's first rows."""
-    import polars as pl
-
     started = time.perf_counter()
     if kind == "criteo":
         df = pl.read_csv(raw, separator="\t", has_header=False, infer_schema=False, quote_char=None, n_rows=rows)
@@ -89,12 +97,6 @@ def read_csv_rate(raw: Path, kind: str, rows: int) -> float:
 def checkpoint_times(run_dir: Path) -> dict[str, float]:
     """Seconds to write the run's training state (whole tables + row-wise optimizer state) and to
     restore it into a freshly sharded model, as a resume does; the file's bytes."""
-    from ctr.distributed import local_process_group
-    from ctr.experiment import load_experiment
-    from ctr.run_dir import LAST, RunDir
-    from ctr.train import Trainer
-    from features.feature_map import FeatureMap
-
     run = RunDir(run_dir)
     cfg = load_experiment(run.config)
     data_dir = run.prepared_data()
@@ -115,10 +117,6 @@ def checkpoint_times(run_dir: Path) -> dict[str, float]:
 
 def serve_times(edge: Path, test: Path) -> dict[str, float]:
     """Load time of the exported file and its latency on one thread (bench_export's measurement)."""
-    from ctr.loader import ParquetBatches
-    from deploy.export import latency, load_edge
-    from features.feature_map import FeatureMap
-
     fmap = FeatureMap.load(test.parent)
     batch = next(iter(ParquetBatches(test, fmap, 1024)))
     started = time.perf_counter()
@@ -128,8 +126,6 @@ def serve_times(edge: Path, test: Path) -> dict[str, float]:
 
 
 def dataset(sec: Section, kind: str, rows: int, models: list[str], args: argparse.Namespace) -> None:
-    from pipelines.synthetic import PROFILE_DISTINCT
-
     folder = SCALE / f"{kind}_{rows}"
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -201,11 +197,6 @@ def small_vocabulary(sec: Section) -> None:
 
 def fuxictr_prepare(sec: Section, raw: Path) -> None:
     """FuxiCTR's preprocessing on the first N rows of the Criteo profile file, N doubling until it fails."""
-    from peer_env import peer_python
-    from run_all import PEER, headed_csv_splits
-
-    from features.schema import SplitConfig
-
     python = peer_python()
     for rows in FUXICTR_SIZES:
         head = SCALE / f"fuxictr_{rows}"
@@ -227,9 +218,7 @@ def fuxictr_prepare(sec: Section, raw: Path) -> None:
             shutil.rmtree(head / "csv", ignore_errors=True)
 
 
-def write_section(sec: Section, started: float, results: Path) -> None:
-    from run_all import SCALE_TITLE, machine
-
+def write_section(sec: Section, started: float, results: Path, raw_numbers: Path) -> None:
     body = "\n".join([
         SCALE_TITLE, "", f"Written by `make bench-scale` on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC "
         f"({(time.perf_counter() - started) / 60:.0f} min); machine: {machine()}. Profile-generated logs "
@@ -243,7 +232,7 @@ def write_section(sec: Section, started: float, results: Path) -> None:
         end = text.find("\n## ", start + 1)
         text = text[:start] + (text[end + 1:] if end >= 0 else "")
     results.write_text(text.rstrip("\n") + "\n\n" + body)
-    (SCALE / "results.json").write_text(json.dumps(sec.numbers, indent=2, default=str))
+    raw_numbers.write_text(json.dumps(sec.numbers, indent=2, default=str))
 
 
 def main() -> None:
@@ -261,18 +250,19 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     SCALE.mkdir(parents=True, exist_ok=True)
+    numbers = SCALE / f"results_{args.criteo_rows}_{args.avazu_rows}.json"
     sec = Section()
     sec.notes.append(f"models trained: {', '.join(args.models)} on Criteo, dnn on Avazu.")
     small_vocabulary(sec)
     dataset(sec, "criteo", args.criteo_rows, args.models, args)
-    write_section(sec, started, args.out)
+    write_section(sec, started, args.out, numbers)
     dataset(sec, "avazu", args.avazu_rows, ["dnn"], args)
-    write_section(sec, started, args.out)
+    write_section(sec, started, args.out, numbers)
     if args.skip_fuxictr:
         sec.notes.append("FuxiCTR's preprocessing: not run in this run (--skip-fuxictr).")
     else:
         fuxictr_prepare(sec, SCALE / f"criteo_{args.criteo_rows}" / "criteo_profile.txt")
-    write_section(sec, started, args.out)
+    write_section(sec, started, args.out, numbers)
     print(f"wrote the Scale section of {args.out}")
 
 
