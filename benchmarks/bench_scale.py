@@ -51,7 +51,7 @@ HERE = Path(__file__).parent
 SCALE = WORK / "scale"
 CTR = str(Path(sys.executable).parent / "ctr")
 RESULTS = HERE / "RESULTS.md"
-FUXICTR_SIZES = [1_000_000, 2_000_000, 4_000_000, 8_000_000]
+FUXICTR_SIZES = [1_000_000, 2_000_000, 4_000_000, 8_000_000, 16_000_000]  # 8M peaked at 16.7 GB of 24
 
 
 class Section:
