@@ -28,6 +28,7 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 
+from ctr.distributed import local_process_group
 from ctr.experiment import ExperimentConfig, load_experiment
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.train import PHASES, Trainer, TrainHooks, default_threads
@@ -101,8 +102,6 @@ def profile_steps(trainer: Trainer, batches: list[Batch], steps: int) -> dict[st
 
 
 def local(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, steps: int) -> dict[str, float]:
-    from ctr.distributed import local_process_group
-
     trainer = Trainer(cfg, fmap, data_dir, WORK / "profile_run", TrainHooks())
     batches = head(ParquetBatches(data_dir / "train.parquet", fmap, cfg.trainer.batch_size, shuffle=True, seed=1,
                                   drop_last=True), 8 * cfg.trainer.batch_size)

@@ -238,8 +238,9 @@ def time_to_auc_section(rep: Report, args: argparse.Namespace, dirs: dict[str, P
                    "not reached in 1 epoch" if fraction is None else f"{fraction:.2f}x", fraction is not None and fraction <= TIME_TARGET)
         show = lambda x: "not by its last validation" if x is None else f"{x:.1f} s ({x / epoch:.2f} of its epoch)"  # noqa: E731
         lines.append(f"| {model} | {goal:.5f} | {epoch:.1f} | {show(ours_s)} | {show(theirs_s)} |")
-        curves += [f"| {model} | {p['loop_seconds']:.1f} | {p['auc']:.5f} | "
-                   + (lambda a: "-" if a is None else f"{a:.5f}")(auc_at(ours, p["loop_seconds"])) + " |" for p in theirs]
+        for p in theirs:
+            at = auc_at(ours, p["loop_seconds"])
+            curves.append(f"| {model} | {p['loop_seconds']:.1f} | {p['auc']:.5f} | {'-' if at is None else f'{at:.5f}'} |")
     rep.add("Time to AUC", "\n".join([
         f"Both sides validate every {EVAL_EVERY} steps (each with its own early stopping and learning-rate decay on "
         "plateau, as a user would run it); times are loop seconds (training steps and data loading, validations "

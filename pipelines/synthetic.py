@@ -17,6 +17,7 @@ scenario's normal ones) from a hash of (field, value), so memory stays flat at a
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -162,8 +163,10 @@ def expected_distinct(rows: int, support: int, exponent: float) -> float:
     return total
 
 
+@functools.lru_cache(maxsize=None)
 def profile_support(distinct: int, rows: int, exponent: float = TAIL_EXPONENT) -> int:
-    """The support whose expected distinct values in ``rows`` draws is ``distinct`` (bisection)."""
+    """The support whose expected distinct values in ``rows`` draws is ``distinct`` (bisection: 0.6 s
+    for Criteo's 26 fields, so each answer is kept for the process)."""
     if distinct <= 64:  # so few values all show up in millions of rows
         return distinct
     low, high = distinct, distinct * 4096
