@@ -218,19 +218,33 @@ def fuxictr_prepare(sec: Section, raw: Path) -> None:
             shutil.rmtree(head / "csv", ignore_errors=True)
 
 
-def write_section(sec: Section, started: float, results: Path, raw_numbers: Path) -> None:
-    body = "\n".join([
-        SCALE_TITLE, "", f"Written by `make bench-scale` on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC "
-        f"({(time.perf_counter() - started) / 60:.0f} min); machine: {machine()}. Profile-generated logs "
-        "(`ctr generate --profile`), min count 2, random 8:1:1 split; peak memory is the largest PSS sum over each "
-        "command's process tree, sampled every 0.2 s.", "",
-        "| step | seconds | peak memory MB | load (1 min) after it |", "|---|---:|---:|---:|", *sec.rows, "",
-        *(f"- {note}" for note in sec.notes), "", f"_{load_note()} at the end._", ""])
+def scale_section(results: Path) -> tuple[str, int, int]:
+    """The results file's text and where its Scale section starts and ends (-1, -1 when it has none)."""
     text = results.read_text() if results.exists() else ""
     start = text.find(SCALE_TITLE)
+    if start < 0:
+        return text, -1, -1
+    end = text.find("\n## ", start + 1)
+    return text, start, end + 1 if end >= 0 else len(text)
+
+
+def write_section(sec: Section, started: float, results: Path, raw_numbers: Path, earlier: str) -> None:
+    """(Re)write the Scale section. With ``earlier`` (the section as it was before this run, kept by
+    ``--add``), this run becomes a dated subsection after it: a partial run fills in steps a full one left out."""
+    when = f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC ({(time.perf_counter() - started) / 60:.0f} min)"
+    table = ["| step | seconds | peak memory MB | load (1 min) after it |", "|---|---:|---:|---:|", *sec.rows, "",
+             *(f"- {note}" for note in sec.notes), "", f"_{load_note()} at the end._", ""]
+    if earlier:
+        body = "\n".join([earlier.rstrip("\n"), "", f"### Added by a partial run of `make bench-scale` on {when}", "",
+                          f"Machine: {machine()}.", "", *table])
+    else:
+        body = "\n".join([
+            SCALE_TITLE, "", f"Written by `make bench-scale` on {when}; machine: {machine()}. Profile-generated logs "
+            "(`ctr generate --profile`), min count 2, random 8:1:1 split; peak memory is the largest PSS sum over each "
+            "command's process tree, sampled every 0.2 s.", "", *table])
+    text, start, end = scale_section(results)
     if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + text[end:]
     results.write_text(text.rstrip("\n") + "\n\n" + body)
     raw_numbers.write_text(json.dumps(sec.numbers, indent=2, default=str))
 
@@ -246,23 +260,31 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["dnn", "dcnv2"], choices=["dnn", "dcnv2"])
     parser.add_argument("--read-csv-rows", type=int, default=4_000_000)
     parser.add_argument("--skip-fuxictr", action="store_true")
+    parser.add_argument("--datasets", nargs="+", default=["criteo", "avazu"], choices=["criteo", "avazu"])
+    parser.add_argument("--skip-small", action="store_true", help="leave out the small-vocabulary DNN epoch")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the Scale section's earlier run(s) and add this one after them")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results file whose Scale section is (re)written")
     args = parser.parse_args()
     started = time.perf_counter()
     SCALE.mkdir(parents=True, exist_ok=True)
-    numbers = SCALE / f"results_{args.criteo_rows}_{args.avazu_rows}.json"
+    numbers = SCALE / f"results_{args.criteo_rows}_{args.avazu_rows}{'_added' if args.add else ''}.json"
+    text, start, end = scale_section(args.out)
+    earlier = text[start:end] if args.add and start >= 0 else ""
     sec = Section()
-    sec.notes.append(f"models trained: {', '.join(args.models)} on Criteo, dnn on Avazu.")
-    small_vocabulary(sec)
-    dataset(sec, "criteo", args.criteo_rows, args.models, args)
-    write_section(sec, started, args.out, numbers)
-    dataset(sec, "avazu", args.avazu_rows, ["dnn"], args)
-    write_section(sec, started, args.out, numbers)
+    sec.notes.append(f"models trained: {', '.join(args.models)} on Criteo, dnn on Avazu; datasets: "
+                     f"{', '.join(args.datasets)}.")
+    if not args.skip_small:
+        small_vocabulary(sec)
+    for kind in args.datasets:
+        dataset(sec, kind, {"criteo": args.criteo_rows, "avazu": args.avazu_rows}[kind],
+                args.models if kind == "criteo" else ["dnn"], args)
+        write_section(sec, started, args.out, numbers, earlier)
     if args.skip_fuxictr:
         sec.notes.append("FuxiCTR's preprocessing: not run in this run (--skip-fuxictr).")
     else:
         fuxictr_prepare(sec, SCALE / f"criteo_{args.criteo_rows}" / "criteo_profile.txt")
-    write_section(sec, started, args.out, numbers)
+    write_section(sec, started, args.out, numbers, earlier)
     print(f"wrote the Scale section of {args.out}")
 
 
