@@ -6,7 +6,7 @@ For each dataset, in one run, with nothing else meant to run on the machine:
   2. Polars' own ``read_csv`` of the first ``--read-csv-rows`` rows of the same file (a whole-file
      eager read needs more memory than the machine has), for the prepare-to-read_csv rate;
   3. ``ctr prepare`` with min count 2: rows/s, table rows after min count;
-  4. one epoch of DNN (and DCNv2 on Criteo) with ``ctr train``; the small-vocabulary DNN on the 1M-row
+  4. one epoch of DNN (and DCNv2 on Criteo) with ``ctr train``; the same models on the 1M-row
      default data in the same run, for samples/s at the two vocabularies;
   5. the trained run's checkpoint written and restored into a sharded model (``checkpoint`` mode below);
   6. ``ctr export``, then the file's load time and batch-1 / batch-1024 latency on one thread;
@@ -185,14 +185,14 @@ def dataset(sec: Section, kind: str, rows: int, models: list[str], args: argpars
                   [CTR, "evaluate", str(edge), "--data", str(test), "--out", str(run / "evaluation")], logs / "evaluate.log")
 
 
-def small_vocabulary(sec: Section) -> None:
-    """The DNN epoch on the 1M-row default data in this run: samples/s at a small vocabulary."""
-    run = SCALE / "small_dnn"
+def small_vocabulary(sec: Section, model: str) -> None:
+    """One epoch on the 1M-row default data in this run: samples/s at a small vocabulary."""
+    run = SCALE / f"small_{model}"
     shutil.rmtree(run, ignore_errors=True)
-    sec.timed("small_dnn_train", "default 1M rows (50k table rows): `ctr train` dnn, 1 epoch",
-              [CTR, "train", "configs/experiments/synthetic_dnn.yaml", f"trainer.run_dir={run}", "trainer.progress=false"],
-              SCALE / "small_dnn.log")
-    sec.numbers["small_dnn_train"]["result"] = json.loads((run / "result.json").read_text())
+    sec.timed(f"small_{model}_train", f"default 1M rows (50k table rows): `ctr train` {model}, 1 epoch",
+              [CTR, "train", f"configs/experiments/synthetic_{model}.yaml", f"trainer.run_dir={run}",
+               "trainer.epochs=1", "trainer.progress=false"], SCALE / f"small_{model}.log")
+    sec.numbers[f"small_{model}_train"]["result"] = json.loads((run / "result.json").read_text())
 
 
 def fuxictr_prepare(sec: Section, raw: Path) -> None:
@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--read-csv-rows", type=int, default=4_000_000)
     parser.add_argument("--skip-fuxictr", action="store_true")
     parser.add_argument("--datasets", nargs="+", default=["criteo", "avazu"], choices=["criteo", "avazu"])
-    parser.add_argument("--skip-small", action="store_true", help="leave out the small-vocabulary DNN epoch")
+    parser.add_argument("--skip-small", action="store_true", help="leave out the small-vocabulary epochs")
     parser.add_argument("--add", action="store_true",
                         help="keep the Scale section's earlier run(s) and add this one after them")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results file whose Scale section is (re)written")
@@ -274,8 +274,8 @@ def main() -> None:
     sec = Section()
     sec.notes.append(f"models trained: {', '.join(args.models)} on Criteo, dnn on Avazu; datasets: "
                      f"{', '.join(args.datasets)}.")
-    if not args.skip_small:
-        small_vocabulary(sec)
+    for model in [] if args.skip_small else args.models:
+        small_vocabulary(sec, model)
     for kind in args.datasets:
         dataset(sec, kind, {"criteo": args.criteo_rows, "avazu": args.avazu_rows}[kind],
                 args.models if kind == "criteo" else ["dnn"], args)
