@@ -71,7 +71,7 @@ def runs(prepared_criteo: PrepareResult, tmp_path_factory: pytest.TempPathFactor
 # that compresses it (tests/test_structure.py, tests/test_onnx.py).
 STAGES = {
     "optfs": OptFSStep(optfs=OptFSConfig(search_epochs=2, rewind_epoch=1, retrain_epochs=1, final_temp=50.0,
-                                         penalty=1e-4, gate_lr=0.05)),
+                                         penalty=1e-4)),
     "optembed": OptEmbedStep(optembed=OptEmbedConfig(rows=False, search_rows=2000, population=4, parents=2,
                                                       generations=2, retrain_epochs=1)),
     "afm": AFMStep(afm=AFMConfig(layer_rank=RankRule(fixed=4), embedding_rank=RankRule(fixed=4), finetune_epochs=0)),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ctr.checkpoint import load_checkpoint
-from ctr.compress.optfs import FeatureGates, OptFSStage, masked_remap, temperature
+from ctr.compress.optfs import FeatureGates, OptFSStage, gate_lr_rule, masked_remap, penalty_flow, temperature
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import StageContext, plain_model
 from ctr.compress.tables import compact_rows, id_remap
@@ -44,7 +44,64 @@ def test_gates_are_one_at_init_and_follow_m() -> None:
         gates.m[3 + 3] = -0.2  # field 1, id 3
         gates.m[2] = 0.0  # field 0, id 2: not > 0, removed
     assert [k.tolist() for k in gates.kept()] == [[True, True, False], [True, True, True, False]]
-    assert gates.penalty().item() == pytest.approx(torch.sigmoid(gates.m).sum().item())
+
+
+def test_penalty_flow_is_the_exact_solution_of_the_penalty_gradient_flow() -> None:
+    m = torch.tensor([0.5, 0.01, -0.3, 2.0], dtype=torch.float64)
+    pull, tau, steps = 0.02, 3.0, 5.0
+    euler, h = m.clone(), steps / 20000  # dm/dt = -pull * tau * sigmoid'(tau m), in fine steps
+    for _ in range(20000):
+        s = torch.sigmoid(tau * euler)
+        euler = euler - h * pull * tau * s * (1 - s)
+    assert torch.allclose(penalty_flow(m, steps, pull, tau), euler, atol=1e-7)
+    # k steps at once are k single steps; no pull, no change
+    once = m
+    for _ in range(5):
+        once = penalty_flow(once, 1.0, pull, tau)
+    assert torch.allclose(penalty_flow(m, 5.0, pull, tau), once, atol=1e-12)
+    assert torch.allclose(penalty_flow(m, 7.0, 0.0, tau), m, atol=1e-12)
+
+
+def test_gate_lr_rule_removes_an_untouched_row_halfway_through_the_search() -> None:
+    lam, per_epoch, epochs, final = 5e-6, 10, 4, 200.0
+    lr = gate_lr_rule(lam, per_epoch, epochs, final)
+    m = torch.tensor([0.5], dtype=torch.float64)
+    for epoch, steps in [(0, 10), (1, 10)]:  # 20 of the 40 steps: the first two epochs
+        before = m
+        m = penalty_flow(m, steps, lr * lam, temperature(epoch, epochs, final))
+    assert before.item() > 0 and abs(m.item()) < 1e-6
+
+
+def test_sparse_gate_update_equals_the_dense_rule_on_every_row() -> None:
+    """Rows a batch touches take the flow and the data gradient; the others wait. The dense rule,
+    m <- flow_1(m) - lr * grad on every row at every step, must give the same m, untouched rows
+    (some never touched) included, across a change of temperature."""
+    sizes, lr, lam, batch_size = [6, 40], 0.5, 0.02, 8
+    gen = torch.Generator().manual_seed(0)
+    gates = FeatureGates(sizes, lr, lam)
+    dense = gates.m.clone()
+    weights = torch.randn(batch_size, 2, 4, generator=gen)
+    arch = tables(*sizes)
+    for step in range(60):
+        if step == 30:
+            gates.set_temperature(4.0)
+        tau = float(gates.tau)
+        # field 1 draws from its first 25 ids only (15 rows are never touched), skewed to the head
+        ids = torch.stack([torch.randint(0, 6, (batch_size,), generator=gen),
+                           (torch.rand(batch_size, generator=gen) ** 3 * 25).long()])
+        batch = make_batch(["f0", "f1"], ids, torch.zeros(batch_size, 0), torch.zeros(batch_size))
+        emb = torch.randn(batch_size, 2, 4, generator=gen)
+        (gates(emb, batch.sparse, arch) * weights).sum().backward()
+        # the dense rule on a copy
+        m = dense.clone().requires_grad_()
+        rows = ids + torch.tensor([[0], [6]])  # field-major, as the gates index
+        g = torch.sigmoid(tau * m.index_select(0, rows.reshape(-1)).view_as(rows)) / torch.sigmoid(torch.tensor(0.5, dtype=torch.float64))
+        (emb * g.T.unsqueeze(-1).float() * weights).sum().backward()
+        dense = penalty_flow(dense, 1.0, lr * lam, tau) - lr * m.grad
+    gates.settle()
+    assert (gates.m - dense).abs().max() < 1e-6
+    assert [k.tolist() for k in gates.kept()] == [k.tolist() for k in torch.split(dense > 0, sizes)]
+    assert 0 < int((dense > 0).sum()) < sum(sizes)  # the test table keeps some rows and removes others
 
 
 def test_temperature_schedule_end_points() -> None:
@@ -93,7 +150,7 @@ def experiment(prepared: PrepareResult, run_dir: Path, **optfs: object) -> Exper
 
 @pytest.mark.slow
 def test_recipe_runs_rewinds_and_resumes(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
-    cfg = experiment(prepared_criteo, tmp_path / "run", penalty=1e-4, gate_lr=0.05)
+    cfg = experiment(prepared_criteo, tmp_path / "run", penalty=1e-4)
     Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
     lines = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run")
     assert [l["stage_id"] for l in lines] == ["00_baseline", "01_optfs"]
@@ -119,30 +176,30 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "stage")
     sizes = [f.num_embeddings for f in prepared_criteo.feature_map.categorical]
     with local_process_group():
-        kept, snapshot, rows = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
+        kept, snapshot, rows, _ = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
     assert rows == prepared_criteo.feature_map.splits["train"].rows  # no sample asked: every row
     assert snapshot.keys() == source["model"].keys()
     assert all(torch.equal(snapshot[k], source["model"][k]) for k in snapshot)
     assert len(kept) == len(prepared_criteo.feature_map.categorical)
 
 
-def test_gate_gradients_are_bitwise_reproducible_on_two_threads() -> None:
+def test_gate_steps_are_bitwise_reproducible_on_two_threads() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        gates = FeatureGates([50, 3000])
         gen = torch.Generator().manual_seed(0)
         ids = torch.stack([torch.randint(0, 50, (4096,), generator=gen), torch.randint(0, 3000, (4096,), generator=gen)])
         batch = make_batch(["f0", "f1"], ids, torch.zeros(4096, 0), torch.zeros(4096))
         emb = torch.randn(4096, 2, 4, generator=gen)
 
-        def grad() -> torch.Tensor:
-            gates.m.grad = None
-            gates(emb, batch.sparse, tables(50, 3000)).sum().backward()
-            return gates.m.grad.clone()
+        def stepped() -> torch.Tensor:
+            gates = FeatureGates([50, 3000], lr=0.1, penalty=1e-3)
+            for _ in range(3):
+                gates(emb, batch.sparse, tables(50, 3000)).sum().backward()
+            return gates.m.clone()
 
-        first = grad()
-        assert all(torch.equal(first, grad()) for _ in range(10))
+        first = stepped()
+        assert all(torch.equal(first, stepped()) for _ in range(5))
     finally:
         torch.set_num_threads(threads)
 
@@ -150,8 +207,8 @@ def test_gate_gradients_are_bitwise_reproducible_on_two_threads() -> None:
 @pytest.mark.slow
 def test_search_on_a_sample_then_retrain_on_every_row(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
     train_rows = prepared_criteo.feature_map.splits["train"].rows  # 8 row groups of 2048
-    # 2 search epochs of 4 steps: gate_lr 0.1 lets an untouched row drift below 0 (README's rule)
-    cfg = experiment(prepared_criteo, tmp_path / "run", penalty=1e-4, gate_lr=0.1, search_fraction=0.25)
+    # 2 search epochs of 4 steps: the gates' lr comes from the rule for the sample's steps
+    cfg = experiment(prepared_criteo, tmp_path / "run", penalty=1e-4, search_fraction=0.25)
     Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
     optfs = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run")[1]
     assert 0.25 * train_rows <= optfs["search_train_rows"] <= 0.25 * train_rows + 2048  # whole row groups

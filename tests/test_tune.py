@@ -42,7 +42,7 @@ dataset: {{name: test, layout: criteo_tsv, raw: [{synthetic_criteo}], output: {p
 model: {{name: dnn, hidden: [16], embedding: {{dim: 8}}}}
 trainer: {{batch_size: 2048, eval_batch_size: 8192, progress: false, run_dir: {tmp_path / 'run'}, lr: 0.003}}
 compress:
-  - optfs: {{search_epochs: 2, rewind_epoch: 1, retrain_epochs: 1, final_temp: 50, penalty: 1.0e-4, gate_lr: 0.05}}
+  - optfs: {{search_epochs: 2, rewind_epoch: 1, retrain_epochs: 1, final_temp: 50, penalty: 1.0e-4}}
   - afm: {{finetune_epochs: 0}}
 """)
     command = [sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main(sys.argv[1:]))",
