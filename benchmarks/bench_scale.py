@@ -195,6 +195,55 @@ def small_vocabulary(sec: Section, model: str) -> None:
     sec.numbers[f"small_{model}_train"]["result"] = json.loads((run / "result.json").read_text())
 
 
+def recipe(sec: Section, rows: int) -> None:
+    """``configs/experiments/criteo_dnn_recipe.yaml`` on ``rows`` Criteo-profile rows at min count 2:
+    the baseline's epoch, then each compression stage's seconds as a multiple of it, and both
+    exported models' test AUC with the DeLong test."""
+    folder = SCALE / f"recipe_{rows}"
+    raw, prepared, run = folder / "criteo_profile.txt", folder / "prepared", folder / "run"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not raw.exists():
+        sec.timed("recipe_generate", f"recipe: `ctr generate --profile criteo` {rows:,} rows",
+                  [CTR, "generate", "--profile", "criteo", "--rows", str(rows), "--out", str(raw)], folder / "generate.log")
+    shutil.rmtree(prepared, ignore_errors=True)
+    shutil.rmtree(run, ignore_errors=True)
+    overrides = ["dataset.min_count=2", f"dataset.output={prepared}", f"dataset.raw=[{raw}]", "trainer.epochs=1",
+                 f"trainer.run_dir={run}", "trainer.progress=false"]
+    config = "configs/experiments/criteo_dnn_recipe.yaml"
+    sec.timed("recipe_prepare", "recipe: `ctr prepare` (min count 2)",
+              [CTR, "prepare", config, *overrides[:3], "--raw", str(raw), "--output", str(prepared)], folder / "prepare.log")
+    sec.timed("recipe_train", "recipe: `ctr train` dnn baseline, 1 epoch", [CTR, "train", config, *overrides],
+              folder / "train.log")
+    sec.timed("recipe_compress", "recipe: `ctr compress` (OptFS, then AFM)", [CTR, "compress", config, *overrides],
+              folder / "compress.log")
+    base, small = folder / "baseline.pt", folder / "compressed.pt"
+    sec.timed("recipe_export", "recipe: `ctr export` baseline and compressed",
+              ["sh", "-c", f"{CTR} export {run} --out {base} && {CTR} export {run} --stage latest --out {small}"],
+              folder / "export.log")
+    sec.timed("recipe_evaluate", "recipe: `ctr evaluate` both on the test split",
+              [CTR, "evaluate", str(base), str(small), "--data", str(prepared / "test.parquet"), "--out",
+               str(folder / "evaluation")], folder / "evaluate.log")
+    epoch = json.loads((run / "result.json").read_text())["train_seconds"]
+    stages = [json.loads(line) for line in (run / "compress" / "report.jsonl").read_text().splitlines()]
+    metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
+    (b, c), (test,) = metrics["models"], metrics["comparisons"]
+    train_rows = json.loads((prepared / "feature_map.json").read_text())["splits"]["train"]["rows"]
+    sec.numbers["recipe"] = {"baseline_epoch_seconds": epoch, "stages": stages, "train_rows": train_rows,
+                             "baseline_test": {k: b[k] for k in ("auc", "logloss", "bytes")},
+                             "compressed_test": {k: c[k] for k in ("auc", "logloss", "bytes")}, "delong": test}
+    total = sum(line["seconds"] for line in stages[1:])
+    command = sec.numbers["recipe_compress"]["seconds"]
+    parts = "; ".join(f"{line['stage']} {line['seconds']:,.0f} s = {line['seconds'] / epoch:.2f} epochs"
+                      for line in stages[1:])
+    sec.notes.append(f"recipe on {rows:,} rows ({train_rows:,} train rows): one baseline epoch (loop, validation, "
+                     f"checkpoints) {epoch:,.0f} s; {parts}; the stages {total / epoch:.2f} baseline epochs in all, "
+                     f"the whole `ctr compress` command (start-up, each stage's validation) {command / epoch:.2f}. Test AUC "
+                     f"{b['auc']:.5f} -> {c['auc']:.5f} ({c['auc'] - b['auc']:+.5f}, DeLong p {test['p_value']:.2g}); edge "
+                     f"file {b['bytes'] / 1e6:,.1f} MB -> {c['bytes'] / 1e6:,.2f} MB ({b['bytes'] / c['bytes']:.0f}x).")
+    optfs = next(line for line in stages if line["stage"] == "optfs")
+    sec.notes.append(f"recipe OptFS: {json.dumps({k: optfs.get(k) for k in ('rows_before', 'rows_after')})}")
+
+
 def fuxictr_prepare(sec: Section, raw: Path) -> None:
     """FuxiCTR's preprocessing on the first N rows of the Criteo profile file, N doubling until it fails."""
     python = peer_python()
@@ -262,6 +311,8 @@ def main() -> None:
     parser.add_argument("--skip-fuxictr", action="store_true")
     parser.add_argument("--datasets", nargs="+", default=["criteo", "avazu"], choices=["criteo", "avazu"])
     parser.add_argument("--skip-small", action="store_true", help="leave out the small-vocabulary epochs")
+    parser.add_argument("--recipe-rows", type=int, default=12_500_000,
+                        help="Criteo-profile rows for the compression recipe's cost (10M train rows); 0: skip it")
     parser.add_argument("--add", action="store_true",
                         help="keep the Scale section's earlier run(s) and add this one after them")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results file whose Scale section is (re)written")
@@ -279,6 +330,9 @@ def main() -> None:
     for kind in args.datasets:
         dataset(sec, kind, {"criteo": args.criteo_rows, "avazu": args.avazu_rows}[kind],
                 args.models if kind == "criteo" else ["dnn"], args)
+        write_section(sec, started, args.out, numbers, earlier)
+    if args.recipe_rows:
+        recipe(sec, args.recipe_rows)
         write_section(sec, started, args.out, numbers, earlier)
     if args.skip_fuxictr:
         sec.notes.append("FuxiCTR's preprocessing: not run in this run (--skip-fuxictr).")

@@ -176,7 +176,7 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "stage")
     sizes = [f.num_embeddings for f in prepared_criteo.feature_map.categorical]
     with local_process_group():
-        kept, snapshot, rows, _ = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
+        kept, snapshot, rows, _, _ = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
     assert rows == prepared_criteo.feature_map.splits["train"].rows  # no sample asked: every row
     assert snapshot.keys() == source["model"].keys()
     assert all(torch.equal(snapshot[k], source["model"][k]) for k in snapshot)
@@ -224,7 +224,10 @@ def test_search_on_a_sample_then_retrain_on_every_row(prepared_criteo: PrepareRe
 def test_search_sample_takes_rows_or_a_fraction_not_both() -> None:
     from ctr.config import sample_rows
 
-    assert sample_rows(None, None, 1000) is None and sample_rows(5000, None, 1000) is None
-    assert sample_rows(300, None, 1000) == 300 and sample_rows(None, 0.1, 1000) == 100
+    assert sample_rows(5000, None, 1000, 4) is None  # more than the split: all of it
+    assert sample_rows(300, None, 1000, 4) == 300 and sample_rows(None, 0.1, 1000, 4) == 100
+    # neither: half an epoch over the search's epochs, at least 1M rows per epoch
+    assert sample_rows(None, None, 1000, 4) is None and sample_rows(None, None, 3_000_000, 2) is None
+    assert sample_rows(None, None, 10_000_000, 4) == 1_250_000 and sample_rows(None, None, 10_000_000, 10) == 1_000_000
     with pytest.raises(ValueError, match="give search_rows or search_fraction, not both"):
         OptFSConfig(search_rows=10, search_fraction=0.5)

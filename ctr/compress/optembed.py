@@ -245,7 +245,8 @@ class OptEmbedStage:
         penalty = (lambda model: c.threshold_penalty * model.module.gates.penalty()) if c.rows else None
         hooks = TrainHooks(steps=steps, initial_state=start, attach=attach, extra_loss=penalty,
                            sgd_lr={GATES: c.threshold_lr}, on_epoch_start=snapshot,
-                           train_rows=sample_rows(c.supernet_rows, c.supernet_fraction, ctx.fmap.splits["train"].rows))
+                           train_rows=sample_rows(c.supernet_rows, c.supernet_fraction, ctx.fmap.splits["train"].rows,
+                                                  c.supernet_epochs))
         best = self._train(self._trainer(ctx, "supernet", c.supernet_epochs, ctx.cfg.trainer.patience, hooks))
         return best, load_checkpoint(rewind)["model"]
 

@@ -28,7 +28,7 @@ from ctr.structure import SelectRows
 from ctr.train import Trainer, TrainHooks
 from features.vocab import OOV_ID
 
-REFERENCE_ROWS = 6.8e6  # Criteo's vocabulary, on which the reference tuned lambda
+REFERENCE_ROWS = 36_672_494  # Criteo's train split (80% of 45,840,617 rows), on which the reference tuned lambda
 REFERENCE_PENALTY = 1e-8
 GATE_INIT = 0.5
 SATURATED = 30.0  # |tau m| beyond which the penalty's pull on a row is one exact-to-rounding step
@@ -188,17 +188,18 @@ class OptFSStage:
     def __init__(self, cfg: OptFSConfig) -> None:
         self.cfg = cfg
 
-    def penalty_weight(self, rows: int) -> float:
+    def penalty_weight(self, search_rows: int) -> float:
+        """lambda: the config's, or the reference's scaled to the rows a search epoch reads (the same
+        count threshold at any size; see ``OptFSConfig``)."""
         if self.cfg.penalty is not None:
             return self.cfg.penalty
-        return REFERENCE_PENALTY * REFERENCE_ROWS / rows
+        return REFERENCE_PENALTY * REFERENCE_ROWS / search_rows
 
     def _search(self, ctx: StageContext, source: dict[str, Any], steps: tuple,
-                sizes: list[int]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, float]:
-        """The gates' hard mask, the rewind snapshot, the train rows one search epoch read and the
-        gates' SGD step."""
+                sizes: list[int]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, float, float]:
+        """The gates' hard mask, the rewind snapshot, the train rows one search epoch read, lambda and
+        the gates' SGD step."""
         c = self.cfg
-        lam = self.penalty_weight(sum(sizes))
         snapshot: dict[str, torch.Tensor] = {}
 
         def on_epoch_start(trainer: Trainer) -> None:
@@ -212,12 +213,14 @@ class OptFSStage:
         search_cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
             "epochs": c.search_epochs, "patience": c.search_epochs + 1, "lr_decay": 1.0, "eval_every_steps": None})})
         hooks = TrainHooks(steps=steps, initial_state=start, on_epoch_start=on_epoch_start,
-                           train_rows=sample_rows(c.search_rows, c.search_fraction, ctx.fmap.splits["train"].rows))
+                           train_rows=sample_rows(c.search_rows, c.search_fraction, ctx.fmap.splits["train"].rows,
+                                                  c.search_epochs))
         trainer = Trainer(search_cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "search", hooks)
+        lam = self.penalty_weight(trainer.train_data.num_rows)
         lr = self.gate_lr(lam, len(trainer.train_data), search_cfg.trainer.lr)
         hooks.attach = lambda model: setattr(model, "gates", FeatureGates(sizes, lr, lam))
         trainer.train()
-        return trainer.model.module.gates.kept(), snapshot, trainer.train_data.num_rows, lr
+        return trainer.model.module.gates.kept(), snapshot, trainer.train_data.num_rows, lam, lr
 
     def gate_lr(self, penalty: float, steps_per_epoch: int, trainer_lr: float) -> float:
         """``gate_lr``, or the rule's: a row no batch touches is gone halfway through the search
@@ -244,7 +247,7 @@ class OptFSStage:
             raise ConfigError(f"optfs selects rows of per-field tables; embedding kind '{ctx.cfg.model.embedding.kind}' "
                              "shares hashed tables (use kind 'per_field')")
         sizes = [int(source["model"][table_key(f.name)].shape[0]) for f in fields]
-        kept, snapshot, search_rows, gate_lr = self._search(ctx, source, steps, sizes)
+        kept, snapshot, search_rows, penalty, gate_lr = self._search(ctx, source, steps, sizes)
         remaps = id_remap(source["model"], fields)
         if self.cfg.removed_to == "oov":  # the OOV row must survive: removed ids read it
             kept = [k.clone().index_fill_(0, old[OOV_ID].clamp(min=0).view(1), True) if old[OOV_ID] >= 0 else k
@@ -260,7 +263,7 @@ class OptFSStage:
                                ctx.check_batches())
         kept_rows = {f.name: int(k.sum()) for f, k in zip(fields, kept)}
         details = {
-            "penalty": self.penalty_weight(sum(sizes)), "gate_lr": gate_lr,
+            "penalty": penalty, "gate_lr": gate_lr,
             "kept_rows": kept_rows,
             "kept_share": {f.name: kept_rows[f.name] / n for f, n in zip(fields, sizes)},
             "rows_before": sum(sizes), "rows_after": sum(kept_rows.values()), "search_train_rows": search_rows,
