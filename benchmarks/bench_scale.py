@@ -11,12 +11,15 @@ For each dataset, in one run, with nothing else meant to run on the machine:
   5. the trained run's checkpoint written and restored into a sharded model (``checkpoint`` mode below);
   6. ``ctr export``, then the file's load time and batch-1 / batch-1024 latency on one thread;
   7. ``ctr evaluate`` of the exported model over the test split;
-  8. FuxiCTR's preprocessing on growing heads of the Criteo file, up to the largest size it completes.
+  8. the Criteo recipe (``configs/experiments/criteo_dnn_recipe.yaml``) on ``--recipe-rows`` rows:
+     each compression stage's seconds as a multiple of one baseline epoch, and both models' test AUC;
+  9. FuxiCTR's preprocessing on growing heads of the Criteo file, up to the largest size it completes.
 Every command is timed with the peak memory of its process tree (PSS) and the load average after it.
-The section is written into benchmarks/RESULTS.md under "## Scale" (replacing an older one); the raw
-numbers go to _work/scale/results_<criteo rows>_<avazu rows>.json.
+The section is written into benchmarks/RESULTS.md under "## Scale" (replacing an older one, or, with
+``--add``, after it); the raw numbers go to _work/scale/results_<criteo rows>_<avazu rows>.json.
 
 Usage: python benchmarks/bench_scale.py [--criteo-rows 45840617] [--avazu-rows 40428967] [--models dnn dcnv2]
+           [--datasets criteo avazu] [--recipe-rows 12500000] [--skip-small] [--skip-fuxictr] [--add]
        python benchmarks/bench_scale.py checkpoint RUN_DIR   (internal: prints save/restore seconds as JSON)
 """
 
@@ -309,7 +312,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["dnn", "dcnv2"], choices=["dnn", "dcnv2"])
     parser.add_argument("--read-csv-rows", type=int, default=4_000_000)
     parser.add_argument("--skip-fuxictr", action="store_true")
-    parser.add_argument("--datasets", nargs="+", default=["criteo", "avazu"], choices=["criteo", "avazu"])
+    parser.add_argument("--datasets", nargs="*", default=["criteo", "avazu"], choices=["criteo", "avazu"])
     parser.add_argument("--skip-small", action="store_true", help="leave out the small-vocabulary epochs")
     parser.add_argument("--recipe-rows", type=int, default=12_500_000,
                         help="Criteo-profile rows for the compression recipe's cost (10M train rows); 0: skip it")
