@@ -326,8 +326,9 @@ def main() -> None:
     text, start, end = scale_section(args.out)
     earlier = text[start:end] if args.add and start >= 0 else ""
     sec = Section()
-    sec.notes.append(f"models trained: {', '.join(args.models)} on Criteo, dnn on Avazu; datasets: "
-                     f"{', '.join(args.datasets)}.")
+    if args.datasets:
+        sec.notes.append(f"datasets: {', '.join(args.datasets)}; models trained: {', '.join(args.models)} on Criteo, "
+                         "dnn on Avazu.")
     for model in [] if args.skip_small else args.models:
         small_vocabulary(sec, model)
     for kind in args.datasets:
