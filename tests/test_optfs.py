@@ -227,7 +227,7 @@ def test_search_sample_takes_rows_or_a_fraction_not_both() -> None:
     assert sample_rows(5000, None, 1000, 4) is None  # more than the split: all of it
     assert sample_rows(300, None, 1000, 4) == 300 and sample_rows(None, 0.1, 1000, 4) == 100
     # neither: half an epoch over the search's epochs, at least 1M rows per epoch
-    assert sample_rows(None, None, 1000, 4) is None and sample_rows(None, None, 3_000_000, 2) is None
+    assert sample_rows(None, None, 1000, 4) is None and sample_rows(None, None, 3_000_000, 2) == 1_000_000
     assert sample_rows(None, None, 10_000_000, 4) == 1_250_000 and sample_rows(None, None, 10_000_000, 10) == 1_000_000
     with pytest.raises(ValueError, match="give search_rows or search_fraction, not both"):
         OptFSConfig(search_rows=10, search_fraction=0.5)
