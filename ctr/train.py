@@ -126,7 +126,6 @@ class TrainHooks:
     initial_state: dict[str, torch.Tensor] | None = None  # plain weights loaded after sharding
     attach: Callable[[nn.Module], None] | None = None  # adds modules to the model before sharding
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
-    lr_ratio: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> lr multiple
     sgd_lr: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> own plain SGD at this lr
     on_epoch_start: Callable[["Trainer"], None] | None = None
     train_rows: int | None = None  # train on a seeded sample of whole row groups holding this many rows (a search phase)
@@ -191,19 +190,14 @@ class Trainer:
         # e.g. OptEmbed's thresholds: plain SGD, no clipping, no decay on plateau (as the reference)
         self.sgd = torch.optim.SGD([{"params": [p], "lr": sgd_lr(n)} for n, p in named if sgd_lr(n) is not None] or
                                    [{"params": []}], lr=0.0)
-        named = [(n, p) for n, p in named if sgd_lr(n) is None]
-        self.dense_params = [p for _, p in named]
-        ratio = lambda name: next((r for k, r in self.hooks.lr_ratio.items() if name.startswith(k)), 1.0)  # noqa: E731
-        groups: dict[float, list[nn.Parameter]] = {}
-        for name, p in named:
-            groups.setdefault(ratio(name), []).append(p)
+        self.dense_params = [p for n, p in named if sgd_lr(n) is None]
         opt = torch.optim.Adam if self.t.optimizer == "adam" else torch.optim.Adagrad
-        self.optimizer = opt([{"params": ps, "lr": self.t.lr * r, "lr_ratio": r} for r, ps in groups.items()], lr=self.t.lr, fused=True)
+        self.optimizer = opt(self.dense_params, lr=self.t.lr, fused=True)
         self.state = LoopState(lr=self.t.lr, sparse_lr=self.t.sparse_lr)
 
     def _set_lr(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.state.lr * group["lr_ratio"]
+            group["lr"] = self.state.lr
         set_sparse_lr(self.model, self.state.sparse_lr)
 
     # -- checkpoints ----------------------------------------------------------------------------
