@@ -69,10 +69,10 @@ def penalty_flow(m: torch.Tensor, steps: torch.Tensor | float, pull: float, tau:
     return torch.where(far, z - drop * slope, root) / tau
 
 
-def gate_lr_rule(pull_per_lr: float, steps_per_epoch: int, epochs: int, final_temp: float) -> float:
+def gate_lr_rule(penalty: float, steps_per_epoch: int, epochs: int, final_temp: float) -> float:
     """The gates' SGD step at which a row that no batch touches reaches m = 0 after
-    ``UNTOUCHED_GONE_AT`` of the search's steps, under the temperature schedule (pull = lr * lambda,
-    lambda = ``pull_per_lr``). Found by bisection on log lr: the crossing is monotone in lr."""
+    ``UNTOUCHED_GONE_AT`` of the search's steps, under the temperature schedule and lambda =
+    ``penalty`` (the pull is lr * lambda). Found by bisection on log lr: the crossing is monotone in lr."""
     deadline = UNTOUCHED_GONE_AT * steps_per_epoch * epochs
 
     def gone(lr: float) -> bool:
@@ -81,7 +81,7 @@ def gate_lr_rule(pull_per_lr: float, steps_per_epoch: int, epochs: int, final_te
             steps = min(steps_per_epoch, deadline - done)
             if steps <= 0:
                 break
-            m = penalty_flow(m, steps, lr * pull_per_lr, temperature(epoch, epochs, final_temp))
+            m = penalty_flow(m, steps, lr * penalty, temperature(epoch, epochs, final_temp))
             done += steps
         return bool(m.item() <= 0)
 
@@ -144,10 +144,8 @@ class FeatureGates(nn.Module):
     @torch.no_grad()
     def _sgd_step(self, rows: torch.Tensor, m: torch.Tensor) -> None:
         """After the backward: the touched rows take this step's penalty flow and data gradient."""
-        if self.penalty > 0:
-            self.m.index_copy_(0, rows, penalty_flow(m, 1.0, self.lr * self.penalty, float(self.tau)) - self.lr * m.grad)
-        else:
-            self.m.index_copy_(0, rows, m - self.lr * m.grad)
+        flowed = penalty_flow(m, 1.0, self.lr * self.penalty, float(self.tau)) if self.penalty > 0 else m
+        self.m.index_copy_(0, rows, flowed - self.lr * m.grad)
         self.clock += 1
         self.last.index_fill_(0, rows, int(self.clock))
 
