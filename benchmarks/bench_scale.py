@@ -322,7 +322,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     SCALE.mkdir(parents=True, exist_ok=True)
-    numbers = SCALE / f"results_{args.criteo_rows}_{args.avazu_rows}{'_added' if args.add else ''}.json"
+    added = f"_added_{time.strftime('%Y%m%d_%H%M', time.gmtime())}" if args.add else ""  # one file per added run
+    numbers = SCALE / f"results_{args.criteo_rows}_{args.avazu_rows}{added}.json"
     text, start, end = scale_section(args.out)
     earlier = text[start:end] if args.add and start >= 0 else ""
     sec = Section()
