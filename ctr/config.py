@@ -194,12 +194,31 @@ class AFMStep(StageStep):
     afm: AFMConfig
 
 
-CompressStep = OptFSStep | OptEmbedStep | AFMStep
+class QuantizeConfig(Strict):
+    """Row-wise low-bit embedding rows (codes of ``bits`` with an fp16 scale and bias per row),
+    trained on with a straight-through gradient. ``bits`` gives every field one width; None chooses
+    each field's width from ``choices`` under the recipe's ``target_mb`` (the fields whose rows matter
+    least to the loss per byte get the fewest bits), and 8 everywhere without a target."""
+
+    bits: Literal[8, 4, 2] | None = None
+    choices: list[Literal[8, 4, 2]] = Field(default_factory=lambda: [8, 4, 2], min_length=1)
+    calibration_rows: int = Field(default=65536, ge=256)
+    finetune_epochs: int = Field(default=1, ge=0)
+    finetune_patience: int = Field(default=1, ge=1)
+    finetune_lr_scale: float = Field(default=0.1, gt=0.0)  # of trainer.lr and trainer.sparse_lr
+
+
+class QuantizeStep(StageStep):
+    quantize: QuantizeConfig
+
+
+CompressStep = OptFSStep | OptEmbedStep | AFMStep | QuantizeStep
 
 
 class CompressRecipe(Strict):
-    """The stages run in order by ``ctr compress``; ``target_mb``: the final model must fit (the AFM
-    stage sizes its ranks to it; the recipe fails if the result is larger)."""
+    """The stages run in order by ``ctr compress``; ``target_mb``: the final model must fit (the last
+    stage that sizes itself, quantize or AFM, sizes its bits or ranks to it; the recipe fails if the
+    result is larger)."""
 
     target_mb: float | None = Field(default=None, gt=0.0)
     stages: list[CompressStep] = Field(default_factory=list)

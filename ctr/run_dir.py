@@ -3,7 +3,8 @@
 ``config.yaml`` (the resolved experiment), ``feature_map.json`` and ``data.json`` (where the
 prepared data is, stored relative to the run directory so the pair can move together or be read
 from any working directory), ``checkpoints/{last,best}.pt``, ``metrics.jsonl``, ``result.json``,
-``compress/NN_<stage>/`` with ``compress/report.jsonl``, ``export/`` and ``evaluation/``.
+``compress/NN_<stage>/`` with ``compress/report.jsonl`` (and per budget of a sweep the same under
+``compress/target_<MB>MB/``), ``export/`` and ``evaluation/``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ STAGE_CHECKPOINT = "checkpoint.pt"
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    compress_dir: str = "compress"  # a budget sweep runs each budget's recipe in its own folder under compress/
 
     @property
     def config(self) -> Path:
@@ -61,7 +63,16 @@ class RunDir:
 
     @property
     def compress(self) -> Path:
-        return self.root / "compress"
+        return self.root / self.compress_dir
+
+    def sweep_point(self, target_mb: float) -> "RunDir":
+        """The same run, its recipe at one budget of a sweep: ``compress/target_<MB>MB/``."""
+        return RunDir(self.root, f"compress/target_{target_mb:g}MB")
+
+    def stage_folders(self, name: str) -> list[Path]:
+        """Every folder called ``name`` in this run's recipe and sweep points (where a stage may be reused from)."""
+        base = self.root / "compress"
+        return [p for p in (base / name, *sorted(base.glob(f"target_*/{name}"))) if p.is_dir()]
 
     @property
     def report(self) -> Path:

@@ -68,8 +68,18 @@ class FoldNorm:
     kind: ClassVar[str] = "fold_norm"
 
 
-Step = Union[SelectRows, NarrowWidths, FactorizeEmbedding, FactorizeLinear, FoldNorm]
-STEP_KINDS: dict[str, type] = {s.kind: s for s in (SelectRows, NarrowWidths, FactorizeEmbedding, FactorizeLinear, FoldNorm)}
+@dataclass(frozen=True)
+class QuantizeRows:
+    """Field f's stored rows are read as ``bits[f]``-bit row-wise codes (0: left in float)."""
+
+    bits: list[int]
+    by: str = ""
+    kind: ClassVar[str] = "quantize_rows"
+
+
+Step = Union[SelectRows, NarrowWidths, FactorizeEmbedding, FactorizeLinear, FoldNorm, QuantizeRows]
+STEP_KINDS: dict[str, type] = {s.kind: s for s in (SelectRows, NarrowWidths, FactorizeEmbedding, FactorizeLinear, FoldNorm,
+                                                   QuantizeRows)}
 
 
 def step_to_dict(step: Step) -> dict[str, Any]:
@@ -102,6 +112,7 @@ class Layout:
     restores: list[int] | None = None  # ... and the values it restores per field
     factorized: dict[str, int] = field(default_factory=dict)
     folded_norms: tuple[str, ...] = ()
+    bits: list[int] | None = None  # per-field code bits of the stored rows (None: float rows)
     by: dict[str, str] = field(default_factory=dict)  # which stage set what (for refusals)
 
     @property
@@ -114,10 +125,13 @@ class Layout:
         return self.restores or self.widths
 
     def reshapes_tables(self) -> bool:
-        return self.rows is not None or self.remapped or self.widths is not None
+        return self.rows is not None or self.remapped or self.widths is not None or self.bits is not None
 
     def apply(self, step: Step) -> "Layout":
         by = {**self.by, step.kind: step.by}
+        if self.bits is not None and isinstance(step, (NarrowWidths, FactorizeEmbedding)):
+            raise ConfigError(f"{step.by}: {step.kind} would change rows that {self.by['quantize_rows']} already "
+                              "quantized (put the quantize stage after every stage that reshapes the tables)")
         if isinstance(step, SelectRows):
             if len(step.rows) != self.num_fields:
                 raise ConfigError(f"{step.by}: select_rows lists {len(step.rows)} fields, the model has {self.num_fields} "
@@ -144,6 +158,14 @@ class Layout:
             return replace(self, factorized={**self.factorized, step.path: step.rank}, by=by)
         if isinstance(step, FoldNorm):
             return replace(self, folded_norms=(*self.folded_norms, step.path), by=by)
+        if isinstance(step, QuantizeRows):
+            if self.bits is not None:
+                raise ConfigError(f"{step.by}: the rows were already quantized by {self.by['quantize_rows']} "
+                                  "(drop one of the two quantize stages)")
+            if len(step.bits) != self.num_fields:
+                raise ConfigError(f"{step.by}: quantize_rows lists {len(step.bits)} fields, the model has "
+                                  f"{self.num_fields} (the checkpoint belongs to other data)")
+            return replace(self, bits=list(step.bits), by=by)
         raise TypeError(f"not a structure step: {step!r}")
 
     @classmethod

@@ -2,7 +2,8 @@
 sparse side, compiled by TorchScript.
 
 No TorchRec, fbgemm or project code is needed to run the result: the tables are ordinary tensors
-(fp32, fp16, or int8 with a scale and bias per row), lookups are index arithmetic, unified-embedding
+(fp32, fp16, or 8/4/2-bit codes packed into bytes with a scale and bias per row), the id remap is
+dense or sorted per field (``deploy.remap``), lookups are index arithmetic, unified-embedding
 hashing is the same splitmix64 written in scriptable torch ops. Only the sparse side is written
 here; the layers after the embeddings are the very modules the model trained with, so no model's
 forward is written twice.
@@ -18,7 +19,9 @@ from torch import nn
 
 from ctr.models.base import CTRModel, flat_input
 from ctr.modules.hashed import HashedSparseArch
+from ctr.modules.quantized import QUANTIZED_BITS, levels_of, pack_codes, row_codes, unpack_codes
 from ctr.modules.sparse import SparseArch
+from deploy.remap import IdRemap
 from features.vocab import OOV_ID
 
 EMBEDDING_FORMATS = ("fp32", "fp16", "int8")
@@ -33,62 +36,56 @@ def splitmix64(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return z ^ ((z >> 31) & 8589934591)
 
 
-def quantize_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-wise int8: q in [0, 255] with x ~ q * scale + bias per row (bias = the row's minimum);
-    scale and bias in fp16, so a 4-wide row takes 8 bytes instead of 16."""
-    low, high = table.min(dim=1).values.half().float(), table.max(dim=1).values
-    scale = ((high - low) / 255.0).clamp(min=1e-6).half().float()
-    q = torch.round((table - low.unsqueeze(1)) / scale.unsqueeze(1)).clamp(0, 255).to(torch.uint8)
-    return q, scale.half(), low.half()
+FORMAT_CODES = {"fp32": 32, "fp16": 16, "int8": 8}  # how a table without its own code bits is stored
 
 
 class EdgeEmbedding(nn.Module):
-    """Lookup keys (a field, or a field's chunk) -> rows of width-grouped tables -> [B, K, dim].
+    """Lookup keys (a field, or a field's chunk) -> rows of grouped tables -> [B, K, dim].
 
-    Keys of the same width share one storage tensor (their tables stacked, each at a row offset),
-    so a lookup is one gather per distinct width, however many fields there are."""
+    Keys of the same width and storage code share one storage tensor (their tables stacked, each at
+    a row offset), so a lookup is one gather per group, however many fields there are. A code is
+    32 or 16 (float rows) or 8, 4, 2: row-wise integer codes packed into bytes with an fp16 scale
+    and bias per row (``ctr.modules.quantized``, the arithmetic training used)."""
 
     def __init__(self, field_index: torch.Tensor, vocab: torch.Tensor, exact: torch.Tensor, salts: torch.Tensor,
                  buckets: torch.Tensor, remap: torch.Tensor | None, tables: list[torch.Tensor], key_table: list[int],
-                 widths: list[int], dim: int, fmt: str) -> None:
+                 widths: list[int], dim: int, codes: list[int]) -> None:
         super().__init__()
-        self.dim, self.num_keys, self.fmt, self.oov = dim, len(key_table), fmt, OOV_ID
+        self.dim, self.num_keys, self.oov = dim, len(key_table), OOV_ID
         self.register_buffer("field_index", field_index)
         self.register_buffer("vocab", vocab.view(1, -1))
         self.register_buffer("exact", exact.view(1, -1))
         self.register_buffer("salts", salts.view(1, -1))
         self.register_buffer("buckets", buckets.view(1, -1).clamp(min=1))
         self.remapped = remap is not None
-        # int16 when every table row number fits (OptFS/OptEmbed tables are small): half the bytes
-        small = remap is not None and int(remap.max()) < 2**15
-        self.register_buffer("remap", remap.to(torch.int16 if small else torch.int32) if remap is not None
-                             else torch.zeros(0, dtype=torch.int32))
-        self.register_buffer("remap_offsets", torch.cat([torch.zeros(1, dtype=torch.int64), vocab.cumsum(0)[:-1]]).view(1, -1))
-        # group keys by width; stack each group's distinct tables into one storage
+        self.remap = IdRemap(remap if remap is not None else torch.zeros(0, dtype=torch.int64),
+                             vocab.tolist() if remap is not None else [])
         self.group_keys: list[torch.Tensor] = []
         self.group_offsets: list[torch.Tensor] = []
         self.group_widths: list[int] = []
+        self.group_codes: list[int] = []
         self.storage: list[torch.Tensor] = []
         self.scales: list[torch.Tensor] = []
         self.biases: list[torch.Tensor] = []
-        for width in sorted(set(widths)):
-            keys = [k for k in range(len(key_table)) if widths[k] == width]
+        for width, code in sorted(set(zip(widths, codes))):
+            keys = [k for k in range(len(key_table)) if widths[k] == width and codes[k] == code]
             used = sorted({key_table[k] for k in keys})
             starts, rows = {}, 0
             for t in used:
                 starts[t] = rows
                 rows += tables[t].shape[0]
-            stacked = torch.cat([tables[t] for t in used]) if used else torch.zeros(0, width)
+            stacked = torch.cat([tables[t] for t in used])
             self.group_keys.append(torch.tensor(keys, dtype=torch.int64))
             self.group_offsets.append(torch.tensor([starts[key_table[k]] for k in keys], dtype=torch.int64).view(1, -1))
             self.group_widths.append(width)
-            if fmt == "int8":
-                q, scale, bias = quantize_rows(stacked)
-                self.storage.append(q)
-                self.scales.append(scale)
-                self.biases.append(bias)
+            self.group_codes.append(code)
+            if code in QUANTIZED_BITS:
+                q, scale, low = row_codes(stacked, float(levels_of(code)))
+                self.storage.append(pack_codes(q, code))
+                self.scales.append(scale.flatten().half())
+                self.biases.append(low.flatten().half())
             else:
-                self.storage.append(stacked.to(torch.float16 if fmt == "fp16" else torch.float32).contiguous())
+                self.storage.append(stacked.to(torch.float16 if code == 16 else torch.float32).contiguous())
                 self.scales.append(torch.zeros(0))
                 self.biases.append(torch.zeros(0))
 
@@ -96,7 +93,7 @@ class EdgeEmbedding(nn.Module):
         """Field ids [B, F] -> table rows [B, K] (-1: the row was removed, read zeros)."""
         ids = torch.where((ids >= 0) & (ids < self.vocab), ids, torch.full_like(ids, self.oov))
         if self.remapped:
-            return self.remap[ids + self.remap_offsets].to(torch.int64)
+            return self.remap(ids)
         per_key = ids.index_select(1, self.field_index)
         hashed = ((splitmix64(per_key, self.salts) >> 1) & 9223372036854775807) % self.buckets
         return torch.where(self.exact, per_key, hashed)
@@ -109,13 +106,13 @@ class EdgeEmbedding(nn.Module):
             r = rows.index_select(1, keys)
             kept = (r >= 0).unsqueeze(-1)
             at = r.clamp(min=0) + self.group_offsets[g]
-            if self.fmt == "int8":
-                vec = self.storage[g][at].to(torch.float32) * self.scales[g][at].to(torch.float32).unsqueeze(-1) + \
-                    self.biases[g][at].to(torch.float32).unsqueeze(-1)
+            width, code = self.group_widths[g], self.group_codes[g]
+            if code <= 8:
+                vec = unpack_codes(self.storage[g][at], code, width) * self.scales[g][at].to(torch.float32).unsqueeze(-1) \
+                    + self.biases[g][at].to(torch.float32).unsqueeze(-1)
             else:
                 vec = self.storage[g][at].to(torch.float32)
             vec = vec * kept.to(torch.float32)
-            width = self.group_widths[g]
             if width < self.dim:
                 vec = torch.cat([vec, torch.zeros(vec.shape[0], vec.shape[1], self.dim - width)], dim=2)
             out.index_copy_(1, keys, vec)
@@ -128,7 +125,13 @@ def _per_field(arch: SparseArch, vocab: list[int], fmt: str) -> EdgeEmbedding:
     return EdgeEmbedding(torch.arange(n), torch.tensor(vocab, dtype=torch.int64), torch.ones(n, dtype=torch.bool),
                          torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.int64),
                          arch.remap if arch.remapped else None, tables, list(range(n)), arch.widths or [arch.dim] * n,
-                         arch.dim, fmt)
+                         arch.dim, field_codes(arch, fmt))
+
+
+def field_codes(arch: SparseArch, fmt: str) -> list[int]:
+    """Each field's storage code: its quantize stage's bits, else the export format's."""
+    bits = arch.bits.tolist() if arch.quantized else [0] * arch.num_fields
+    return [b if b > 0 else FORMAT_CODES[fmt] for b in bits]
 
 
 def _hashed(arch: HashedSparseArch, vocab: list[int], fmt: str) -> EdgeEmbedding:
@@ -138,7 +141,7 @@ def _hashed(arch: HashedSparseArch, vocab: list[int], fmt: str) -> EdgeEmbedding
     key_table = [table_of[k] for k in arch.key_names]
     return EdgeEmbedding(arch.field_index, torch.tensor(vocab, dtype=torch.int64), arch.exact.flatten(),
                          arch.salts.flatten(), arch.buckets.flatten(), None, tables, key_table,
-                         [arch.dim] * arch.num_keys, arch.dim, fmt)
+                         [arch.dim] * arch.num_keys, arch.dim, [FORMAT_CODES[fmt]] * arch.num_keys)
 
 
 def edge_embedding(arch: nn.Module, vocab: list[int], fmt: str) -> EdgeEmbedding:
@@ -153,7 +156,7 @@ def _first_order(model: CTRModel, vocab: list[int], fmt: str) -> EdgeEmbedding |
     n = len(tables)
     return EdgeEmbedding(torch.arange(n), torch.tensor(vocab[:n], dtype=torch.int64), torch.ones(n, dtype=torch.bool),
                          torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.int64), None,
-                         tables, list(range(n)), [1] * n, 1, "fp32" if fmt == "int8" else fmt)
+                         tables, list(range(n)), [1] * n, 1, [32 if fmt == "int8" else FORMAT_CODES[fmt]] * n)
 
 
 class EdgeModel(nn.Module):
@@ -194,9 +197,9 @@ def edge_bytes(edge: EdgeModel) -> dict[str, int]:
     and per-key bookkeeping), the id remap, and everything else (dense layers, projection, columns)."""
     tables, remap = 0, 0
     for lookup in (edge.embedding, edge.first_order) if edge.first_order is not None else (edge.embedding,):
-        remap += _tensor_bytes([lookup.remap])
+        remap += lookup.remap.stored_bytes()
         tables += _tensor_bytes([*lookup.storage, *lookup.scales, *lookup.biases, *lookup.group_keys,
                                  *lookup.group_offsets])
-        tables += _tensor_bytes([b for name, b in lookup.named_buffers() if name != "remap"])
+        tables += _tensor_bytes([b for name, b in lookup.named_buffers() if not name.startswith("remap.")])
     dense = _tensor_bytes([*edge.projection.parameters(), *edge.arch.parameters(), *edge.arch.buffers(), edge.columns])
     return {"embedding tables": tables, "id remap": remap, "dense layers": dense}

@@ -48,7 +48,7 @@ def pending_manifest_path(model_file: Path) -> Path:
 
 def resolve_source(source: Path, stage: str | None) -> tuple[RunDir, Path]:
     """(run directory, checkpoint): a run's best checkpoint, one compression stage's ('latest': the
-    last stage), or a checkpoint file inside a run directory."""
+    last stage; ``target_<MB>MB/<stage>``: a sweep point's), or a checkpoint file inside a run directory."""
     if source.is_file():
         run = next((RunDir(p) for p in source.parents if RunDir(p).is_run()), None)
         if run is None:
@@ -59,9 +59,11 @@ def resolve_source(source: Path, stage: str | None) -> tuple[RunDir, Path]:
         raise ExportError(f"{source}: not a run directory (no feature_map.json); give a run directory or a checkpoint")
     if stage is None:
         return run, run.best
-    stages = {p.parent.name: p for p in run.stage_checkpoints()}
+    point, _, stage = stage.rpartition("/")  # a sweep point's stage: target_2MB/03_quantize
+    recipe = RunDir(run.root, f"compress/{point}") if point else run
+    stages = {p.parent.name: p for p in recipe.stage_checkpoints()}
     if not stages:
-        raise ExportError(f"{source}: no compression stage checkpoints under compress/")
+        raise ExportError(f"{source}: no compression stage checkpoints under {recipe.compress_dir}/")
     name = sorted(stages)[-1] if stage == "latest" else stage
     if name not in stages:
         raise ExportError(f"{source}: no compression stage '{stage}'; there are {sorted(stages)}")

@@ -42,10 +42,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _compress(args: argparse.Namespace) -> None:
-    from ctr.compress.recipe import format_report
-    from pipelines.compress_job import run_compress
+    from ctr.compress.recipe import format_report, format_sweep
+    from pipelines.compress_job import run_compress, run_compress_sweep
 
-    print(format_report(run_compress(args.config, args.overrides)))
+    if args.sweep is None:
+        print(format_report(run_compress(args.config, args.overrides)))
+    else:
+        print(format_sweep(run_compress_sweep(args.config, args.overrides, args.sweep)))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -127,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compress", help="run the experiment's compression recipe on its trained checkpoint")
     comp.add_argument("config", type=Path, help="experiment YAML with a 'compress:' list of stages")
     comp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    comp.add_argument("--sweep", metavar="target_mb=A,B,C",
+                      help="run the recipe at each size target (MB), each under compress/target_<MB>MB/, reusing the "
+                           "stages before the one that sizes itself")
     comp.set_defaults(func=_compress)
 
     exp = sub.add_parser("export", help="write one TorchScript file (plus manifest) that runs with torch alone")
@@ -134,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, help="the file to write (.pt for TorchScript, .onnx for ONNX)")
     exp.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript",
                      help="TorchScript (runs with torch alone) or ONNX opset 18 (runs with onnxruntime)")
-    exp.add_argument("--stage", help="a compression stage of the run (e.g. 02_optembed, or 'latest')")
+    exp.add_argument("--stage", help="a compression stage of the run (e.g. 02_optembed, 'latest', or a sweep "
+                                     "point's: target_2MB/03_quantize, target_2MB/latest)")
     exp.add_argument("--embeddings", choices=["fp32", "fp16", "int8"],
                      help="how the tables are stored (int8: per-row scale and bias); default: export.embeddings")
     exp.set_defaults(func=_export)

@@ -15,7 +15,7 @@ import torch
 
 from common.errors import ConfigError
 from common.yaml_config import differing_keys
-from ctr.compress.recipe import run_recipe
+from ctr.compress.recipe import run_recipe, run_sweep
 from ctr.experiment import ExperimentConfig, load_experiment
 from ctr.run_dir import RunDir
 from ctr.train import default_threads
@@ -43,10 +43,35 @@ def recipe_config(config: Path, overrides: list[str]) -> tuple[ExperimentConfig,
     return merged, run
 
 
-def run_compress(config: Path, overrides: list[str]) -> list[dict[str, Any]]:
+def _ready(config: Path, overrides: list[str]) -> tuple[ExperimentConfig, RunDir, Path]:
     cfg, run = recipe_config(config, overrides)
     if not cfg.compress.stages:
         raise ConfigError(f"{config}: no 'compress:' stages to run")
     data_dir = run.prepared_data()
     torch.set_num_threads(cfg.trainer.threads or default_threads())
+    return cfg, run, data_dir
+
+
+def run_compress(config: Path, overrides: list[str]) -> list[dict[str, Any]]:
+    cfg, run, data_dir = _ready(config, overrides)
     return run_recipe(cfg, FeatureMap.load(data_dir), data_dir, run.root)
+
+
+def sweep_targets(config: Path, spec: str) -> list[float]:
+    """``target_mb=A,B,C`` -> [A, B, C] (positive, each once)."""
+    key, _, values = spec.partition("=")
+    try:
+        if key.strip() != "target_mb":
+            raise ValueError(f"the sweep varies target_mb, not '{key.strip()}'")
+        targets = [float(v) for v in values.split(",")]
+        if not targets or min(targets) <= 0 or len(set(targets)) != len(targets):
+            raise ValueError("give distinct positive sizes in MB")
+    except ValueError as exc:
+        raise ConfigError(f"{config}: --sweep '{spec}': {exc} (write --sweep target_mb=1,2,4)") from None
+    return targets
+
+
+def run_compress_sweep(config: Path, overrides: list[str], spec: str) -> dict[float, list[dict[str, Any]]]:
+    targets = sweep_targets(config, spec)
+    cfg, run, data_dir = _ready(config, overrides)
+    return run_sweep(cfg, FeatureMap.load(data_dir), data_dir, run.root, targets)

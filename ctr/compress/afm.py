@@ -25,6 +25,7 @@ from common.errors import ConfigError
 from ctr.compress.stage import (
     StageContext,
     StageOutput,
+    fine_tune,
     max_difference,
     model_size,
     plain_model,
@@ -34,13 +35,11 @@ from ctr.compress.stage import (
 )
 from ctr.compress.tables import table_key
 from ctr.config import AFMConfig, RankRule
-from ctr.distributed import plain_state_dict
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.models import MODELS
 from ctr.models.base import CTRModel, LowRankLinear
 from ctr.modules.mlp import MLP
 from ctr.structure import FactorizeEmbedding, FactorizeLinear, FoldNorm, Layout, Step
-from ctr.train import Trainer, TrainHooks
 
 log = logging.getLogger("ctr.compress.afm")
 EMBEDDING_STEP = 4  # fbgemm's width rule for the compressed tables
@@ -197,6 +196,7 @@ class Factorisation:
 
 class AFMStage:
     name = "afm"
+    sizes_to_target = True
 
     def __init__(self, cfg: AFMConfig) -> None:
         self.cfg = cfg
@@ -313,15 +313,8 @@ class AFMStage:
             return c.mimic_weight * torch.stack(losses).mean()
 
         mimic = teacher is not None and bool(factorized)
-        cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
-            "epochs": c.finetune_epochs, "patience": c.finetune_patience, "eval_every_steps": None,
-            "lr": ctx.cfg.trainer.lr * c.finetune_lr_scale, "sparse_lr": ctx.cfg.trainer.sparse_lr * c.finetune_lr_scale})})
-        hooks = TrainHooks(steps=steps, initial_state=payload["model"], attach=attach if mimic else None,
-                           extra_loss=mimic_loss if mimic else None)
-        trainer = Trainer(cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "finetune", hooks)
-        trainer.train(resume=(trainer.ckpt_dir / "last.pt").is_file())
-        trainer.load_best_weights()
-        return plain_state_dict(trainer.model)
+        return fine_tune(ctx, payload["model"], steps, c.finetune_epochs, c.finetune_patience, c.finetune_lr_scale,
+                         attach if mimic else None, mimic_loss if mimic else None)
 
     def _refuse_repeats(self, ctx: StageContext, layout: Layout) -> None:
         """AFM factorises each table and layer once: a second pass over the same parts is refused up front."""

@@ -207,6 +207,7 @@ class WidthSearch:
 
 class OptEmbedStage:
     name = "optembed"
+    sizes_to_target = False
 
     def __init__(self, cfg: OptEmbedConfig) -> None:
         self.cfg = cfg

@@ -182,6 +182,7 @@ def masked_remap(remaps: list[torch.Tensor], kept: list[torch.Tensor], removed_t
 
 class OptFSStage:
     name = "optfs"
+    sizes_to_target = False
 
     def __init__(self, cfg: OptFSConfig) -> None:
         self.cfg = cfg

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,7 @@ from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.compress.afm import AFMStage
 from ctr.compress.optembed import OptEmbedStage
 from ctr.compress.optfs import OptFSStage
+from ctr.compress.quantize import QuantizeStage
 from ctr.compress.stage import Stage, StageContext, model_size, plain_model, validation_metrics
 from ctr.config import CompressStep
 from ctr.distributed import local_process_group
@@ -38,7 +40,8 @@ from ctr.run_dir import STAGE_CHECKPOINT, RunDir
 from features.feature_map import FeatureMap
 
 log = logging.getLogger("ctr.compress")
-STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage, "optembed": OptEmbedStage, "afm": AFMStage}
+STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage, "optembed": OptEmbedStage, "afm": AFMStage,
+                                  "quantize": QuantizeStage}
 STAGE_FORMAT = 2  # bump when a stage's output changes for the same inputs: every stage then reruns
 FINGERPRINT = "stage.json"
 # trainer settings that do not change what a stage computes
@@ -50,11 +53,19 @@ def build_stage(step: CompressStep) -> tuple[str, Stage]:
     return name, STAGE_CLASSES[name](settings)
 
 
-def stage_fingerprint(cfg: ExperimentConfig, step: CompressStep, source_sha256: str) -> dict[str, Any]:
+def sizing_stage(stages: list[Stage]) -> int | None:
+    """The index of the stage the recipe's ``target_mb`` goes to: the last one that sizes itself
+    (quantize's bits, AFM's ranks); the stages before it run as if there were no target, so a sweep
+    over targets reuses them."""
+    return max((i for i, stage in enumerate(stages) if stage.sizes_to_target), default=None)
+
+
+def stage_fingerprint(cfg: ExperimentConfig, step: CompressStep, source_sha256: str,
+                      target_mb: float | None) -> dict[str, Any]:
     trainer = {k: v for k, v in cfg.trainer.model_dump(mode="json").items() if k not in RUNTIME_ONLY}
     return {"format": STAGE_FORMAT, "source_sha256": source_sha256,
             "settings": {"stage": step.model_dump(mode="json", exclude_none=True),
-                         "target_mb": cfg.compress.target_mb, "trainer": trainer}}
+                         "target_mb": target_mb, "trainer": trainer}}
 
 
 def _recorded(folder: Path) -> dict[str, Any] | None:
@@ -97,6 +108,31 @@ def run_recipe(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir:
         return _run(cfg, fmap, data_dir, RunDir(run_dir))
 
 
+def run_sweep(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path,
+              targets: list[float]) -> dict[float, list[dict[str, Any]]]:
+    """The recipe once per ``target_mb``, each in its own folder (``RunDir.sweep_point``). The stages
+    before the sizing one do not see the target, so every budget after the first reuses them."""
+    with local_process_group():
+        return {mb: _run(cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"target_mb": mb})}),
+                         fmap, data_dir, RunDir(run_dir).sweep_point(mb)) for mb in targets}
+
+
+def adopt(folder: Path, wanted: dict[str, Any], run: RunDir) -> dict[str, Any] | None:
+    """Link in a finished stage with the same fingerprint from another budget of the run (hard links,
+    under a temporary name renamed into place, so a killed copy leaves nothing that looks finished);
+    returns that budget's report line for it (None: nothing to adopt)."""
+    for other in run.stage_folders(folder.name):
+        if other != folder and _recorded(other) == wanted and (other / STAGE_CHECKPOINT).is_file():
+            temp = folder.with_name(f".{folder.name}.adopting")
+            shutil.rmtree(temp, ignore_errors=True)
+            shutil.copytree(other, temp, copy_function=os.link, ignore=shutil.ignore_patterns("superseded"))
+            os.replace(temp, folder)
+            log.info("stage %s: the same stage of %s reused", folder.name, other.parent.name)
+            lines = read_json_lines(other.parent / run.report.name)
+            return next((line for line in lines if line["stage_id"] == folder.name), {})
+    return None
+
+
 def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run: RunDir) -> list[dict[str, Any]]:
     run.compress.mkdir(parents=True, exist_ok=True)
     previous = {line["stage_id"]: line for line in read_json_lines(run.report)}
@@ -118,16 +154,21 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run: RunDir) -
     for folder in sorted(p for p in run.compress.glob("[0-9][0-9]_*") if p.is_dir() and p.name not in wanted_ids):
         log.info("stage folder %s is not in the recipe any more: moved to %s", folder.name, move_aside(folder, run))
     rerun = False
+    sizer = sizing_stage([stage for _, stage in planned])
     for i, ((name, stage), step) in enumerate(zip(planned, cfg.compress.stages), 1):
         folder = run.stage(i, name)
-        ctx = StageContext(cfg, fmap, data_dir, folder, folder.name, cfg.compress.target_mb)
-        wanted = stage_fingerprint(cfg, step, source_sha)
+        target = cfg.compress.target_mb if i - 1 == sizer else None
+        ctx = StageContext(cfg, fmap, data_dir, folder, folder.name, target)
+        wanted = stage_fingerprint(cfg, step, source_sha, target)
         recorded = _recorded(folder)
         checkpoint = folder / STAGE_CHECKPOINT
         if folder.exists() and (rerun or recorded != wanted):
             reason = "an earlier stage ran again" if rerun and recorded == wanted else _why(recorded, wanted)
             log.info("stage %s: %s; the old folder moved to %s", folder.name, reason, move_aside(folder, run))
             rerun = True
+        adopted = adopt(folder, wanted, run) if not folder.exists() else None
+        if adopted is not None:
+            previous[folder.name] = adopted
         if checkpoint.is_file():
             log.info("stage %s: inputs unchanged, reused", folder.name)
             source = load_checkpoint(checkpoint)
@@ -160,4 +201,14 @@ def format_report(lines: list[dict[str, Any]]) -> str:
         rows.append(f"| {line['stage_id']} | {line['parameters']:,} | {line['bytes']:,} | {line['embedding_bytes']:,} | "
                     f"{line['valid_auc']:.5f} | {line['valid_logloss']:.5f} | {line['bytes'] / base:.3f} | "
                     f"{line['embedding_bytes'] / base_emb:.3f} |")
+    return "\n".join(rows)
+
+
+def format_sweep(points: dict[float, list[dict[str, Any]]]) -> str:
+    """Each budget's final model beside the baseline: the recipe's size-vs-validation-AUC frontier."""
+    rows = ["| target MB | final stage | bytes | size vs baseline | valid AUC | vs baseline |", "|---:|---|---:|---:|---:|---:|"]
+    for mb, lines in points.items():
+        base, last = lines[0], lines[-1]
+        rows.append(f"| {mb:g} | {last['stage_id']} | {last['bytes']:,} | {last['bytes'] / base['bytes']:.4f} | "
+                    f"{last['valid_auc']:.5f} | {last['valid_auc'] - base['valid_auc']:+.5f} |")
     return "\n".join(rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -20,7 +20,8 @@ from ctr.metrics import classification_metrics
 from ctr.models import build_model, model_config, model_layout
 from ctr.models.base import CTRModel
 from ctr.structure import Layout, Step, step_to_dict, steps_from_payload
-from ctr.train import predict
+from ctr.distributed import plain_state_dict
+from ctr.train import Trainer, TrainHooks, predict
 from deploy.edge import edge_bytes, edge_model
 from features.feature_map import FeatureMap
 
@@ -51,6 +52,7 @@ class StageOutput:
 
 class Stage(Protocol):
     name: str
+    sizes_to_target: bool  # sizes itself to the recipe's target_mb (see recipe.sizing_stage)
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput: ...
 
@@ -98,3 +100,20 @@ def model_size(fmap: FeatureMap, model: CTRModel) -> tuple[int, dict[str, int]]:
 
 def validation_metrics(ctx: StageContext, model: CTRModel) -> dict[str, float]:
     return classification_metrics(*predict(model, ctx.split("valid")))
+
+
+def fine_tune(ctx: StageContext, initial_state: dict[str, torch.Tensor], steps: tuple[Step, ...], epochs: int,
+              patience: int, lr_scale: float, attach: Callable[[torch.nn.Module], None] | None = None,
+              extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The reshaped model trained on from ``initial_state`` at ``lr_scale`` times both learning rates
+    (a small step: the weights are already near a good point), with early stopping; resumes an
+    interrupted run in the stage's ``finetune/`` folder. Returns the best-on-validation weights."""
+    trainer_cfg = ctx.cfg.trainer.model_copy(update={
+        "epochs": epochs, "patience": patience, "eval_every_steps": None,
+        "lr": ctx.cfg.trainer.lr * lr_scale, "sparse_lr": ctx.cfg.trainer.sparse_lr * lr_scale})
+    hooks = TrainHooks(steps=steps, initial_state=initial_state, attach=attach, extra_loss=extra_loss)
+    trainer = Trainer(ctx.cfg.model_copy(update={"trainer": trainer_cfg}), ctx.fmap, ctx.data_dir,
+                      ctx.work_dir / "finetune", hooks)
+    trainer.train(resume=(trainer.ckpt_dir / "last.pt").is_file())
+    trainer.load_best_weights()
+    return plain_state_dict(trainer.model)

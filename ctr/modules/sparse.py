@@ -18,6 +18,7 @@ from ctr.embedding_config import EmbeddingConfig
 from ctr.modules import META
 from ctr.modules.hashed import hashed_sparse_arch
 from ctr.modules.pooled import ordered_values, output_keys
+from ctr.modules.quantized import fake_quantize
 from ctr.structure import Layout
 from features.feature_map import FieldInfo
 
@@ -47,11 +48,14 @@ class SparseArch(nn.Module):
     With ``widths`` field f's table is only ``widths[f]`` wide (OptEmbed); its rows come back
     zero-padded to ``dim``, so interactions see the same ``[B, F, dim]`` as from a masked wide table,
     and ``columns`` lists the stored (non-padding) positions for the layers that take a flat input.
+
+    With ``bits`` field f's rows are read as ``bits[f]``-bit row-wise codes (``ctr.modules.quantized``),
+    as the edge file stores them; the tables themselves stay float, for the straight-through gradient.
     """
 
     def __init__(self, names: list[str], vocab: list[int], dim: int, init_range: float, prefix: str = "emb",
                  device: torch.device = META, rows: list[int] | None = None,
-                 remapped: bool = False, widths: list[int] | None = None) -> None:
+                 remapped: bool = False, widths: list[int] | None = None, bits: list[int] | None = None) -> None:
         super().__init__()
         self.num_fields = len(names)
         self.num_keys = len(names)  # one lookup key per field
@@ -63,6 +67,11 @@ class SparseArch(nn.Module):
             device=device)
         self.register_buffer("columns", prefix_columns(widths, dim) if widths else None, persistent=False)
         self.output_keys = output_keys(self.ebc)
+        self.quantized = bits is not None
+        if bits is not None:
+            stored = torch.arange(dim).view(1, -1) < torch.tensor(widths or [dim] * len(names)).view(-1, 1)
+            self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64), persistent=False)
+            self.register_buffer("stored", stored, persistent=False)
         self.remapped = remapped
         if remapped:
             offsets = torch.tensor([0, *vocab[:-1]], dtype=torch.int64).cumsum(0)
@@ -72,9 +81,11 @@ class SparseArch(nn.Module):
     def _lookup(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         flat = ordered_values(self.ebc(sparse), self.output_keys)
         if self.columns is None:
-            return flat.view(-1, self.num_fields, self.dim)
-        padded = flat.new_zeros(flat.shape[0], self.num_fields * self.dim)
-        return padded.index_copy(1, self.columns, flat).view(-1, self.num_fields, self.dim)
+            emb = flat.view(-1, self.num_fields, self.dim)
+        else:
+            padded = flat.new_zeros(flat.shape[0], self.num_fields * self.dim)
+            emb = padded.index_copy(1, self.columns, flat).view(-1, self.num_fields, self.dim)
+        return fake_quantize(emb, self.bits, self.stored) if self.quantized else emb
 
     def table_rows(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """The table row each id reads, ``[F, B]`` (-1: the id's row was removed)."""
@@ -99,7 +110,8 @@ def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torc
     all return ``[B, keys, dim]``."""
     if cfg.kind == "per_field":
         return SparseArch([f.name for f in fields], [int(f.num_embeddings or 0) for f in fields], cfg.dim,
-                          cfg.init_range, prefix, device, rows=layout.rows, remapped=layout.remapped, widths=layout.widths)
+                          cfg.init_range, prefix, device, rows=layout.rows, remapped=layout.remapped, widths=layout.widths,
+                          bits=layout.bits)
     if layout.reshapes_tables():
         raise ConfigError(f"embedding kind '{cfg.kind}' has shared hashed tables: per-field rows and widths "
                          f"(set by {', '.join(sorted(set(layout.by.values())))}) apply to kind 'per_field' only")

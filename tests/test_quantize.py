@@ -1,0 +1,146 @@
+"""Low-bit rows and the sparse id remap: packing, the bit allocation, the export's equality with the
+quantized training model, the remap's equality with the dense one, and a budget sweep's reuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.errors import ConfigError
+from ctr.checkpoint import load_checkpoint
+from ctr.compress.quantize import allocate_bits, row_bytes
+from ctr.compress.recipe import run_recipe, run_sweep
+from ctr.compress.stage import plain_model
+from ctr.config import QuantizeConfig, QuantizeStep
+from ctr.loader import ParquetBatches
+from ctr.modules.quantized import fake_quantize, pack_codes, row_codes, unpack_codes
+from ctr.run_dir import RunDir
+from ctr.structure import FactorizeEmbedding, Layout, QuantizeRows, SelectRows
+from deploy.edge import EdgeEmbedding, edge_bytes, edge_model
+from deploy.export import export_model
+from features.prepare import PrepareResult
+from features.vocab import OOV_ID
+
+from conftest import STAGES, copy_run, recipe_experiment
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packing_round_trips_exactly(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (9, 13), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (9, -(-13 * bits // 8))
+    assert torch.equal(unpack_codes(packed, bits, 13), codes.to(torch.float32))
+    assert torch.equal(unpack_codes(packed[[4, 1]], bits, 13), codes[[4, 1]].to(torch.float32))  # any row, alone
+
+
+def test_codes_read_back_the_row_within_half_a_step() -> None:
+    rows = torch.tensor([[0.0, 1.0, 3.0, -1.0], [2.0, 2.0, 2.0, 2.0]])
+    codes, scale, low = row_codes(rows, 3.0)  # 2 bits
+    assert low.flatten().tolist() == [-1.0, 2.0] and scale[0].item() == pytest.approx(4 / 3, rel=1e-3)
+    assert codes[0].tolist() == [1.0, 2.0, 3.0, 0.0] and codes[1].tolist() == [0.0] * 4
+    assert ((codes * scale + low) - rows).abs().max() <= scale.max() / 2
+    emb = torch.stack([rows, rows])  # [B=2, F=2, 4]; field 1 keeps floats, field 0 reads its 2-bit codes
+    out = fake_quantize(emb, torch.tensor([2, 0]), torch.ones(2, 4, dtype=torch.bool))
+    assert torch.equal(out[:, 1], emb[:, 1]) and torch.allclose(out[0, 0], (codes * scale + low)[0])
+
+
+def test_bit_allocation_on_a_hand_example() -> None:
+    # rows of width 4: 5 bytes at 2 bits, 6 at 4, 8 at 8 (codes + an fp16 scale and bias)
+    assert [row_bytes(4, b) for b in (2, 4, 8)] == [5, 6, 8]
+    damage = [{2: 10.0, 4: 2.0, 8: 1.0}, {2: 1.0, 4: 0.5, 8: 0.1}]
+    # start at 550 bytes; field 0 to 4 bits (+100 bytes, 0.08 per byte) beats field 1 (+10, 0.05); then field 1
+    # to 4 and to 8 (+10, +20); field 0 to 8 (+200) no longer fits in 700
+    assert allocate_bits([100, 10], [4, 4], damage, 700, [2, 4, 8]) == [4, 8]
+    assert allocate_bits([100, 10], [4, 4], damage, 10_000, [2, 4, 8]) == [8, 8]
+    assert allocate_bits([100, 10], [4, 4], damage, 560, [4, 2]) == [2, 4]
+    with pytest.raises(ConfigError, match="550 bytes at 2 bits"):
+        allocate_bits([100, 10], [4, 4], damage, 549, [2, 4, 8])
+
+
+def test_sparse_remap_equals_the_dense_remap_on_every_id() -> None:
+    vocab = [50, 1000, 1000]
+    kept_all = torch.arange(50)  # field 0 keeps everything: its dense form is smaller
+    few = torch.full((1000,), -1)  # field 1 keeps 10 ids, the others read zeros
+    few[torch.arange(3, 1000, 100)] = torch.arange(10)
+    to_oov = torch.full((1000,), 1)  # field 2 keeps 20 ids (row 1 is the OOV row), removed ids read the OOV row
+    to_oov[torch.arange(5, 1000, 50)] = torch.arange(20) + 2
+    to_oov[:2] = torch.tensor([0, 1])
+    remap = torch.cat([kept_all, few, to_oov])
+    rows = [50, 10, 22]
+    tables = [torch.randn(r, 4) for r in rows]
+    edge = EdgeEmbedding(torch.arange(3), torch.tensor(vocab), torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.int64),
+                         torch.ones(3, dtype=torch.int64), remap, tables, [0, 1, 2], [4, 4, 4], 4, [32, 32, 32])
+    assert edge.remap.is_dense.flatten().tolist() == [True, False, False]
+    assert edge.remap.stored_bytes() < remap.numel() * 2  # below even an int16 entry per id
+    ids = torch.arange(-3, 1003).view(-1, 1).expand(-1, 3).contiguous()  # kept, removed and out-of-range ids
+    inside = (ids >= 0) & (ids < torch.tensor(vocab))
+    dense = remap[torch.where(inside, ids, OOV_ID) + torch.tensor([0, 50, 1050])]
+    assert torch.equal(edge.rows(ids), dense)
+    scripted = torch.jit.script(edge)
+    assert torch.equal(scripted.rows(ids), dense)
+
+
+def _afm_then_quantize(prepared: PrepareResult, run_dir: Path, quantize: QuantizeConfig):
+    cfg = recipe_experiment(prepared, run_dir, "dnn", ["afm"])
+    return cfg.model_copy(update={"compress": cfg.compress.model_copy(update={
+        "stages": [STAGES["afm"], QuantizeStep(quantize=quantize)]})})
+
+
+@pytest.mark.slow
+def test_the_packed_export_equals_the_quantized_training_model(baselines: dict[str, Path], prepared_criteo: PrepareResult,
+                                                               tmp_path: Path) -> None:
+    run_dir = copy_run(baselines, "dnn", tmp_path)
+    fmap = prepared_criteo.feature_map
+    cfg = _afm_then_quantize(prepared_criteo, run_dir, QuantizeConfig(bits=4, finetune_epochs=1))
+    lines = run_recipe(cfg, fmap, prepared_criteo.output, run_dir)
+    assert lines[-1]["bits"] == [4] * len(fmap.categorical) and lines[-1]["valid_auc"] > 0.6
+    payload = load_checkpoint(RunDir(run_dir).stage_checkpoints()[-1])
+    model = plain_model(fmap, payload)
+    edge = torch.jit.script(edge_model(model, [f.num_embeddings for f in fmap.categorical]))
+    batch = next(iter(ParquetBatches(prepared_criteo.output / fmap.splits["test"].file, fmap, 4096)))
+    with torch.no_grad():
+        trained = torch.sigmoid(model(batch.dense, batch.sparse)[0])
+        exported = edge(batch.dense, batch.ids())
+    assert float((trained - exported).abs().max()) <= 1e-6
+    rows = [f.num_embeddings for f in fmap.categorical]  # AFM keeps every row and narrows them to 4
+    parts = edge_bytes(edge_model(model, rows))
+    packed = sum(r * row_bytes(4, 4) for r in rows)
+    assert packed <= parts["embedding tables"] < packed + 4096  # the packed codes, scales and biases, plus bookkeeping
+    manifest = export_model(run_dir, tmp_path / "q.pt", "latest")
+    assert manifest["parity"]["max_abs_diff"] <= 1e-6
+
+
+def test_quantize_refuses_a_later_reshaping_step() -> None:
+    layout = Layout.replay([QuantizeRows(bits=[4, 2], by="02_quantize")], 2, 8)
+    assert layout.bits == [4, 2] and layout.apply(SelectRows(rows=[3, 3], by="03_optfs")).bits == [4, 2]
+    with pytest.raises(ConfigError, match="02_quantize already quantized"):
+        layout.apply(FactorizeEmbedding(ranks=[4, 4], restores=[8, 8], folded=True, by="03_afm"))
+
+
+@pytest.mark.slow
+def test_a_budget_sweep_reuses_the_stages_before_the_sizing_one(baselines: dict[str, Path], prepared_criteo: PrepareResult,
+                                                               tmp_path: Path) -> None:
+    run_dir = copy_run(baselines, "dnn", tmp_path)
+    fmap, data = prepared_criteo.feature_map, prepared_criteo.output
+    cfg = _afm_then_quantize(prepared_criteo, run_dir, QuantizeConfig(finetune_epochs=0))
+    afm = run_recipe(cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"stages": [STAGES["afm"]]})}),
+                     fmap, data, run_dir)[-1]
+    tables = sum(f.num_embeddings * 4 * 4 for f in fmap.categorical)  # AFM keeps every row, 4 wide, in fp32
+    others = afm["bytes"] - tables
+    small, large = ((others + share * tables) / 2**20 for share in (0.34, 0.6))
+    points = run_sweep(cfg, fmap, data, run_dir, [small, large])
+    run = RunDir(run_dir)
+    first = [run.sweep_point(mb).stage(1, "afm") / "checkpoint.pt" for mb in (small, large)]
+    assert first[0].stat().st_ino == first[1].stat().st_ino == (run.stage(1, "afm") / "checkpoint.pt").stat().st_ino
+    bits = [points[mb][-1]["bits"] for mb in (small, large)]
+    assert 2 in bits[0] and bits[1] == [8] * len(bits[1])  # the small budget leaves big fields at 2 bits
+    assert all(points[mb][-1]["bytes"] <= mb * 2**20 for mb in (small, large))
+    mtimes = [p.stat().st_mtime_ns for mb in (small, large) for p in run.sweep_point(mb).stage_checkpoints()]
+    again = run_sweep(cfg, fmap, data, run_dir, [small, large])
+    assert [p.stat().st_mtime_ns for mb in (small, large) for p in run.sweep_point(mb).stage_checkpoints()] == mtimes
+    assert again[small][-1]["bits"] == bits[0]
+    manifest = export_model(run_dir, tmp_path / "small.pt", f"{run.sweep_point(small).compress.name}/latest")
+    assert manifest["file_bytes"] < points[large][-1]["bytes"]
+
