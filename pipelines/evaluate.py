@@ -274,6 +274,8 @@ def _plots(labels: np.ndarray, scores: list[np.ndarray], names: list[str], resul
     ax.set(xlabel="predicted click probability", ylabel="rows", title="Score histograms")
     ax.legend(fontsize=7)
     plots["Score histograms"] = _png(fig)
+    if len(results) > 1 and all(r["auc"] is not None for r in results):
+        plots["Size vs test AUC: the frontier"] = _png(frontier_figure(plt, names, results))
     if recipe:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([line["bytes"] for line in recipe], [line["valid_auc"] for line in recipe], marker="o")
@@ -283,6 +285,34 @@ def _plots(labels: np.ndarray, scores: list[np.ndarray], names: list[str], resul
         plots["Size vs AUC of the recipe's stages"] = _png(fig)
     plt.close("all")
     return plots
+
+
+def pareto(points: list[tuple[int, float]]) -> list[int]:
+    """Indices of the points no other point beats on both size (fewer bytes) and AUC, smallest first."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def frontier_figure(plt: Any, names: list[str], results: list[dict[str, Any]]) -> Any:
+    """Every model at (file bytes, test AUC) on a log size axis, the first (the reference the DeLong
+    tests compare against) as a star, and the Pareto frontier through the models nothing beats."""
+    points = [(r["bytes"], r["auc"]) for r in results]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([b for b, _ in points[1:]], [a for _, a in points[1:]], zorder=3)
+    ax.scatter([points[0][0]], [points[0][1]], marker="*", s=160, color="black", zorder=4, label=f"{names[0]} (reference)")
+    front = pareto(points)
+    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="grey", linestyle="--",
+            label="frontier")
+    for name, (b, a) in zip(names, points):
+        ax.annotate(name, (b, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xscale="log", xlabel="model file bytes (log)", ylabel="test AUC", title="Size vs test AUC")
+    ax.legend(fontsize=7)
+    return fig
 
 
 def comparison_table(result: dict[str, Any]) -> str:

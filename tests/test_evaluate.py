@@ -60,7 +60,7 @@ def test_the_report_renders_its_plots_in_headless_chromium(models: list[Path], p
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                           (tmp_path / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     images = dom.count("<img")
-    assert images == 4  # ROC, reliability, histograms, and the recipe's size vs AUC
+    assert images == 5  # ROC, reliability, histograms, the models' size-vs-AUC frontier, the recipe's size vs AUC
     assert f'data-plots-rendered="{images}"' in dom  # every plot decoded and laid out
 
 
@@ -125,3 +125,10 @@ def test_group_auc_by_a_field_in_the_table_the_json_and_the_report(models: list[
     assert sum(b["impressions"] for b in saved["C6"]["by_size"]) == len(labels)
     assert 0.5 < saved["C6"]["group_auc"] < 1.0
     assert "Group AUC" in (tmp_path / "report.html").read_text()
+
+def test_the_frontier_keeps_the_models_nothing_beats() -> None:
+    from pipelines.evaluate import pareto
+
+    # (bytes, AUC): 1 and 3 are beaten (bigger and no better than 0 / 2), the rest form the frontier
+    points = [(100, 0.70), (200, 0.69), (300, 0.75), (400, 0.75), (50, 0.60), (1000, 0.78)]
+    assert pareto(points) == [4, 0, 2, 5]
