@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ctr-installed
 
-.PHONY: setup setup-gpu demo test test-fast bench bench-scale clean
+.PHONY: setup setup-gpu demo test test-fast bench bench-scale bench-frontier clean
 
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/common.txt requirements/onnx.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench: $(STAMP)
 # of disk under benchmarks/_work/scale. Writes the Scale section of benchmarks/RESULTS.md. Not part of CI.
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py
+
+# The compression frontier on 12.5M Criteo-profile rows: early-stopped and min-count baselines, the AFM + quantize
+# recipe at 30x/60x/100x budgets, Unified Embedding and hashing at equal bytes, all on the same test rows with
+# DeLong tests; about 2 hours on 2 cores. Writes the Frontier section of benchmarks/RESULTS.md. Not part of CI.
+bench-frontier: $(STAMP)
+	$(BIN)/python benchmarks/bench_frontier.py
 
 clean:
 	rm -rf data/prepared runs benchmarks/_work

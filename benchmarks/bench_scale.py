@@ -294,10 +294,9 @@ def write_section(sec: Section, started: float, results: Path, raw_numbers: Path
             SCALE_TITLE, "", f"Written by `make bench-scale` on {when}; machine: {machine()}. Profile-generated logs "
             "(`ctr generate --profile`), min count 2, random 8:1:1 split; peak memory is the largest PSS sum over each "
             "command's process tree, sampled every 0.2 s.", "", *table])
-    text, start, end = scale_section(results)
-    if start >= 0:
-        text = text[:start] + text[end:]
-    results.write_text(text.rstrip("\n") + "\n\n" + body)
+    text, start, end = scale_section(results)  # replaced where it is: the Frontier section may follow it
+    text = text[:start] + body.rstrip("\n") + "\n\n" + text[end:] if start >= 0 else text.rstrip("\n") + "\n\n" + body
+    results.write_text(text.rstrip("\n") + "\n")
     raw_numbers.write_text(json.dumps(sec.numbers, indent=2, default=str))
 
 

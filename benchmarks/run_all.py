@@ -68,7 +68,7 @@ LOOP_TARGET = 1.3  # our training loop's samples/s against FuxiCTR's
 MATMUL_TARGET = 0.85  # achieved model FLOP/s against the matmul rate of the same shapes
 EVAL_EVERY = 20  # steps between validations in the time-to-AUC runs (about 10 per epoch at 1M rows)
 TIME_TARGET = 0.5  # our time to FuxiCTR's 1-epoch validation AUC, in FuxiCTR epochs
-SCALE_TITLE = "## Scale"  # the section benchmarks/bench_scale.py writes at the end of RESULTS.md
+SCALE_TITLE = "## Scale"  # bench_scale.py's section; it and what follows it (bench_frontier.py's) end RESULTS.md
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Report:
             f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in self.targets]
         text = "\n\n".join([header, "## Targets\n\n" + "\n".join(table), *self.sections]) + "\n"
         previous = self.out.read_text() if self.out.exists() else ""
-        if SCALE_TITLE in previous:  # make bench-scale's section (the file's last) is kept as it was
+        if SCALE_TITLE in previous:  # the Scale and Frontier sections (the file's last) are kept as they were
             text += "\n" + previous[previous.index(SCALE_TITLE):]
         atomic_write_text(self.out, text)
         atomic_write_text(self.raw_numbers, json.dumps(self.numbers, indent=2, default=str))

@@ -76,8 +76,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         from pipelines.ray_evaluate import ray_scores
 
         cluster = RayConfig(address=args.ray_address)
-        scores_from = lambda scorers, fields: ray_scores(args.data, scorers, fields, cluster)  # noqa: E731
-    result = evaluate(args.models, args.data, args.out, args.slice, args.top, scores_from=scores_from,
+        scores_from = lambda scorers, fields: ray_scores(args.data[0], scorers, fields, cluster)  # noqa: E731
+    result = evaluate(args.models, args.data if len(args.data) > 1 else args.data[0], args.out, args.slice, args.top, scores_from=scores_from,
                       groups=args.group)
     print(comparison_table(result))
     for c in result["comparisons"]:
@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="exact offline metrics of models on held-out Parquet, with a report")
     ev.add_argument("models", type=Path, nargs="+", help="exported .pt files, run directories or checkpoints")
-    ev.add_argument("--data", type=Path, required=True, help="a prepared split or any Parquet with the model's columns")
+    ev.add_argument("--data", type=Path, nargs="+", required=True,
+                    help="a prepared split or any Parquet with the models' columns; or one per model: the same rows, "
+                         "each prepared with its model's feature map (e.g. another min count)")
     ev.add_argument("--out", type=Path, default=Path("evaluation"), help="where metrics.json and report.html go")
     ev.add_argument("--slice", nargs="*", help="fields to report AUC per value for (their most frequent values)")
     ev.add_argument("--top", type=int, default=10, help="values per slice field")

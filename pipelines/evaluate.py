@@ -342,11 +342,11 @@ def group_table(result: dict[str, Any]) -> list[str]:
     rows = ["| model | group field | group AUC | groups scored | groups skipped (one class) | by group size: "
             "size, groups, group AUC |", "|---|---|---:|---:|---:|---|"]
     for m in result["models"]:
-        for field, g in m["groups"].items():
+        for column, g in m["groups"].items():
             sizes = "; ".join(f"{b['size']}: {b['groups']:,}, {'-' if b['group_auc'] is None else format(b['group_auc'], '.4f')}"
                               for b in g["by_size"] if b["groups"])
             shown = "undefined" if g["group_auc"] is None else f"{g['group_auc']:.5f}"
-            rows.append(f"| {m['name']} | {field} | {shown} | {g['groups_scored']:,} | {g['groups_skipped_one_class']:,} "
+            rows.append(f"| {m['name']} | {column} | {shown} | {g['groups_scored']:,} | {g['groups_skipped_one_class']:,} "
                         f"| {sizes} |")
     return rows
 
@@ -388,20 +388,49 @@ sha256 {result['data']['sha256'][:16]}...)</p>
 ScoresFrom = Callable[[list[Scorer], list[str]], tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]]
 
 
-def evaluate(models: list[Path], data: Path, out_dir: Path, slices: list[str] | None = None, top_values: int = 10,
-             batch_size: int = BATCH_ROWS, progress: bool = True, scores_from: ScoresFrom | None = None,
-             groups: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate every model on ``data`` (a Parquet file or a directory of them); writes
-    ``metrics.json`` and ``report.html`` into ``out_dir``. ``slices``: fields to report AUC per
-    value for; ``groups``: fields to report group AUC by (a user or device id). ``scores_from``:
-    another scoring backend (the Ray one) in place of the local stream, given the scorers and the
-    extra fields to read."""
+def _per_model_data(datas: list[Path], scorers: list[Scorer], fields: list[str], batch_size: int,
+                    progress: bool) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+    """Scores of each model on its own encoding of the same rows (e.g. data prepared with another
+    min count): each distinct data set is streamed once for its models, and every set's labels must
+    equal the first's row for row, or the DeLong tests would pair different rows."""
+    scores: list[np.ndarray | None] = [None] * len(scorers)
+    labels, slice_values = None, {}
+    for data in dict.fromkeys(datas):
+        mine = [i for i, d in enumerate(datas) if d == data]
+        y, got, values = _score_stream(parquet_files(data), [scorers[i] for i in mine], fields if labels is None else [],
+                                       batch_size, progress)
+        if labels is None:
+            labels, slice_values = y, values
+        elif not np.array_equal(y, labels):
+            raise DataError(f"{data}: its labels differ from those of {datas[0]} (give each model the same test rows, "
+                            "prepared with that model's feature map)")
+        for i, s in zip(mine, got):
+            scores[i] = s
+    return labels, scores, slice_values
+
+
+def evaluate(models: list[Path], data: Path | list[Path], out_dir: Path, slices: list[str] | None = None,
+             top_values: int = 10, batch_size: int = BATCH_ROWS, progress: bool = True,
+             scores_from: ScoresFrom | None = None, groups: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate every model on ``data`` (a Parquet file or a directory of them; or one per model: the
+    same rows, each encoded by its model's feature map); writes ``metrics.json`` and ``report.html``
+    into ``out_dir``. ``slices``: fields to report AUC per value for; ``groups``: fields to report
+    group AUC by (a user or device id). ``scores_from``: another scoring backend (the Ray one) in
+    place of the local stream, given the scorers and the extra fields to read."""
+    datas = data if isinstance(data, list) else [data]
+    if len(datas) not in (1, len(models)):
+        raise DataError(f"{datas[0]}: {len(datas)} data sets for {len(models)} models (give one, or one per model)")
+    if len(set(datas)) > 1 and scores_from is not None:
+        raise DataError(f"{datas[0]}: Ray scoring reads one data set (give one --data, or score locally)")
+    data = datas[0]
     files = parquet_files(data)
     ensure_writable(out_dir)  # before the scoring, not after it
     scorers = [load_scorer(m) for m in models]
     slices, groups = slices or [], groups or []
     fields = sorted({*slices, *groups})
-    if scores_from is None:
+    if len(set(datas)) > 1:
+        labels, scores, slice_values = _per_model_data(datas, scorers, fields, batch_size, progress)
+    elif scores_from is None:
         labels, scores, slice_values = _score_stream(files, scorers, fields, batch_size, progress)
     else:
         check_columns(files, scorers, fields)

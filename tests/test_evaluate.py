@@ -132,3 +132,20 @@ def test_the_frontier_keeps_the_models_nothing_beats() -> None:
     # (bytes, AUC): 1 and 3 are beaten (bigger and no better than 0 / 2), the rest form the frontier
     points = [(100, 0.70), (200, 0.69), (300, 0.75), (400, 0.75), (50, 0.60), (1000, 0.78)]
     assert pareto(points) == [4, 0, 2, 5]
+
+
+def test_each_model_may_read_its_own_encoding_of_the_same_rows(models: list[Path], prepared_criteo: PrepareResult,
+                                                               tmp_path: Path) -> None:
+    data = prepared_criteo.output / prepared_criteo.feature_map.splits["test"].file
+    copy = tmp_path / "copy.parquet"
+    shutil.copy(data, copy)
+    one = evaluate(models, data, tmp_path / "one", progress=False)
+    two = evaluate(models, [data, copy], tmp_path / "two", progress=False)
+    assert [m["auc"] for m in two["models"]] == [m["auc"] for m in one["models"]]
+    assert two["comparisons"] == one["comparisons"]
+    table = pq.read_table(data)
+    label = prepared_criteo.feature_map.label
+    flipped = table.set_column(table.schema.get_field_index(label), label, pa.array(1 - table[label].to_numpy()))
+    pq.write_table(flipped, copy)
+    with pytest.raises(DataError, match="labels differ"):
+        evaluate(models, [data, copy], tmp_path / "three", progress=False)
