@@ -24,7 +24,7 @@ import torch
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import StageContext, model_size, plain_model
 from ctr.experiment import load_experiment
-from ctr.metrics import classification_metrics
+from ctr.metrics import classification_metrics, delong_test
 from ctr.run_dir import STAGE_CHECKPOINT, RunDir
 from ctr.train import predict
 from features.feature_map import FeatureMap
@@ -112,8 +112,8 @@ def measure(config: Path, overrides: list[str]) -> tuple[list[tuple], list]:
     rows, details = [], []
     for line in lines:
         path = best if line["stage"] == "baseline" else run.compress / line["stage_id"] / STAGE_CHECKPOINT
-        test = classification_metrics(*predict(plain_model(fmap, load_checkpoint(path)), ctx.split("test")))
-        rows.append((cfg, line, test))
+        labels, probs = predict(plain_model(fmap, load_checkpoint(path)), ctx.split("test"))
+        rows.append((cfg, line, {**classification_metrics(labels, probs), "scores": (labels, probs)}))
         if line["stage"] == "optfs" and "kept_rows" in line:
             details.append(lambda line=line, fmap=fmap, d=data_dir, n=noise, p=path.parent:
                            kept_rows_table(line, p, fmap, d, n))
@@ -125,19 +125,22 @@ def measure(config: Path, overrides: list[str]) -> tuple[list[tuple], list]:
 
 
 def size_auc_table(rows: list[tuple]) -> str:
-    """Every stage's size and test AUC against the per-field baseline of the same model."""
+    """Every stage's size and test AUC against the per-field baseline of the same model, with the
+    DeLong test of the two on the same test rows."""
     lines = ["| model | experiment | stage | embedding bytes | total bytes | total vs baseline | "
-             "test AUC | AUC - baseline | test logloss |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    reference: dict[str, tuple[int, float]] = {}
+             "test AUC | AUC - baseline | DeLong p | test logloss |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    reference: dict[str, tuple[int, dict[str, Any]]] = {}
     for cfg, line, test in rows:
         if line["stage"] == "baseline" and cfg.model.embedding.kind == "per_field":
-            reference.setdefault(cfg.model.name, (line["bytes"], test["auc"]))
+            reference.setdefault(cfg.model.name, (line["bytes"], test))
     for cfg, line, test in rows:
-        base_bytes, base_auc = reference.get(cfg.model.name, (line["bytes"], test["auc"]))
+        base_bytes, base = reference.get(cfg.model.name, (line["bytes"], test))
+        labels, probs = test["scores"]
+        p = "" if test is base else f"{delong_test(labels, probs, base['scores'][1])['p_value']:.2g}"
         stage = line["stage_id"] if cfg.model.embedding.kind == "per_field" else f"trained ({cfg.model.embedding.kind})"
         lines.append(f"| {cfg.model.name} | {cfg.name} | {stage} | {line['embedding_bytes']:,} | {line['bytes']:,} | "
-                     f"{base_bytes / line['bytes']:.2f}x smaller | {test['auc']:.5f} | {test['auc'] - base_auc:+.5f} | "
-                     f"{test['logloss']:.5f} |")
+                     f"{base_bytes / line['bytes']:.2f}x smaller | {test['auc']:.5f} | {test['auc'] - base['auc']:+.5f} | "
+                     f"{p} | {test['logloss']:.5f} |")
     return "\n".join(lines)
 
 

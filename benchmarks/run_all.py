@@ -315,7 +315,8 @@ def recipe_section(rep: Report, args: argparse.Namespace) -> None:
     for name in (MODELS["dcnv2"], "synthetic_dcnv2_unified"):
         more, _ = measure(EXPERIMENTS / f"{name}.yaml", [*args.overrides, f"trainer.run_dir={args.runs / name}"])
         rows += more
-    rep.numbers["compression"] = [{"experiment": cfg.name, "line": line, "test": test} for cfg, line, test in rows]
+    rep.numbers["compression"] = [{"experiment": cfg.name, "line": line,
+                                   "test": {k: v for k, v in test.items() if k != "scores"}} for cfg, line, test in rows]
     rep.add("Compression", "\n".join([
         "The DCNv2 full recipe (its config: OptFS -> OptEmbed -> AFM, target 1.1 MB) from the baseline trained "
         "above, and DCNv2 with Unified Embedding trained from scratch; test split, bytes as the edge file stores them.",
