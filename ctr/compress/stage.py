@@ -13,14 +13,13 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ctr.distributed import load_plain_state_dict
+from ctr.distributed import load_plain_state_dict, plain_state_dict
 from ctr.experiment import ExperimentConfig
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.metrics import classification_metrics
 from ctr.models import build_model, model_config, model_layout
 from ctr.models.base import CTRModel
 from ctr.structure import Layout, Step, step_to_dict, steps_from_payload
-from ctr.distributed import plain_state_dict
 from ctr.train import Trainer, TrainHooks, predict
 from deploy.edge import edge_bytes, edge_model
 from features.feature_map import FeatureMap
