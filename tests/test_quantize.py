@@ -20,6 +20,7 @@ from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, QuantizeRows, SelectRows
 from deploy.edge import EdgeEmbedding, edge_bytes, edge_model
 from deploy.export import export_model
+from deploy.remap import IdRemap
 from features.prepare import PrepareResult
 from features.vocab import OOV_ID
 
@@ -82,6 +83,15 @@ def test_sparse_remap_equals_the_dense_remap_on_every_id() -> None:
     assert torch.equal(scripted.rows(ids), dense)
 
 
+@pytest.mark.parametrize("kept", [1, 2, 7, 8, 9, 300])
+def test_the_binary_search_equals_searchsorted(kept: int) -> None:
+    remap = torch.full((5000,), -1)
+    remap[torch.randperm(5000, generator=torch.Generator().manual_seed(kept))[:kept]] = 3
+    lookup = IdRemap(remap, [5000])
+    wanted = torch.randint(-3, 5003, (64, 5), generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    assert lookup.keys.numel() == kept and torch.equal(lookup.lower_bound(wanted), torch.searchsorted(lookup.keys, wanted))
+
+
 def _afm_then_quantize(prepared: PrepareResult, run_dir: Path, quantize: QuantizeConfig):
     cfg = recipe_experiment(prepared, run_dir, "dnn", ["afm"])
     return cfg.model_copy(update={"compress": cfg.compress.model_copy(update={
@@ -110,6 +120,8 @@ def test_the_packed_export_equals_the_quantized_training_model(baselines: dict[s
     assert packed <= parts["embedding tables"] < packed + 4096  # the packed codes, scales and biases, plus bookkeeping
     manifest = export_model(run_dir, tmp_path / "q.pt", "latest")
     assert manifest["parity"]["max_abs_diff"] <= 1e-6
+    onnx = export_model(run_dir, tmp_path / "q.onnx", "latest", fmt="onnx")  # packed codes and shifts in ONNX too
+    assert onnx["parity"]["max_abs_diff"] <= 1e-5
 
 
 def test_quantize_refuses_a_later_reshaping_step() -> None:

@@ -65,7 +65,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     """``pack_codes`` undone on any leading shape: uint8 [..., n] -> float32 codes [..., width]."""
-    per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    wide = packed.to(torch.int32)
+    mask = (1 << bits) - 1
+    # one scalar shift per position (ONNX has a shift by a constant, not by a tensor of amounts)
+    codes = torch.stack([(wide >> (bits * i)) & mask for i in range(8 // bits)], -1)
     return codes.flatten(-2)[..., :width].to(torch.float32)
