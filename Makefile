@@ -49,7 +49,7 @@ bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py
 
 # The compression frontier on 12.5M Criteo-profile rows: early-stopped and min-count baselines, the AFM + quantize
-# recipe at 30x/60x/100x budgets, Unified Embedding and hashing at equal bytes, all on the same test rows with
+# recipe at 30x/100x/200x/300x budgets, Unified Embedding and hashing at equal table bytes, all on the same test rows with
 # DeLong tests; about 2 hours on 2 cores. Writes the Frontier section of benchmarks/RESULTS.md. Not part of CI.
 bench-frontier: $(STAMP)
 	$(BIN)/python benchmarks/bench_frontier.py
