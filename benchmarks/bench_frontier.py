@@ -81,7 +81,7 @@ def embedding_bytes(edge: Path) -> int:
 
 def frontier(args: argparse.Namespace) -> tuple[Section, dict[str, Any]]:
     sec = Section()
-    folder = WORK / "frontier" / f"criteo_{args.rows}"
+    folder = (WORK / "frontier" / f"criteo_{args.rows}").resolve()  # the paths the runs' saved configs hold
     folder.mkdir(parents=True, exist_ok=True)
     raw = folder / "criteo_profile.txt"
     run_once(sec, "generate", f"`ctr generate --profile criteo` {args.rows:,} rows",
@@ -188,7 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     sec, numbers = frontier(args)
-    folder = WORK / "frontier" / f"criteo_{args.rows}"
+    folder = (WORK / "frontier" / f"criteo_{args.rows}").resolve()
     (folder / "results.json").write_text(json.dumps(numbers, indent=2, default=str))
     write(args.out, section(sec, numbers, args, started))
     print(f"wrote the Frontier section of {args.out}", file=sys.stderr)
