@@ -9,7 +9,7 @@ recipe would otherwise describe a model that was never trained.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -23,6 +23,7 @@ from features.feature_map import FeatureMap
 from pipelines.train_job import run_dir_of
 
 COMPARED = ("dataset", "model")
+T = TypeVar("T")
 
 
 def recipe_config(config: Path, overrides: list[str]) -> tuple[ExperimentConfig, RunDir]:
@@ -52,9 +53,18 @@ def _ready(config: Path, overrides: list[str]) -> tuple[ExperimentConfig, RunDir
     return cfg, run, data_dir
 
 
+def _naming(config: Path, run: Callable[[], T]) -> T:
+    """A stage's refusal (a budget out of reach, a step that cannot follow another) names the config."""
+    try:
+        return run()
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(str(config)) else f"{config}: {message}") from None
+
+
 def run_compress(config: Path, overrides: list[str]) -> list[dict[str, Any]]:
     cfg, run, data_dir = _ready(config, overrides)
-    return run_recipe(cfg, FeatureMap.load(data_dir), data_dir, run.root)
+    return _naming(config, lambda: run_recipe(cfg, FeatureMap.load(data_dir), data_dir, run.root))
 
 
 def sweep_targets(config: Path, spec: str) -> list[float]:
@@ -74,4 +84,4 @@ def sweep_targets(config: Path, spec: str) -> list[float]:
 def run_compress_sweep(config: Path, overrides: list[str], spec: str) -> dict[float, list[dict[str, Any]]]:
     targets = sweep_targets(config, spec)
     cfg, run, data_dir = _ready(config, overrides)
-    return run_sweep(cfg, FeatureMap.load(data_dir), data_dir, run.root, targets)
+    return _naming(config, lambda: run_sweep(cfg, FeatureMap.load(data_dir), data_dir, run.root, targets))

@@ -121,7 +121,11 @@ class QuantizeStage:
                               "first: AFM layers, fewer rows)")
         train = ParquetBatches(ctx.data_dir / ctx.fmap.splits["train"].file, ctx.fmap, ctx.cfg.trainer.eval_batch_size)
         damage = field_damage(model, head(train, c.calibration_rows), widths, list(c.choices))
-        return allocate_bits(rows, widths, damage, budget, list(c.choices)), {"damage": damage, "table_budget": budget}
+        try:
+            bits = allocate_bits(rows, widths, damage, budget, list(c.choices))
+        except ConfigError as exc:
+            raise ConfigError(f"{ctx.stage_id}: compress.target_mb {ctx.target_mb:g}: {exc}") from None
+        return bits, {"damage": damage, "table_budget": budget}
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         c = self.cfg
