@@ -132,7 +132,9 @@ def frontier(args: argparse.Namespace) -> tuple[Section, dict[str, Any]]:
                "metrics": [{k: m[k] for k in ("name", "auc", "logloss", "bytes")} for m in metrics["models"]],
                "comparisons": metrics["comparisons"], "serve": speed,
                "sweep_reports": {p.parent.name: [json.loads(line) for line in p.read_text().splitlines()]
-                                 for p in sorted((tuned_run / "compress").glob("target_*/report.jsonl"))}}
+                                 for p in sorted((tuned_run / "compress").glob("target_*/report.jsonl"))
+                                 if p.parent.name in {f"target_{mb:g}MB" for mb in targets}
+                                 and "quantize" in p.read_text()}}  # a budget out of reach stops before quantize
     return sec, numbers
 
 
@@ -160,6 +162,7 @@ def section(sec: Section, numbers: dict[str, Any], args: argparse.Namespace, sta
         notes.append(f"{point}: stages {', '.join(line['stage_id'] for line in lines[1:])}; bits per field {mix}; "
                      f"valid AUC {last['valid_auc']:.5f} (before quantize's fine-tune "
                      f"{last.get('valid_auc_before_finetune') or 0:.5f}); bytes {last['bytes_by_part']}.")
+    notes += sec.notes  # what the run said as it went (a budget out of reach)
     for name, s in numbers["serve"].items():
         notes.append(f"{name}: batch-1024 {s['rows_per_s']:,.0f} rows/s, batch-1 p50 {s['p50_ms']:.3f} ms (1 thread).")
     when = f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC ({(time.perf_counter() - started) / 60:.0f} min)"
