@@ -31,7 +31,7 @@ from ctr.compress.stage import (
 from ctr.config import QuantizeConfig
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.models.base import CTRModel
-from ctr.modules.quantized import levels_of, row_codes
+from ctr.modules.quantized import levels_of, read_back, stored_columns
 from ctr.structure import Layout, QuantizeRows
 from features.feature_map import FeatureMap
 
@@ -75,7 +75,7 @@ def field_damage(model: CTRModel, batches: list[Batch], widths: list[int], choic
     """Per field and width: mean squared loss gradient of a looked-up row x mean squared error its
     codes make, over the calibration rows."""
     fields = len(widths)
-    stored = torch.arange(model.dim).view(1, -1) < torch.tensor(widths).view(-1, 1)
+    stored = stored_columns(widths, model.dim)
     grad_sq = torch.zeros(fields, dtype=torch.float64)
     error = {b: torch.zeros(fields, dtype=torch.float64) for b in choices}
     rows = 0
@@ -87,9 +87,7 @@ def field_damage(model: CTRModel, batches: list[Batch], widths: list[int], choic
         grad_sq += grad.detach().pow(2).sum((0, 2)).to(torch.float64)
         x = emb.detach()
         for b in choices:
-            codes, scale, low = row_codes(x, float(levels_of(b)), stored.unsqueeze(0))
-            read = (codes * scale + low) * stored.unsqueeze(0)
-            error[b] += (read - x).pow(2).sum((0, 2)).to(torch.float64)
+            error[b] += (read_back(x, float(levels_of(b)), stored.unsqueeze(0)) - x).pow(2).sum((0, 2)).to(torch.float64)
         rows += x.shape[0]
     return [{b: float(grad_sq[f] / rows) * float(error[b][f] / rows) for b in choices} for f in range(fields)]
 

@@ -40,14 +40,23 @@ def row_codes(x: torch.Tensor, levels: torch.Tensor | float,
     return codes, scale, low
 
 
+def stored_columns(widths: list[int], dim: int) -> torch.Tensor:
+    """[F, dim] bool: field f's first ``widths[f]`` columns, the values its rows hold (the rest is padding)."""
+    return torch.arange(dim).view(1, -1) < torch.tensor(widths).view(-1, 1)
+
+
+def read_back(x: torch.Tensor, levels: torch.Tensor | float, stored: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` as their codes read them back (``row_codes``), padding kept at zero."""
+    codes, scale, low = row_codes(x, levels, stored)
+    return (codes * scale + low) * stored.to(x.dtype)
+
+
 def fake_quantize(x: torch.Tensor, bits: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """Looked-up rows [B, F, dim] as field f's ``bits[f]``-bit codes read them back (``bits`` 0: left
     as they are); ``stored`` [F, dim] marks each field's stored columns. The gradient passes
     straight through to the unquantized rows, so training moves the rows the codes come from."""
     levels = ((1 << bits.clamp(min=1)) - 1).to(x.dtype).view(1, -1, 1)
-    codes, scale, low = row_codes(x, levels, stored.unsqueeze(0))
-    read = (codes * scale + low) * stored.unsqueeze(0).to(x.dtype)
-    quantized = torch.where((bits > 0).view(1, -1, 1), read, x)
+    quantized = torch.where((bits > 0).view(1, -1, 1), read_back(x, levels, stored.unsqueeze(0)), x)
     return x + (quantized - x).detach()
 
 

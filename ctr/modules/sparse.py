@@ -18,7 +18,7 @@ from ctr.embedding_config import EmbeddingConfig
 from ctr.modules import META
 from ctr.modules.hashed import hashed_sparse_arch
 from ctr.modules.pooled import ordered_values, output_keys
-from ctr.modules.quantized import fake_quantize
+from ctr.modules.quantized import fake_quantize, stored_columns
 from ctr.structure import Layout
 from features.feature_map import FieldInfo
 
@@ -69,7 +69,7 @@ class SparseArch(nn.Module):
         self.output_keys = output_keys(self.ebc)
         self.quantized = bits is not None
         if bits is not None:
-            stored = torch.arange(dim).view(1, -1) < torch.tensor(widths or [dim] * len(names)).view(-1, 1)
+            stored = stored_columns(widths or [dim] * len(names), dim)
             self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64), persistent=False)
             self.register_buffer("stored", stored, persistent=False)
         self.remapped = remapped
