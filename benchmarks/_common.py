@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+from common.atomic import atomic_write_text
 from common.errors import DataError
 from features.feature_map import FeatureMap
 from features.prepare import prepare
@@ -102,3 +104,12 @@ def run_measured(argv: list[str], log: Path | None = None, interval: float = 0.2
 def load_note() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def replace_section(results: Path, title: str, body: str) -> None:
+    """Write ``body`` (a "## " section starting with ``title``) over that section of ``results`` in
+    place, or add it at the end: each long benchmark owns one section and keeps the others."""
+    text = results.read_text() if results.exists() else ""
+    match = re.search(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    text = text[:match.start()] + body + "\n" + text[match.end():] if match else text.rstrip("\n") + "\n\n" + body
+    atomic_write_text(results, text)

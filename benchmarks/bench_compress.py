@@ -59,11 +59,15 @@ def kept_rows_table(line: dict[str, Any], stage_dir: Path, fmap: FeatureMap, dat
         counts = pl.read_parquet(data_dir / "vocab" / f"{name}.parquet")
         traffic = float((counts["count"] * kept_ids[name][counts["id"].to_numpy()].numpy()).sum() / counts["count"].sum())
         print(f"| {name}{' *' if name in noise else ''} | {vocab[name]:,} | {kept:,} | {kept / vocab[name]:.1%} | {traffic:.1%} |")
-    noise_rows = sum(vocab[n] for n in noise if n in vocab)
-    noise_kept = sum(line["kept_rows"][n] for n in noise if n in vocab)
     print(f"\nall fields: {line['rows_after']:,} of {line['rows_before']:,} rows kept "
           f"({1 - line['rows_after'] / line['rows_before']:.1%} removed); noise fields: "
-          f"{1 - noise_kept / max(noise_rows, 1):.1%} of their {noise_rows:,} rows removed")
+          f"{noise_share_removed(line, noise, vocab):.1%} of their {sum(vocab[n] for n in noise if n in vocab):,} rows removed")
+
+
+def noise_share_removed(line: dict[str, Any], noise: set[str], vocab: dict[str, int]) -> float:
+    """The share of the pure-noise fields' rows (``vocab``: rows per field) that an OptFS stage removed."""
+    fields = [n for n in noise if n in vocab]
+    return 1 - sum(line["kept_rows"][n] for n in fields) / max(sum(vocab[n] for n in fields), 1)
 
 
 def widths_table(line: dict[str, Any], noise: set[str]) -> None:

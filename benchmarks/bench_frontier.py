@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from bench_scale import CTR, RESULTS, Section, serve_times
 from run_all import machine
 
-from _common import WORK, load_note
+from _common import WORK, load_note, replace_section
 
 CONFIG = "configs/experiments/criteo_dnn_frontier.yaml"
 TITLE = "## Frontier"
@@ -174,14 +173,6 @@ def section(sec: Section, numbers: dict[str, Any], args: argparse.Namespace, sta
         f"_{load_note()} at the end._", ""])
 
 
-def write(results: Path, body: str) -> None:
-    """Replace the Frontier section in place, or add it at the end."""
-    text = results.read_text() if results.exists() else ""
-    match = re.search(rf"^{TITLE}\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
-    text = text[:match.start()] + body + "\n" + text[match.end():] if match else text.rstrip("\n") + "\n\n" + body
-    results.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=12_500_000)
@@ -193,7 +184,7 @@ def main() -> None:
     sec, numbers = frontier(args)
     folder = (WORK / "frontier" / f"criteo_{args.rows}").resolve()
     (folder / "results.json").write_text(json.dumps(numbers, indent=2, default=str))
-    write(args.out, section(sec, numbers, args, started))
+    replace_section(args.out, TITLE, section(sec, numbers, args, started))
     print(f"wrote the Frontier section of {args.out}", file=sys.stderr)
 
 

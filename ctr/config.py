@@ -61,14 +61,17 @@ SEARCH_SHARE = 0.5  # a search phase reads at most this share of one train epoch
 SEARCH_MIN_ROWS = 1_000_000  # ... but never fewer rows per epoch than this (small sets search on everything)
 
 
-def sample_rows(rows: int | None, fraction: float | None, train_rows: int, epochs: int) -> int | None:
+def sample_rows(rows: int | None, fraction: float | None, train_rows: int, epochs: int,
+                one_pass: bool = False) -> int | None:
     """The rows each epoch of a search phase trains on (``rows``, or ``fraction`` of the split), None
     for all of them. The sample is whole row groups drawn with the trainer's seed; the retrain always
     reads every row. The configs allow at most one of the two; with neither, the rule: the search's
     epochs read ``SEARCH_SHARE`` of the split in all, and at least ``SEARCH_MIN_ROWS`` each, so its
-    cost stops growing with the data past a few million rows."""
+    cost stops growing with the data past a few million rows; ``one_pass`` (a search whose epochs
+    read disjoint samples) caps that at a 1/``epochs`` share of the split, so no row is read twice."""
     if rows is None and fraction is None:
         rows = max(SEARCH_MIN_ROWS, int(SEARCH_SHARE * train_rows / epochs))
+        rows = min(rows, train_rows // epochs) if one_pass else rows
     if rows is not None:
         return rows if rows < train_rows else None
     if fraction is not None and fraction < 1.0:
@@ -79,11 +82,12 @@ def sample_rows(rows: int | None, fraction: float | None, train_rows: int, epoch
 class OptFSConfig(Strict):
     """OptFS feature-value gates (Lyu et al., WWW'23); defaults from the reference at embedding 16.
 
-    ``penalty`` is lambda in ``loss + lambda * sum_rows sigmoid(tau * m)``. A row survives when its
-    mean data gradient per step beats lambda's pull, and that gradient scales with the value's
-    count over the rows a search epoch reads; so None scales the reference's 1e-8 (tuned on Criteo's
-    36.7M train rows) by 36.7M / (the search epoch's rows): the same count threshold at any size.
-    ``gate_lr`` None: the rule in ``ctr.compress.optfs.gate_lr_rule``."""
+    ``penalty`` is lambda in ``loss + lambda * sum_rows sigmoid(tau * m)``. A row survives while its
+    mean data gradient per step outweighs lambda's, and that mean is the value's frequency times its
+    mean gradient per sample; so None scales the reference's 1e-8 (tuned on Criteo's 36.7M train
+    rows) by 36.7M / (the train split's rows): the same count threshold over the whole split at any
+    size, whatever sample the search reads. ``gate_lr`` (the gates' Adam step) None: the step at which
+    a row no batch touches reaches m = 0 halfway through the search (``OptFSStage.gate_settings``)."""
 
     start_from: Literal["init", "checkpoint"] = "init"  # init: the search trains from scratch, as the reference
     search_epochs: int = Field(default=5, ge=1)
@@ -93,7 +97,7 @@ class OptFSConfig(Strict):
     retrain_epochs: int = Field(default=5, ge=1)
     retrain_patience: int = Field(default=1, ge=1)
     removed_to: Literal["zero", "oov"] = "zero"
-    gate_lr: float | None = Field(default=None, gt=0.0)  # the gates' own SGD step; None: the rule's
+    gate_lr: float | None = Field(default=None, gt=0.0)  # the gates' own Adam step; None: the rule's
     search_rows: int | None = Field(default=None, ge=1)  # the search on a sample (see sample_rows); None: all rows
     search_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
 

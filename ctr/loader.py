@@ -107,7 +107,8 @@ class ParquetBatches:
     """Iterable of :class:`Batch` over one split; call :meth:`set_epoch` to reshuffle reproducibly."""
 
     def __init__(self, path: Path, feature_map: FeatureMap, batch_size: int, *, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False, window_rows: int = 262_144, sample_rows: int | None = None) -> None:
+                 seed: int = 0, drop_last: bool = False, window_rows: int = 262_144, sample_rows: int | None = None,
+                 disjoint: bool = False) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.path = Path(path)
@@ -127,18 +128,25 @@ class ParquetBatches:
         self.drop_last = drop_last
         self.window_rows = max(window_rows, batch_size)
         self.epoch = 0
-        self.groups = self._sample_groups(sample_rows) if sample_rows else list(range(self.file.metadata.num_row_groups))
+        self.sample_rows, self.disjoint = sample_rows, disjoint
+        self.groups = self._sample_groups(sample_rows, 0) if sample_rows else list(range(self.file.metadata.num_row_groups))
 
-    def _sample_groups(self, rows: int) -> list[int]:
+    def _sample_groups(self, rows: int, epoch: int) -> list[int]:
         """Whole row groups drawn in a seeded order until they hold at least ``rows`` rows, kept in file
-        order: a sample of the split that costs no read of the rest (e.g. a search phase's rows)."""
+        order: a sample of the split that costs no read of the rest (e.g. a search phase's rows). The
+        same sample every epoch, or (``disjoint``) each epoch the groups after the previous epoch's in
+        that order, wrapping around only when the split runs out: a phase that must not read a row
+        twice (a row seen again is partly memorised, and looks more useful than it is)."""
         meta = self.file.metadata
-        chosen, held = [], 0
-        for g in torch.randperm(meta.num_row_groups, generator=torch.Generator().manual_seed(self.seed)).tolist():
-            if held >= rows:
-                break
-            chosen.append(g)
-            held += meta.row_group(g).num_rows
+        order = torch.randperm(meta.num_row_groups, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        first, held = 0, 0  # epoch e ends where the groups drawn so far hold (e + 1) * rows
+        for e in range(epoch + 1 if self.disjoint else 1):
+            chosen: list[int] = []
+            while (held < (e + 1) * rows or not chosen) and len(chosen) < len(order):
+                g = order[(first + len(chosen)) % len(order)]
+                chosen.append(g)
+                held += meta.row_group(g).num_rows
+            first += len(chosen)
         return sorted(chosen)
 
     @property
@@ -152,6 +160,8 @@ class ParquetBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.sample_rows and self.disjoint:
+            self.groups = self._sample_groups(self.sample_rows, epoch)
 
     def _read(self, groups: list[int]) -> _Window:
         # one thread: Arrow's pool would contend with the training step's threads for the cores

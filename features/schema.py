@@ -55,6 +55,7 @@ class SyntheticConfig(Strict):
     rows: int = Field(default=1_000_000, ge=1)
     seed: int = 2024
     profile: bool = False  # the real dataset's per-field distinct values and long tails (ctr generate --profile)
+    noise: list[str] | None = None  # the pure-noise categorical fields; None: the scenario's own (ctr generate --noise)
 
 
 class DatasetConfig(Strict):

@@ -18,7 +18,8 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, Export
 def _generate(args: argparse.Namespace) -> None:
     from pipelines.synthetic import generate
 
-    report = generate(args.profile or args.kind, args.rows, args.out, seed=args.seed, profile=args.profile is not None)
+    report = generate(args.profile or args.kind, args.rows, args.out, seed=args.seed, profile=args.profile is not None,
+                      noise=args.noise)
     print(json.dumps(asdict(report), indent=2))
 
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--rows", type=int, default=1_000_000)
     gen.add_argument("--seed", type=int, default=2024)
     gen.add_argument("--out", type=Path, required=True)
+    gen.add_argument("--noise", type=lambda text: [n for n in text.split(",") if n], default=None,
+                     help="comma-separated categorical fields to make pure noise, instead of the scenario's own")
     gen.set_defaults(func=_generate)
 
     prep = sub.add_parser("prepare", help="raw files -> Parquet splits + feature_map.json")

@@ -22,7 +22,7 @@ def ensure_synthetic_raw(cfg: DatasetConfig) -> None:
     if path.exists():
         return
     s = cfg.synthetic
-    report = generate(s.kind, s.rows, path, seed=s.seed, profile=s.profile)
+    report = generate(s.kind, s.rows, path, seed=s.seed, profile=s.profile, noise=s.noise)
     log.info("generated %d %s rows -> %s in %.1fs (teacher AUC %.4f)", s.rows, s.kind, path, report.seconds, report.teacher_auc)
 
 

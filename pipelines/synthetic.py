@@ -122,9 +122,27 @@ def avazu_scenario() -> Scenario:
     return Scenario("avazu", fields, pairs, pair_scale=0.35, hour_weight=0.3)
 
 
-def scenario(kind: Kind, profile: bool = False) -> Scenario:
+def scenario(kind: Kind, profile: bool = False, noise: list[str] | None = None) -> Scenario:
     base = criteo_scenario() if kind == "criteo" else avazu_scenario()
+    base = base if noise is None else with_noise(base, noise)
     return profile_scenario(base) if profile else base
+
+
+def with_noise(base: Scenario, noise: list[str]) -> Scenario:
+    """``base`` with exactly the categorical fields ``noise`` pure noise: they get weight 0 and leave
+    every interaction pair, and a default noise field not named becomes informative at the median
+    weight of the informative categorical fields. Why: selection methods are checked on noise they
+    were not tuned on (other fields, other cardinalities)."""
+    cats = [f for f in base.fields if f.render != "count"]
+    unknown = sorted(set(noise) - {f.name for f in cats})
+    if unknown:
+        raise ConfigError(f"{COMMAND_LINE}: noise fields {unknown} are not categorical fields of the {base.kind} "
+                          f"layout (choose from {', '.join(f.name for f in cats)})")
+    usual = float(np.median([f.weight for f in cats if f.weight > 0]))
+    fields = [f if f.render == "count" else replace(f, weight=0.0 if f.name in noise else (f.weight or usual))
+              for f in base.fields]
+    pairs = [pair for pair in base.pairs if not set(pair) & set(noise)]
+    return replace(base, fields=fields, pairs=pairs)
 
 
 # The real datasets' row counts and published distinct values per categorical field: Criteo's Kaggle
@@ -344,9 +362,11 @@ def _render_chunk(sc: Scenario, teacher: Teacher, seed: int, chunk: int, n: int)
     return text.getvalue(), p.astype(np.float32), y
 
 
-def generate(kind: Kind, rows: int, out: Path, seed: int = 2024, profile: bool = False) -> GenerateReport:
+def generate(kind: Kind, rows: int, out: Path, seed: int = 2024, profile: bool = False,
+             noise: list[str] | None = None) -> GenerateReport:
     """Write ``rows`` synthetic rows to ``out`` (atomically) and a ``<out>.teacher.json`` report;
-    ``profile``: the full-size profile of ``kind`` (see the module docstring).
+    ``profile``: the full-size profile of ``kind`` (see the module docstring); ``noise``: the pure-noise
+    categorical fields instead of the scenario's own (``with_noise``).
 
     Chunks are drawn on a pool of threads, one per core, and written in order (NumPy and Polars
     release the GIL in their loops; a pool of processes was slower on 2 cores, shipping 50 MB of text
@@ -355,7 +375,7 @@ def generate(kind: Kind, rows: int, out: Path, seed: int = 2024, profile: bool =
     if rows <= 0:
         raise ConfigError(f"{COMMAND_LINE}: --rows {rows}: a generated log needs at least one row (give --rows 1 or more)")
     started = time.perf_counter()
-    sc = scenario(kind, profile)
+    sc = scenario(kind, profile, noise)
     teacher = draw_teacher(sc, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -53,11 +53,10 @@ def search_space(cfg: ExperimentConfig, fmap: FeatureMap) -> dict[str, Any]:
     t = cfg.trainer
     space: dict[str, Any] = {"trainer.lr": tune.loguniform(t.lr / 3, t.lr * 3),
                              "trainer.sparse_lr": tune.loguniform(t.sparse_lr / 3, t.sparse_lr * 3)}
-    rows = sum(int(f.num_embeddings or 0) for f in fmap.categorical)
     for i, step in enumerate(cfg.compress.stages):
         name, settings = step.stage
         if name == "optfs":
-            penalty = OptFSStage(settings).penalty_weight(rows)  # the configured value, or the rule's
+            penalty = OptFSStage(settings).gate_settings(fmap.splits["train"].rows, t.batch_size)[2]  # configured, or the rule's
             space[f"compress.stages.{i}.optfs.penalty"] = tune.loguniform(penalty / 10, penalty * 10)
         elif name == "optembed":
             space[f"compress.stages.{i}.optembed.max_embedding_share"] = tune.uniform(0.2, 0.8)

@@ -98,3 +98,23 @@ def test_a_sample_is_whole_seeded_row_groups(prepared_criteo: PrepareResult) -> 
     every = {tuple(r) for b in full for r in b.ids().tolist()}
     got = [tuple(r) for b in sample for r in b.ids().tolist()]
     assert len(got) == sample.num_rows and set(got) <= every
+
+
+def test_disjoint_samples_read_each_row_once_while_the_split_lasts(prepared_criteo: PrepareResult) -> None:
+    """A search phase with disjoint epochs: each epoch takes the next groups of the seeded order, so
+    the epochs that fit in the split share no row and the last of them ends where the split does."""
+    total = loader(prepared_criteo).file.metadata.num_row_groups
+    sample = loader(prepared_criteo, sample_rows=5000, seed=4, disjoint=True)
+    same = loader(prepared_criteo, sample_rows=5000, seed=4)
+    seen: list[int] = []
+    for epoch in range(3):
+        sample.set_epoch(epoch)
+        same.set_epoch(epoch)
+        assert sample.groups and not set(sample.groups) & set(seen)
+        assert 5000 * (epoch + 1) <= sample.num_rows + sum(sample.file.metadata.row_group(g).num_rows for g in seen)
+        seen += sample.groups
+    assert same.groups == loader(prepared_criteo, sample_rows=5000, seed=4).groups  # not disjoint: one sample
+    everything = loader(prepared_criteo, sample_rows=sample.file.metadata.num_rows // 2, seed=4, disjoint=True)
+    everything.set_epoch(1)
+    first_half = loader(prepared_criteo, sample_rows=sample.file.metadata.num_rows // 2, seed=4, disjoint=True).groups
+    assert sorted(first_half + everything.groups) == list(range(total))

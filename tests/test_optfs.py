@@ -1,13 +1,15 @@
 """OptFS gates, schedule, rewind, compaction, and the compression recipe around them."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from ctr.checkpoint import load_checkpoint
-from ctr.compress.optfs import FeatureGates, OptFSStage, gate_lr_rule, masked_remap, penalty_flow, temperature
+from ctr.compress.optfs import FeatureGates, OptFSStage, masked_remap, temperature
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import StageContext, plain_model
 from ctr.compress.tables import compact_rows, id_remap
@@ -40,46 +42,42 @@ def test_gates_are_one_at_init_and_follow_m() -> None:
     batch = make_batch(["f0", "f1"], torch.tensor([[0, 2], [1, 3]]), torch.zeros(2, 0), torch.zeros(2))
     emb = torch.ones(2, 2, 4)
     assert torch.allclose(gates(emb, batch.sparse, tables(3, 4)), emb)
+    gates.set_temperature(200.0)  # a row still at its initial m reads as it is at every temperature
+    assert torch.allclose(gates(emb, batch.sparse, tables(3, 4)), emb)
     with torch.no_grad():
         gates.m[3 + 3] = -0.2  # field 1, id 3
         gates.m[2] = 0.0  # field 0, id 2: not > 0, removed
     assert [k.tolist() for k in gates.kept()] == [[True, True, False], [True, True, True, False]]
 
 
-def test_penalty_flow_is_the_exact_solution_of_the_penalty_gradient_flow() -> None:
-    m = torch.tensor([0.5, 0.01, -0.3, 2.0], dtype=torch.float64)
-    pull, tau, steps = 0.02, 3.0, 5.0
-    euler, h = m.clone(), steps / 20000  # dm/dt = -pull * tau * sigmoid'(tau m), in fine steps
-    for _ in range(20000):
-        s = torch.sigmoid(tau * euler)
-        euler = euler - h * pull * tau * s * (1 - s)
-    assert torch.allclose(penalty_flow(m, steps, pull, tau), euler, atol=1e-7)
-    # k steps at once are k single steps; no pull, no change
-    once = m
-    for _ in range(5):
-        once = penalty_flow(once, 1.0, pull, tau)
-    assert torch.allclose(penalty_flow(m, 5.0, pull, tau), once, atol=1e-12)
-    assert torch.allclose(penalty_flow(m, 7.0, 0.0, tau), m, atol=1e-12)
+def test_first_adam_step_moves_every_row_by_lr_against_its_gradients_sign() -> None:
+    """By hand: Adam's first step is lr x sign(gradient). Row 0's small data gradient adds to the
+    penalty's (down), row 1 has the penalty alone (down), row 2's data outweighs it (up)."""
+    gates = FeatureGates([3], lr=0.1, penalty=0.5)
+    touched = torch.tensor([0, 2])
+    grad = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    grad.grad = torch.tensor([1e-3, -1.0], dtype=torch.float64)
+    gates._adam_step(touched, grad)
+    assert gates.m.tolist() == pytest.approx([0.4, 0.4, 0.6])
+    # a second step with the penalty alone, by the textbook formula
+    pen = lambda m: 0.5 / (1 + math.exp(-m)) / (1 + math.exp(m))  # noqa: E731
+    g1, g2 = pen(0.5), pen(0.4)
+    grad.grad = torch.zeros(2, dtype=torch.float64)
+    gates._adam_step(touched, grad)
+    mean = (0.9 * 0.1 * g1 + 0.1 * g2) / (1 - 0.9 ** 2)
+    square = (0.999 * 0.001 * g1 ** 2 + 0.001 * g2 ** 2) / (1 - 0.999 ** 2)
+    assert gates.m[1].item() == pytest.approx(0.4 - 0.1 * mean / square ** 0.5, abs=1e-12)
 
 
-def test_gate_lr_rule_removes_an_untouched_row_halfway_through_the_search() -> None:
-    lam, per_epoch, epochs, final = 5e-6, 10, 4, 200.0
-    lr = gate_lr_rule(lam, per_epoch, epochs, final)
-    m = torch.tensor([0.5], dtype=torch.float64)
-    for epoch, steps in [(0, 10), (1, 10)]:  # 20 of the 40 steps: the first two epochs
-        before = m
-        m = penalty_flow(m, steps, lr * lam, temperature(epoch, epochs, final))
-    assert before.item() > 0 and abs(m.item()) < 1e-6
-
-
-def test_sparse_gate_update_equals_the_dense_rule_on_every_row() -> None:
-    """Rows a batch touches take the flow and the data gradient; the others wait. The dense rule,
-    m <- flow_1(m) - lr * grad on every row at every step, must give the same m, untouched rows
+def test_gate_steps_equal_adam_on_the_references_dense_loss() -> None:
+    """The data gradient is taken for touched rows only and the penalty's for all; together they are
+    torch's own Adam on loss + lambda * sum sigmoid(tau m) over a dense parameter, untouched rows
     (some never touched) included, across a change of temperature."""
-    sizes, lr, lam, batch_size = [6, 40], 0.5, 0.02, 8
+    sizes, lr, lam, batch_size = [6, 40], 0.05, 0.02, 8
     gen = torch.Generator().manual_seed(0)
     gates = FeatureGates(sizes, lr, lam)
-    dense = gates.m.clone()
+    dense = nn.Parameter(gates.m.clone())
+    adam = torch.optim.Adam([dense], lr=lr, eps=1e-30)
     weights = torch.randn(batch_size, 2, 4, generator=gen)
     arch = tables(*sizes)
     for step in range(60):
@@ -92,16 +90,31 @@ def test_sparse_gate_update_equals_the_dense_rule_on_every_row() -> None:
         batch = make_batch(["f0", "f1"], ids, torch.zeros(batch_size, 0), torch.zeros(batch_size))
         emb = torch.randn(batch_size, 2, 4, generator=gen)
         (gates(emb, batch.sparse, arch) * weights).sum().backward()
-        # the dense rule on a copy
-        m = dense.clone().requires_grad_()
         rows = ids + torch.tensor([[0], [6]])  # field-major, as the gates index
-        g = torch.sigmoid(tau * m.index_select(0, rows.reshape(-1)).view_as(rows)) / torch.sigmoid(torch.tensor(0.5, dtype=torch.float64))
-        (emb * g.T.unsqueeze(-1).float() * weights).sum().backward()
-        dense = penalty_flow(dense, 1.0, lr * lam, tau) - lr * m.grad
-    gates.settle()
-    assert (gates.m - dense).abs().max() < 1e-6
-    assert [k.tolist() for k in gates.kept()] == [k.tolist() for k in torch.split(dense > 0, sizes)]
-    assert 0 < int((dense > 0).sum()) < sum(sizes)  # the test table keeps some rows and removes others
+        g = torch.sigmoid(tau * dense[rows]) / torch.sigmoid(torch.tensor(0.5 * tau, dtype=torch.float64))
+        adam.zero_grad()
+        ((emb * g.T.unsqueeze(-1).float() * weights).sum() + lam * torch.sigmoid(tau * dense).sum()).backward()
+        adam.step()
+    assert (gates.m - dense.detach()).abs().max() < 1e-9
+    assert 0 < int((gates.m > 0).sum()) < sum(sizes)  # the test table keeps some rows and removes others
+
+
+def test_gate_rule_removes_a_row_no_batch_touches_halfway_through_the_search() -> None:
+    """4 epochs of 10 steps (1000 rows each, batches of 100): the rule's Adam step takes a row that
+    only the penalty moves from m0 = 0.5 to 0 at about step 20, under the temperature schedule."""
+    stage = OptFSStage(OptFSConfig(search_epochs=4))
+    rows, lr, lam = stage.gate_settings(train_rows=4000, batch_size=100)
+    assert (rows, lr) == (1000, pytest.approx(0.5 / 20)) and lam == pytest.approx(1e-8 * 36_672_494 / 4000)
+    gates = FeatureGates([1], lr, lam)
+    nothing = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    nothing.grad = torch.zeros(0, dtype=torch.float64)
+    crossed = None
+    for step in range(40):
+        gates.set_temperature(temperature(step // 10, 4, 200.0))
+        gates._adam_step(torch.zeros(0, dtype=torch.int64), nothing)
+        if crossed is None and gates.m.item() <= 0:
+            crossed = step + 1
+    assert crossed is not None and 16 <= crossed <= 24
 
 
 def test_temperature_schedule_end_points() -> None:
@@ -150,7 +163,7 @@ def experiment(prepared: PrepareResult, run_dir: Path, **optfs: object) -> Exper
 
 @pytest.mark.slow
 def test_recipe_runs_rewinds_and_resumes(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
-    cfg = experiment(prepared_criteo, tmp_path / "run", penalty=1e-4)
+    cfg = experiment(prepared_criteo, tmp_path / "run")  # lambda and the gates' step from their rules
     Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
     lines = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run")
     assert [l["stage_id"] for l in lines] == ["00_baseline", "01_optfs"]
@@ -177,7 +190,8 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     sizes = [f.num_embeddings for f in prepared_criteo.feature_map.categorical]
     with local_process_group():
         kept, snapshot, rows, _, _ = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
-    assert rows == prepared_criteo.feature_map.splits["train"].rows  # no sample asked: every row
+    # no sample asked: one pass, so each of the 2 epochs reads about half the split (whole row groups of 2048)
+    assert abs(rows - prepared_criteo.feature_map.splits["train"].rows / 2) < 2048
     assert snapshot.keys() == source["model"].keys()
     assert all(torch.equal(snapshot[k], source["model"][k]) for k in snapshot)
     assert len(kept) == len(prepared_criteo.feature_map.categorical)
@@ -229,5 +243,9 @@ def test_search_sample_takes_rows_or_a_fraction_not_both() -> None:
     # neither: half an epoch over the search's epochs, at least 1M rows per epoch
     assert sample_rows(None, None, 1000, 4) is None and sample_rows(None, None, 3_000_000, 2) == 1_000_000
     assert sample_rows(None, None, 10_000_000, 4) == 1_250_000 and sample_rows(None, None, 10_000_000, 10) == 1_000_000
+    # one pass (OptFS): never more than 1/epochs of the split per epoch, so no row is read twice
+    assert sample_rows(None, None, 1000, 4, one_pass=True) == 250
+    assert sample_rows(None, None, 10_000_000, 4, one_pass=True) == 1_250_000
+    assert sample_rows(None, None, 3_000_000, 4, one_pass=True) == 750_000
     with pytest.raises(ValueError, match="give search_rows or search_fraction, not both"):
         OptFSConfig(search_rows=10, search_fraction=0.5)

@@ -5,7 +5,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.synthetic import _hex8, generate
+from common.errors import ConfigError
+from pipelines.synthetic import _hex8, generate, scenario
 
 
 def test_hex_rendering() -> None:
@@ -58,7 +59,7 @@ def test_noise_fields_carry_no_signal_and_informative_ones_do(tmp_path: Path) ->
 
 
 def test_profile_supports_reach_the_published_distinct_values_at_full_size() -> None:
-    from pipelines.synthetic import PROFILE_DISTINCT, PROFILE_ROWS, expected_distinct, scenario
+    from pipelines.synthetic import PROFILE_DISTINCT, PROFILE_ROWS, expected_distinct
 
     for kind in ("criteo", "avazu"):
         for f in scenario(kind, profile=True).fields:
@@ -96,7 +97,7 @@ def test_hashed_weights_have_unit_variance_and_repeat() -> None:
 def test_criteo_profile_distinct_values_follow_the_documented_distribution(tmp_path: Path) -> None:
     """At 100k rows each field's distinct values match the expectation under its sampler (the same
     rule that reaches the published figures at 45.8M rows), and the big fields are mostly rare values."""
-    from pipelines.synthetic import expected_distinct, scenario
+    from pipelines.synthetic import expected_distinct
 
     rows = 100_000
     report = generate("criteo", rows, tmp_path / "p.txt", seed=3, profile=True)
@@ -110,3 +111,17 @@ def test_criteo_profile_distinct_values_follow_the_documented_distribution(tmp_p
             assert present.n_unique() == pytest.approx(expected, rel=0.03, abs=3), f.name
     counts = df["C3"].drop_nulls().value_counts()["count"]
     assert (counts == 1).mean() > 0.5  # most of C3's values are seen once
+
+
+def test_noise_choice_zeroes_exactly_the_named_fields(tmp_path: Path) -> None:
+    """--noise: the named fields carry no weight and leave every pair; the scenario's own noise
+    fields that are not named become informative; an unknown field is one user error."""
+    sc = scenario("criteo", noise=["C1", "C9"])
+    weights = {f.name: f.weight for f in sc.fields if f.render != "count"}
+    assert [n for n, w in weights.items() if w == 0] == ["C1", "C9"]
+    assert all(w > 0 for n, w in weights.items() if n not in ("C1", "C9"))
+    assert all("C1" not in pair for pair in sc.pairs) and ("C3", "C4") in sc.pairs
+    report = generate("criteo", 2_000, tmp_path / "n.txt", seed=5, noise=["C1", "C9"])
+    assert {"C1", "C9"} <= set(report.noise) and "C5" in report.informative
+    with pytest.raises(ConfigError, match="I1"):
+        scenario("criteo", noise=["I1"])
