@@ -255,6 +255,8 @@ def test_8_config_mistakes_are_one_line_naming_the_file(tmp_path: Path, capsys: 
     fails(["train", str(exp), "model.hidden=[-5]"], capsys, "<command line>", "model.hidden.0")
     fails(["train", str(exp), "model.cross_layers=3"], capsys, "<command line>", "unknown key 'model.cross_layers'")
     fails(["generate", "--rows", "0", "--out", str(tmp_path / "g.txt")], capsys, "<command line>", "--rows 0")
+    fails(["generate", "--noise", "C5,I1", "--out", str(tmp_path / "g.txt")], capsys, "<command line>", "['I1']")
+    assert not (tmp_path / "g.txt").exists()
     fails(["compress", str(exp), "--sweep", "size=1,2"], capsys, str(exp), "varies target_mb, not 'size'")
     fails(["compress", str(exp), "--sweep", "target_mb=2,-1"], capsys, str(exp), "distinct positive sizes")
     nolabel = tmp_path / "nolabel.yaml"

@@ -51,8 +51,8 @@ class FeatureGates(nn.Module):
     field to its tail, and no single SGD step both moves a tail row and keeps a head row stable; Adam
     moves a row whose gradient is the penalty alone by ``lr`` per step, and keeps a row only while
     its data gradient's mean outweighs the penalty's. The data gradient is taken for the touched rows
-    only; the Adam step runs over every row (about 15 passes over the gates: 2.6M rows in ~20 ms on
-    2 cores). The state is float64 buffers, outside the trainer's optimizers and checkpointed with
+    only; the Adam step runs over every row (with 2.64M rows a search step took 101 ms against the
+    plain training step's 86 ms on 2 cores). The state is float64 buffers, outside the trainer's optimizers and checkpointed with
     the model, so a resumed search continues exactly."""
 
     def __init__(self, sizes: list[int], lr: float = 0.0, penalty: float = 0.0) -> None:
