@@ -57,6 +57,14 @@ class SyntheticConfig(Strict):
     profile: bool = False  # the real dataset's per-field distinct values and long tails (ctr generate --profile)
     noise: list[str] | None = None  # the pure-noise categorical fields; None: the scenario's own (ctr generate --noise)
 
+    @model_validator(mode="after")
+    def _noise_fields_exist(self) -> "SyntheticConfig":
+        names = CRITEO_CATEGORIES if self.kind == "criteo" else AVAZU_CATEGORIES
+        unknown = sorted(set(self.noise or []) - set(names))
+        if unknown:
+            raise ValueError(f"noise fields {unknown} are not categorical fields of the {self.kind} layout")
+        return self
+
 
 class DatasetConfig(Strict):
     name: str

@@ -257,6 +257,7 @@ def test_8_config_mistakes_are_one_line_naming_the_file(tmp_path: Path, capsys: 
     fails(["generate", "--rows", "0", "--out", str(tmp_path / "g.txt")], capsys, "<command line>", "--rows 0")
     fails(["generate", "--noise", "C5,I1", "--out", str(tmp_path / "g.txt")], capsys, "<command line>", "['I1']")
     assert not (tmp_path / "g.txt").exists()
+    fails(["prepare", str(exp), "dataset.synthetic.noise=[C3, I1]"], capsys, "synthetic.yaml", "dataset.synthetic", "['I1']")
     fails(["compress", str(exp), "--sweep", "size=1,2"], capsys, str(exp), "varies target_mb, not 'size'")
     fails(["compress", str(exp), "--sweep", "target_mb=2,-1"], capsys, str(exp), "distinct positive sizes")
     nolabel = tmp_path / "nolabel.yaml"

@@ -52,8 +52,8 @@ class FeatureGates(nn.Module):
     moves a row whose gradient is the penalty alone by ``lr`` per step, and keeps a row only while
     its data gradient's mean outweighs the penalty's. The data gradient is taken for the touched rows
     only; the Adam step runs over every row (with 2.64M rows a search step took 101 ms against the
-    plain training step's 86 ms on 2 cores). The state is float64 buffers, outside the trainer's optimizers and checkpointed with
-    the model, so a resumed search continues exactly."""
+    plain training step's 86 ms on 2 cores). The state is float64 buffers, outside the trainer's
+    optimizers and checkpointed with the model, so a resumed search continues exactly."""
 
     def __init__(self, sizes: list[int], lr: float = 0.0, penalty: float = 0.0) -> None:
         super().__init__()
