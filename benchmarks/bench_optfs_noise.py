@@ -75,7 +75,7 @@ def run(sets: list[NoiseSet]) -> list[str]:
              "OptFS test AUC | change | DeLong p | minutes |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in sets:
         started = time.perf_counter()
-        (_, base, base_test), (_, optfs, test) = measure(CONFIG, s.overrides())[0]
+        (_, _, base_test), (_, optfs, test) = measure(CONFIG, s.overrides())[0]
         p = delong_test(test["scores"][0], test["scores"][1], base_test["scores"][1])["p_value"]
         fmap = FeatureMap.load(s.folder / "prepared")
         noise = set(read_teacher(s.folder / "raw.txt")["noise"])  # the chosen fields, and the teacher's unweighted I12, I13
@@ -100,6 +100,7 @@ def main() -> None:
                       f"machine: {machine()}. The OptFS stage of `{CONFIG}` unchanged on every set; the DNN baseline "
                       "from the same config; test split.", "", *table, "", f"_{load_note()} at the end._", ""])
     replace_section(args.out, TITLE, body)
+
 
 if __name__ == "__main__":
     main()

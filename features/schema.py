@@ -59,11 +59,15 @@ class SyntheticConfig(Strict):
 
     @model_validator(mode="after")
     def _noise_fields_exist(self) -> "SyntheticConfig":
-        names = CRITEO_CATEGORIES if self.kind == "criteo" else AVAZU_CATEGORIES
-        unknown = sorted(set(self.noise or []) - set(names))
+        unknown = unknown_categories(self.kind, self.noise or [])
         if unknown:
             raise ValueError(f"noise fields {unknown} are not categorical fields of the {self.kind} layout")
         return self
+
+
+def unknown_categories(kind: str, names: list[str]) -> list[str]:
+    """The ``names`` that are not categorical fields of the ``kind`` layout, sorted (e.g. a noise choice)."""
+    return sorted(set(names) - set(CRITEO_CATEGORIES if kind == "criteo" else AVAZU_CATEGORIES))
 
 
 class DatasetConfig(Strict):

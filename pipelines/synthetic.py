@@ -37,7 +37,7 @@ from common.atomic import atomic_write_text
 from common.errors import ConfigError
 from common.yaml_config import COMMAND_LINE
 from ctr.metrics import auc
-from features.schema import AVAZU_CATEGORIES, CRITEO_CATEGORIES, CRITEO_INTEGERS
+from features.schema import AVAZU_CATEGORIES, CRITEO_CATEGORIES, CRITEO_INTEGERS, unknown_categories
 
 log = logging.getLogger("ctr.generate")
 
@@ -134,7 +134,7 @@ def with_noise(base: Scenario, noise: list[str]) -> Scenario:
     weight of the informative categorical fields. Why: selection methods are checked on noise they
     were not tuned on (other fields, other cardinalities)."""
     cats = [f for f in base.fields if f.render != "count"]
-    unknown = sorted(set(noise) - {f.name for f in cats})
+    unknown = unknown_categories(base.kind, noise)
     if unknown:
         raise ConfigError(f"{COMMAND_LINE}: noise fields {unknown} are not categorical fields of the {base.kind} "
                           f"layout (choose from {', '.join(f.name for f in cats)})")
