@@ -6,13 +6,15 @@ geometrically from 1 to ``final_temp`` over the search epochs, which read disjoi
 train split (one pass: a row read twice is partly memorised and looks more useful than it is). The
 gates have their own Adam, dense as in the reference: see ``FeatureGates``. The search starts from a
 fresh initialisation (as the reference) or from the source checkpoint's weights (``start_from``).
-Then: hard mask m > 0, rewind the weights to the snapshot taken at the start of ``rewind_epoch`` (0:
+Then: hard mask m > 0, and a field whose kept rows do not lower the held-out loss significantly is
+removed whole (``field_test``: one value's evidence is bounded by its count, a field's is pooled); rewind the weights to the snapshot taken at the start of ``rewind_epoch`` (0:
 the initial weights, a lottery ticket), retrain with the mask fixed (an id remap: removed ids read a
 zero vector or the field's OOV row) and early stopping, and finally compact every table to its kept rows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from common.errors import ConfigError
+from ctr.compress.field_test import FieldGain, field_gains, kept_fields
 from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
 from ctr.compress.tables import REMAP_KEY, compact_rows, id_remap, table_key
 from ctr.config import OptFSConfig, sample_rows
@@ -118,6 +121,17 @@ def masked_remap(remaps: list[torch.Tensor], kept: list[torch.Tensor], removed_t
     return torch.cat(parts)
 
 
+@dataclass
+class Search:
+    kept: list[torch.Tensor]  # per field, the rows kept (gates and field test)
+    snapshot: dict[str, torch.Tensor]  # the weights to rewind to
+    gains: list[FieldGain]  # the field test's, per field
+    fields_kept: list[bool]  # the field test's verdicts
+    train_rows: int  # the rows one search epoch read
+    penalty: float
+    gate_lr: float
+
+
 class OptFSStage:
     name = "optfs"
     sizes_to_target = False
@@ -136,10 +150,7 @@ class OptFSStage:
         lr = c.gate_lr if c.gate_lr is not None else GATE_INIT / (UNTOUCHED_GONE_AT * steps)
         return rows, lr, c.penalty if c.penalty is not None else REFERENCE_PENALTY_ROWS / train_rows
 
-    def _search(self, ctx: StageContext, source: dict[str, Any], steps: tuple,
-                sizes: list[int]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, float, float]:
-        """The gates' hard mask, the rewind snapshot, the train rows one search epoch read, lambda and
-        the gates' SGD step."""
+    def _search(self, ctx: StageContext, source: dict[str, Any], steps: tuple, sizes: list[int]) -> Search:
         c = self.cfg
         snapshot: dict[str, torch.Tensor] = {}
 
@@ -159,7 +170,14 @@ class OptFSStage:
         trainer = Trainer(search_cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "search", hooks)
         hooks.attach = lambda model: setattr(model, "gates", FeatureGates(sizes, lr, lam))
         trainer.train()
-        return trainer.model.module.gates.kept(), snapshot, trainer.train_data.num_rows, lam, lr
+        gates = trainer.model.module.gates
+        searched = plain_model(ctx.fmap, stage_payload(source, {k: v for k, v in plain_state_dict(trainer.model).items()
+                                                                 if not k.startswith("gates.")}, steps))
+        searched.gates = gates
+        gains = field_gains(searched, ctx.split("valid"))
+        fields_kept = kept_fields(gains, c.field_p)
+        kept = [k & keep for k, keep in zip(gates.kept(), fields_kept)]
+        return Search(kept, snapshot, gains, fields_kept, trainer.train_data.num_rows, lam, lr)
 
     def _retrain(self, ctx: StageContext, steps: tuple, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.cfg
@@ -178,14 +196,15 @@ class OptFSStage:
             raise ConfigError(f"optfs selects rows of per-field tables; embedding kind '{ctx.cfg.model.embedding.kind}' "
                              "shares hashed tables (use kind 'per_field')")
         sizes = [int(source["model"][table_key(f.name)].shape[0]) for f in fields]
-        kept, snapshot, search_rows, penalty, gate_lr = self._search(ctx, source, steps, sizes)
+        search = self._search(ctx, source, steps, sizes)
+        kept = search.kept
         remaps = id_remap(source["model"], fields)
         if self.cfg.removed_to == "oov":  # the OOV row must survive: removed ids read it
             kept = [k.clone().index_fill_(0, old[OOV_ID].clamp(min=0).view(1), True) if old[OOV_ID] >= 0 else k
                     for k, old in zip(kept, remaps)]
         # retrain with the whole tables, removed ids masked by the remap; then cut the tables
         masked = (*steps, SelectRows(rows=sizes, removed_to=self.cfg.removed_to, by=ctx.stage_id))
-        start = {**snapshot, REMAP_KEY: masked_remap(remaps, kept, self.cfg.removed_to)}
+        start = {**search.snapshot, REMAP_KEY: masked_remap(remaps, kept, self.cfg.removed_to)}
         retrained = self._retrain(ctx, masked, start)
         state, rows = compact_rows(retrained, fields, kept)
         final = (*steps, SelectRows(rows=rows, removed_to=self.cfg.removed_to, by=ctx.stage_id))
@@ -194,10 +213,12 @@ class OptFSStage:
                                ctx.check_batches())
         kept_rows = {f.name: int(k.sum()) for f, k in zip(fields, kept)}
         details = {
-            "penalty": penalty, "gate_lr": gate_lr,
+            "penalty": search.penalty, "gate_lr": search.gate_lr,
+            "field_test": {f.name: {"gain": g.gain, "z": g.z} for f, g in zip(fields, search.gains)},
+            "fields_removed": [f.name for f, keep in zip(fields, search.fields_kept) if not keep],
             "kept_rows": kept_rows,
             "kept_share": {f.name: kept_rows[f.name] / n for f, n in zip(fields, sizes)},
-            "rows_before": sum(sizes), "rows_after": sum(kept_rows.values()), "search_train_rows": search_rows,
+            "rows_before": sum(sizes), "rows_after": sum(kept_rows.values()), "search_train_rows": search.train_rows,
             "exact_max_diff": exact,
         }
         return StageOutput(payload=payload, details=details)
