@@ -151,10 +151,11 @@ def _unwrap(annotation: Any) -> list[Any]:
 
 
 def _is_tag(cand: Any, part: Any) -> bool:
-    """Whether ``part`` is the discriminator value that selects ``cand`` in a tagged union."""
-    return isinstance(cand, type) and issubclass(cand, BaseModel) and any(
+    """Whether ``part`` is the tag that selects ``cand`` in a tagged union: its discriminator field's
+    value, or its class name (the tag of a union told apart by a function)."""
+    return isinstance(cand, type) and issubclass(cand, BaseModel) and (cand.__name__ == part or any(
         typing.get_origin(f.annotation) is typing.Literal and typing.get_args(f.annotation) == (part,)
-        for f in cand.model_fields.values())
+        for f in cand.model_fields.values()))
 
 
 def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[Any]]:

@@ -7,9 +7,9 @@ Validation is strict, so a typo fails before any data is read.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from common.strict import Strict
 from features.schema import DatasetConfig
@@ -219,7 +219,24 @@ class QuantizeStep(StageStep):
     quantize: QuantizeConfig
 
 
-CompressStep = OptFSStep | OptEmbedStep | AFMStep | QuantizeStep
+STEP_KINDS: tuple[type[StageStep], ...] = (OptFSStep, OptEmbedStep, AFMStep, QuantizeStep)
+STAGE_NAMES = ", ".join(next(iter(kind.model_fields)) for kind in STEP_KINDS)
+
+
+def _step_kind(value: object) -> str | None:
+    """The class of the stage an entry names, so that a bad entry is checked against that stage
+    only (not reported once per stage kind); None for an entry that names no single known stage."""
+    if isinstance(value, StageStep):
+        return type(value).__name__
+    keys = list(value) if isinstance(value, dict) else []
+    return next((kind.__name__ for kind in STEP_KINDS if keys == list(kind.model_fields)), None)
+
+
+CompressStep = Annotated[
+    Annotated[OptFSStep, Tag("OptFSStep")] | Annotated[OptEmbedStep, Tag("OptEmbedStep")]
+    | Annotated[AFMStep, Tag("AFMStep")] | Annotated[QuantizeStep, Tag("QuantizeStep")],
+    Discriminator(_step_kind, custom_error_type="stage_kind",
+                  custom_error_message=f"each stage is one key naming it: {STAGE_NAMES}")]
 
 
 class CompressRecipe(Strict):

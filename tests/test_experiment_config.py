@@ -35,3 +35,17 @@ def test_wrong_type_and_bad_width_on_the_command_line() -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"{tmp_path / 'nope.yaml'}: config file not found"):
         load_experiment(tmp_path / "nope.yaml")
+
+
+def test_a_bad_stage_is_reported_once_against_its_own_kind(tmp_path: Path) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"extends: {CONFIGS / 'synthetic_dnn.yaml'}\ncompress:\n  - optfs: {{start_from: frozen}}\n")
+    with pytest.raises(ConfigError) as bad_value:
+        load_experiment(exp)
+    assert str(bad_value.value).startswith(f"{exp}: key 'compress.stages.0.optfs.start_from': Input should be 'init'")
+    assert ";" not in str(bad_value.value)  # one problem, one message: not one per stage kind
+    for entry in ("optfz: {}", "{optfs: {}, afm: {}}", "[optfs]"):
+        exp.write_text(f"extends: {CONFIGS / 'synthetic_dnn.yaml'}\ncompress:\n  - {entry}\n")
+        with pytest.raises(ConfigError, match=rf"{exp}: key 'compress.stages.0': each stage is one key naming it: "
+                                              "optfs, optembed, afm, quantize"):
+            load_experiment(exp)

@@ -170,6 +170,8 @@ def test_recipe_runs_rewinds_and_resumes(prepared_criteo: PrepareResult, tmp_pat
     optfs = lines[1]
     assert optfs["rows_after"] < optfs["rows_before"] and optfs["bytes"] < lines[0]["bytes"]
     assert optfs["valid_auc"] > 0.6  # learned (random is 0.5) on 16k rows
+    assert optfs["field_test"].keys() == optfs["kept_rows"].keys()
+    assert all(optfs["kept_rows"][f] == 0 for f in optfs["fields_removed"])  # removed_to zero: no row left
     stage = tmp_path / "run" / "compress" / "01_optfs"
     assert load_checkpoint(stage / "search" / "checkpoints" / "last.pt")["loop"]["epoch"] == 2  # all search epochs
     # resuming does not run the stage again
@@ -189,12 +191,15 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "stage")
     sizes = [f.num_embeddings for f in prepared_criteo.feature_map.categorical]
     with local_process_group():
-        kept, snapshot, rows, _, _ = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
+        search = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)
     # no sample asked: one pass, so each of the 2 epochs reads about half the split (whole row groups of 2048)
-    assert abs(rows - prepared_criteo.feature_map.splits["train"].rows / 2) < 2048
-    assert snapshot.keys() == source["model"].keys()
-    assert all(torch.equal(snapshot[k], source["model"][k]) for k in snapshot)
-    assert len(kept) == len(prepared_criteo.feature_map.categorical)
+    assert abs(search.train_rows - prepared_criteo.feature_map.splits["train"].rows / 2) < 2048
+    assert search.snapshot.keys() == source["model"].keys()
+    assert all(torch.equal(search.snapshot[k], source["model"][k]) for k in search.snapshot)
+    assert len(search.kept) == len(search.gains) == len(prepared_criteo.feature_map.categorical)
+    # a field the test rejects keeps no row; the others keep what their gates kept
+    for k, keep in zip(search.kept, search.fields_kept):
+        assert keep or not bool(k.any())
 
 
 def test_gate_steps_are_bitwise_reproducible_on_two_threads() -> None:

@@ -48,7 +48,7 @@ def _first_rows(batches: Iterable[Batch], rows: int) -> Iterator[Batch]:
 def field_gains(model: CTRModel, batches: Iterable[Batch], rows: int = TEST_ROWS) -> list[FieldGain]:
     """Per field (the looked-up order), the mean and standard error of the per-row log loss rise when
     the field's rows are replaced by their mean over the same held-out rows. Two passes over
-    ``batches`` (re-iterable): the means, then the paired loss differences."""
+    ``batches`` (re-iterable): the means, then the paired loss differences. No rows: an empty list."""
     model.eval()
     with torch.no_grad():
         total, n = None, 0

@@ -175,7 +175,7 @@ class OptFSStage:
                                                                  if not k.startswith("gates.")}, steps))
         searched.gates = gates
         gains = field_gains(searched, ctx.split("valid"))
-        fields_kept = kept_fields(gains, c.field_p)
+        fields_kept = kept_fields(gains, c.field_p) if gains else [True] * len(sizes)  # no held-out rows: no evidence
         kept = [k & keep for k, keep in zip(gates.kept(), fields_kept)]
         return Search(kept, snapshot, gains, fields_kept, trainer.train_data.num_rows, lam, lr)
 
