@@ -7,9 +7,10 @@ train split (one pass: a row read twice is partly memorised and looks more usefu
 gates have their own Adam, dense as in the reference: see ``FeatureGates``. The search starts from a
 fresh initialisation (as the reference) or from the source checkpoint's weights (``start_from``).
 Then: hard mask m > 0, and a field whose kept rows do not lower the held-out loss significantly is
-removed whole (``field_test``: one value's evidence is bounded by its count, a field's is pooled); rewind the weights to the snapshot taken at the start of ``rewind_epoch`` (0:
-the initial weights, a lottery ticket), retrain with the mask fixed (an id remap: removed ids read a
-zero vector or the field's OOV row) and early stopping, and finally compact every table to its kept rows.
+removed whole (``field_test``: one value's evidence is bounded by its count, a field's is pooled);
+rewind the weights to the snapshot taken at the start of ``rewind_epoch`` (0: the initial weights, a
+lottery ticket), retrain with the mask fixed (an id remap: removed ids read a zero vector or the
+field's OOV row) and early stopping, and finally compact every table to its kept rows.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ class OptFSStage:
         return rows, lr, c.penalty if c.penalty is not None else REFERENCE_PENALTY_ROWS / train_rows
 
     def _search(self, ctx: StageContext, source: dict[str, Any], steps: tuple, sizes: list[int]) -> Search:
+        """Train with the gates, then test every field on the validation rows with the searched weights."""
         c = self.cfg
         snapshot: dict[str, torch.Tensor] = {}
 
