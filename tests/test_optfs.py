@@ -163,15 +163,16 @@ def experiment(prepared: PrepareResult, run_dir: Path, **optfs: object) -> Exper
 
 @pytest.mark.slow
 def test_recipe_runs_rewinds_and_resumes(prepared_criteo: PrepareResult, tmp_path: Path) -> None:
-    cfg = experiment(prepared_criteo, tmp_path / "run")  # lambda and the gates' step from their rules
+    # lambda and the gates' step from their rules; no field test: on 20k rows the searched model has
+    # learned too little for it (README), and this test is about the gates, the rewind and resuming
+    cfg = experiment(prepared_criteo, tmp_path / "run", field_p=1.0)
     Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
     lines = run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run")
     assert [l["stage_id"] for l in lines] == ["00_baseline", "01_optfs"]
     optfs = lines[1]
     assert optfs["rows_after"] < optfs["rows_before"] and optfs["bytes"] < lines[0]["bytes"]
     assert optfs["valid_auc"] > 0.6  # learned (random is 0.5) on 16k rows
-    assert optfs["field_test"].keys() == optfs["kept_rows"].keys()
-    assert all(optfs["kept_rows"][f] == 0 for f in optfs["fields_removed"])  # removed_to zero: no row left
+    assert optfs["field_test"] == {} and optfs["fields_removed"] == [] and optfs["removed_fields_gain"] is None
     stage = tmp_path / "run" / "compress" / "01_optfs"
     assert load_checkpoint(stage / "search" / "checkpoints" / "last.pt")["loop"]["epoch"] == 2  # all search epochs
     # resuming does not run the stage again
@@ -196,10 +197,12 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     assert abs(search.train_rows - prepared_criteo.feature_map.splits["train"].rows / 2) < 2048
     assert search.snapshot.keys() == source["model"].keys()
     assert all(torch.equal(search.snapshot[k], source["model"][k]) for k in search.snapshot)
-    assert len(search.kept) == len(search.gains) == len(prepared_criteo.feature_map.categorical)
+    assert len(search.kept) == len(search.test.gains) == len(prepared_criteo.feature_map.categorical)
     # a field the test rejects keeps no row; the others keep what their gates kept
-    for k, keep in zip(search.kept, search.fields_kept):
+    for k, keep in zip(search.kept, search.test.kept):
         assert keep or not bool(k.any())
+    together = search.test.removed_gain  # what the removed fields cost together is not significant at 5%
+    assert (together is None) == all(search.test.kept) and (together is None or together.z <= 1.645)
 
 
 def test_gate_steps_are_bitwise_reproducible_on_two_threads() -> None:

@@ -5,9 +5,13 @@ field have hundreds of rows each, and their noisy gradients keep them as surely 
 value of the same count. Noise is a property of the whole field, so the evidence is pooled here: on
 held-out rows, replace the field's looked-up rows by their mean (the field then says nothing about
 the row, yet the layers above still see an input of the usual size) and measure how much the log
-loss rises. The mean of that rise over n rows, divided by its standard error, is a z statistic; a
-field is kept only when its rise is significant at the one-sided level ``p``. A field left out by
-chance was worth at most a small, insignificant loss; a noise field kept by chance costs bytes, not AUC.
+loss rises. The mean of that rise over n rows, divided by its standard error, is a z statistic.
+
+The rule, at one-sided level ``p``: a field is removed when its own rise is not significant, and
+the removed fields together must not raise the loss significantly either; while they do, the
+removed field with the largest z comes back. One field at a time, a weak model would lose every
+field it has not yet learned well (on 2k held-out rows nearly all of them); the joint check bounds
+what the removed set costs as a whole. A noise field kept by chance costs bytes, not AUC.
 """
 
 from __future__ import annotations
@@ -22,17 +26,24 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 from ctr.loader import Batch
 from ctr.models.base import CTRModel
 
-TEST_ROWS = 500_000  # held-out rows read (all of them when fewer): a gain of 1e-5 nats/row has z ~ 3 here
+TEST_ROWS = 500_000  # held-out rows read (all of them when fewer): a rise of 1e-5 nats/row has z ~ 3 here
 
 
 @dataclass(frozen=True)
 class FieldGain:
-    gain: float  # mean rise of the log loss per row when the field says nothing (nats)
+    gain: float  # mean rise of the log loss per row when the field (or fields) say nothing (nats)
     stderr: float
 
     @property
     def z(self) -> float:
         return self.gain / self.stderr if self.stderr > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class FieldTest:
+    gains: list[FieldGain]  # each field's own, in the looked-up order
+    kept: list[bool]
+    removed_gain: FieldGain | None  # the removed fields' together (None: none removed)
 
 
 def _first_rows(batches: Iterable[Batch], rows: int) -> Iterator[Batch]:
@@ -45,39 +56,56 @@ def _first_rows(batches: Iterable[Batch], rows: int) -> Iterator[Batch]:
         seen += take
 
 
-def field_gains(model: CTRModel, batches: Iterable[Batch], rows: int = TEST_ROWS) -> list[FieldGain]:
-    """Per field (the looked-up order), the mean and standard error of the per-row log loss rise when
-    the field's rows are replaced by their mean over the same held-out rows. Two passes over
-    ``batches`` (re-iterable): the means, then the paired loss differences. No rows: an empty list."""
-    model.eval()
-    with torch.no_grad():
-        total, n = None, 0
-        for b in _first_rows(batches, rows):
-            emb = model.lookup(b.sparse).double().sum(0)
-            total, n = (emb if total is None else total + emb), n + b.size
-        if total is None:
-            return []
-        mean = (total / n).float()
-        sums = torch.zeros(mean.shape[0], dtype=torch.float64)
+class HeldOut:
+    """The first ``rows`` of ``batches`` (re-iterable) and each field's mean looked-up row over them."""
+
+    def __init__(self, model: CTRModel, batches: Iterable[Batch], rows: int = TEST_ROWS) -> None:
+        self.model, self.batches, self.rows = model, batches, rows
+        model.eval()
+        total, self.n = None, 0
+        with torch.no_grad():
+            for b in _first_rows(batches, rows):
+                emb = model.lookup(b.sparse).double().sum(0)
+                total, self.n = (emb if total is None else total + emb), self.n + b.size
+        self.mean = None if total is None else (total / self.n).float()
+
+    def gains(self, groups: list[list[int]]) -> list[FieldGain]:
+        """Per group of fields, the mean and standard error of the per-row log loss rise when the
+        group's rows all read their means (one pass; a group per field is the single-field test)."""
+        assert self.mean is not None
+        sums = torch.zeros(len(groups), dtype=torch.float64)
         squares = torch.zeros_like(sums)
-        for b in _first_rows(batches, rows):
-            emb = model.lookup(b.sparse)
-            base = binary_cross_entropy_with_logits(model.interact(emb, b.dense, b.sparse)[0], b.labels, reduction="none")
-            for f in range(mean.shape[0]):
-                plain = emb.clone()
-                plain[:, f] = mean[f]
-                rise = (binary_cross_entropy_with_logits(model.interact(plain, b.dense, b.sparse)[0], b.labels,
-                                                         reduction="none") - base).double()
-                sums[f] += rise.sum()
-                squares[f] += rise.square().sum()
-    gains = sums / n
-    spread = (squares / n - gains.square()).clamp(min=0).sqrt()
-    return [FieldGain(float(g), float(s) / n ** 0.5) for g, s in zip(gains, spread)]
+        model = self.model
+        with torch.no_grad():
+            for b in _first_rows(self.batches, self.rows):
+                emb = model.lookup(b.sparse)
+                base = binary_cross_entropy_with_logits(model.interact(emb, b.dense, b.sparse)[0], b.labels,
+                                                        reduction="none")
+                for g, fields in enumerate(groups):
+                    plain = emb.clone()
+                    plain[:, fields] = self.mean[fields]
+                    rise = (binary_cross_entropy_with_logits(model.interact(plain, b.dense, b.sparse)[0], b.labels,
+                                                             reduction="none") - base).double()
+                    sums[g] += rise.sum()
+                    squares[g] += rise.square().sum()
+        means = sums / self.n
+        spread = (squares / self.n - means.square()).clamp(min=0).sqrt()
+        return [FieldGain(float(m), float(s) / self.n ** 0.5) for m, s in zip(means, spread)]
 
 
-def kept_fields(gains: list[FieldGain], p: float) -> list[bool]:
-    """A field stays when its gain is significant at one-sided level ``p`` (p = 1 keeps every field)."""
-    if p >= 1.0:
-        return [True] * len(gains)
+def field_test(held_out: HeldOut, num_fields: int, p: float) -> FieldTest:
+    """The rule of this module's docstring at one-sided level ``p``; no held-out rows, or p = 1, keep
+    every field."""
+    if held_out.mean is None or p >= 1.0:
+        return FieldTest([], [True] * num_fields, None)
     z = NormalDist().inv_cdf(1.0 - p)
-    return [g.z > z for g in gains]
+    gains = held_out.gains([[f] for f in range(num_fields)])
+    removed = sorted((f for f in range(num_fields) if gains[f].z <= z), key=lambda f: gains[f].z)
+    together = None
+    while removed:
+        together, = held_out.gains([removed])
+        if together.z <= z:
+            break
+        removed.pop()  # the strongest of the removed comes back
+        together = None
+    return FieldTest(gains, [f not in removed for f in range(num_fields)], together)

@@ -23,7 +23,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from common.errors import ConfigError
-from ctr.compress.field_test import FieldGain, field_gains, kept_fields
+from ctr.compress.field_test import FieldTest, HeldOut, field_test
 from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
 from ctr.compress.tables import REMAP_KEY, compact_rows, id_remap, table_key
 from ctr.config import OptFSConfig, sample_rows
@@ -126,8 +126,7 @@ def masked_remap(remaps: list[torch.Tensor], kept: list[torch.Tensor], removed_t
 class Search:
     kept: list[torch.Tensor]  # per field, the rows kept (gates and field test)
     snapshot: dict[str, torch.Tensor]  # the weights to rewind to
-    gains: list[FieldGain]  # the field test's, per field
-    fields_kept: list[bool]  # the field test's verdicts
+    test: FieldTest  # the held-out field test's gains and verdicts
     train_rows: int  # the rows one search epoch read
     penalty: float
     gate_lr: float
@@ -176,10 +175,9 @@ class OptFSStage:
         searched = plain_model(ctx.fmap, stage_payload(source, {k: v for k, v in plain_state_dict(trainer.model).items()
                                                                  if not k.startswith("gates.")}, steps))
         searched.gates = gates
-        gains = field_gains(searched, ctx.split("valid"))
-        fields_kept = kept_fields(gains, c.field_p) if gains else [True] * len(sizes)  # no held-out rows: no evidence
-        kept = [k & keep for k, keep in zip(gates.kept(), fields_kept)]
-        return Search(kept, snapshot, gains, fields_kept, trainer.train_data.num_rows, lam, lr)
+        test = field_test(HeldOut(searched, ctx.split("valid")), len(sizes), c.field_p)
+        kept = [k & keep for k, keep in zip(gates.kept(), test.kept)]
+        return Search(kept, snapshot, test, trainer.train_data.num_rows, lam, lr)
 
     def _retrain(self, ctx: StageContext, steps: tuple, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.cfg
@@ -216,8 +214,10 @@ class OptFSStage:
         kept_rows = {f.name: int(k.sum()) for f, k in zip(fields, kept)}
         details = {
             "penalty": search.penalty, "gate_lr": search.gate_lr,
-            "field_test": {f.name: {"gain": g.gain, "z": g.z} for f, g in zip(fields, search.gains)},
-            "fields_removed": [f.name for f, keep in zip(fields, search.fields_kept) if not keep],
+            "field_test": {f.name: {"gain": g.gain, "z": g.z} for f, g in zip(fields, search.test.gains)},
+            "fields_removed": [f.name for f, keep in zip(fields, search.test.kept) if not keep],
+            "removed_fields_gain": None if search.test.removed_gain is None else
+            {"gain": search.test.removed_gain.gain, "z": search.test.removed_gain.z},
             "kept_rows": kept_rows,
             "kept_share": {f.name: kept_rows[f.name] / n for f, n in zip(fields, sizes)},
             "rows_before": sum(sizes), "rows_after": sum(kept_rows.values()), "search_train_rows": search.train_rows,

@@ -42,7 +42,7 @@ from features.feature_map import FeatureMap
 log = logging.getLogger("ctr.compress")
 STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage, "optembed": OptEmbedStage, "afm": AFMStage,
                                   "quantize": QuantizeStage}
-STAGE_FORMAT = 4  # bump when a stage's output changes for the same inputs: every stage then reruns
+STAGE_FORMAT = 5  # bump when a stage's output changes for the same inputs: every stage then reruns
 FINGERPRINT = "stage.json"
 # trainer settings that do not change what a stage computes
 RUNTIME_ONLY = {"threads", "progress", "run_dir", "ray"}
