@@ -83,3 +83,11 @@ def test_no_held_out_rows_keep_every_field() -> None:
     held_out = HeldOut(FirstFieldLogit(), [])
     assert held_out.mean is None
     assert field_test(held_out, 2, 0.05).kept == [True, True]
+
+
+def test_a_test_that_is_off_reads_no_rows() -> None:
+    class Unreadable:
+        def __iter__(self):
+            raise AssertionError("read")
+
+    assert field_test(HeldOut(FirstFieldLogit(), Unreadable()), 2, 1.0).kept == [True, True]

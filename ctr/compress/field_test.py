@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from statistics import NormalDist
 
 import torch
@@ -57,22 +58,29 @@ def _first_rows(batches: Iterable[Batch], rows: int) -> Iterator[Batch]:
 
 
 class HeldOut:
-    """The first ``rows`` of ``batches`` (re-iterable) and each field's mean looked-up row over them."""
+    """The first ``rows`` of ``batches`` (re-iterable) and each field's mean looked-up row over them
+    (read on first use, so a test that is off costs no pass)."""
 
     def __init__(self, model: CTRModel, batches: Iterable[Batch], rows: int = TEST_ROWS) -> None:
         self.model, self.batches, self.rows = model, batches, rows
-        model.eval()
-        total, self.n = None, 0
+        self.n = 0
+
+    @cached_property
+    def mean(self) -> torch.Tensor | None:
+        """[fields, dim]; None when there are no rows."""
+        self.model.eval()
+        total = None
         with torch.no_grad():
-            for b in _first_rows(batches, rows):
-                emb = model.lookup(b.sparse).double().sum(0)
+            for b in _first_rows(self.batches, self.rows):
+                emb = self.model.lookup(b.sparse).double().sum(0)
                 total, self.n = (emb if total is None else total + emb), self.n + b.size
-        self.mean = None if total is None else (total / self.n).float()
+        return None if total is None else (total / self.n).float()
 
     def gains(self, groups: list[list[int]]) -> list[FieldGain]:
         """Per group of fields, the mean and standard error of the per-row log loss rise when the
         group's rows all read their means (one pass; a group per field is the single-field test)."""
-        assert self.mean is not None
+        mean = self.mean
+        assert mean is not None
         sums = torch.zeros(len(groups), dtype=torch.float64)
         squares = torch.zeros_like(sums)
         model = self.model
@@ -83,7 +91,7 @@ class HeldOut:
                                                         reduction="none")
                 for g, fields in enumerate(groups):
                     plain = emb.clone()
-                    plain[:, fields] = self.mean[fields]
+                    plain[:, fields] = mean[fields]
                     rise = (binary_cross_entropy_with_logits(model.interact(plain, b.dense, b.sparse)[0], b.labels,
                                                              reduction="none") - base).double()
                     sums[g] += rise.sum()
@@ -96,7 +104,7 @@ class HeldOut:
 def field_test(held_out: HeldOut, num_fields: int, p: float) -> FieldTest:
     """The rule of this module's docstring at one-sided level ``p``; no held-out rows, or p = 1, keep
     every field."""
-    if held_out.mean is None or p >= 1.0:
+    if p >= 1.0 or held_out.mean is None:
         return FieldTest([], [True] * num_fields, None)
     z = NormalDist().inv_cdf(1.0 - p)
     gains = held_out.gains([[f] for f in range(num_fields)])

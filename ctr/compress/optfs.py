@@ -155,10 +155,13 @@ class OptFSStage:
         c = self.cfg
         snapshot: dict[str, torch.Tensor] = {}
 
+        def weights(trainer: Trainer) -> dict[str, torch.Tensor]:  # the model's, without the gates
+            return {k: v for k, v in plain_state_dict(trainer.model).items() if not k.startswith("gates.")}
+
         def on_epoch_start(trainer: Trainer) -> None:
             trainer.model.module.gates.set_temperature(temperature(trainer.state.epoch, c.search_epochs, c.final_temp))
             if trainer.state.epoch == c.rewind_epoch:
-                snapshot.update({k: v for k, v in plain_state_dict(trainer.model).items() if not k.startswith("gates.")})
+                snapshot.update(weights(trainer))
 
         # from init, the id remap of an earlier row selection still applies: it is data, not a weight
         start = source["model"] if c.start_from == "checkpoint" else \
@@ -172,8 +175,7 @@ class OptFSStage:
         hooks.attach = lambda model: setattr(model, "gates", FeatureGates(sizes, lr, lam))
         trainer.train()
         gates = trainer.model.module.gates
-        searched = plain_model(ctx.fmap, stage_payload(source, {k: v for k, v in plain_state_dict(trainer.model).items()
-                                                                 if not k.startswith("gates.")}, steps))
+        searched = plain_model(ctx.fmap, stage_payload(source, weights(trainer), steps))
         searched.gates = gates
         test = field_test(HeldOut(searched, ctx.split("valid")), len(sizes), c.field_p)
         kept = [k & keep for k, keep in zip(gates.kept(), test.kept)]
