@@ -27,7 +27,12 @@ from ctr.experiment import load_experiment
 from ctr.loader import ParquetBatches
 from ctr.metrics import auc
 from ctr.run_dir import RunDir
-from deploy.edge import EMBEDDING_FORMATS, edge_bytes, edge_model
+from ctr.edge_layout import edge_slots, id_keys, keys_of_ids, miss_key, vocabulary_keys
+from deploy.edge import EMBEDDING_FORMATS, EdgeModel, edge_bytes, edge_model
+from deploy.raw import raw_columns
+from features.hashing import BLANK_KEY, TOKEN_KEY_VERSION
+from features.schema import DatasetConfig, Layout, resolve_layout
+from features.transforms import FeatureSpec
 from deploy.onnx_format import OnnxModel, require_onnx, write_onnx
 from features.feature_map import FeatureMap
 
@@ -93,41 +98,95 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
     fmap = FeatureMap.load(run.root)
     data_dir = run.prepared_data()
     model = plain_model(fmap, payload)
-    vocab = [int(f.num_embeddings or 0) for f in fmap.categorical]
+    layout = raw_layout(fmap, run)
+    value_keys = vocabulary_keys(data_dir, fmap)
+    slots = edge_slots(model, fmap, value_keys)
     try:
-        edge = edge_model(model, vocab, embeddings)
+        edge = edge_model(model, feature_specs_of(fmap), layout, slots, embeddings)
     except ValueError as exc:
         raise ExportError(f"{checkpoint}: {exc}") from None
+    misses = [miss_key(s) for s in slots]
     batch = next(iter(ParquetBatches(data_dir / fmap.splits["test"].file, fmap, sample_rows)))
+    field_keys = torch.from_numpy(keys_of_ids(batch.ids().numpy(), id_keys(value_keys, misses)))
     with torch.no_grad():
         expected = torch.sigmoid(model(batch.dense, batch.sparse)[0])
     remove_stale(out, ("tmp",))
     temp = scratch_path(out)
     try:
         if fmt == "onnx":
-            write_onnx(edge, batch.dense, batch.ids(), temp)
+            numbers, keys = raw_example(edge, field_keys)
+            write_onnx(edge, numbers, keys, temp)
+            with torch.no_grad():
+                _raw_parity(edge(numbers, keys), load_model_file(temp, fmt)(numbers, keys))
+                got = edge.score_features(batch.dense, field_keys)
         else:
             torch.jit.save(torch.jit.script(edge), str(temp))
-        with torch.no_grad():
-            got = load_model_file(temp, fmt)(batch.dense, batch.ids())
+            with torch.no_grad():
+                got = load_model_file(temp, fmt).score_features(batch.dense, field_keys)
         parity = _parity(expected, got, batch.labels, embeddings)
+        numbers_in, tokens_in = raw_columns(layout)
         manifest = {
-            "format": "ctr-edge-v2", "runtime": fmt,
+            "format": "ctr-edge-v3", "runtime": fmt,
             "file_sha256": sha256_file(temp), "file_bytes": temp.stat().st_size,
-            "inputs": {"dense": [f.name for f in fmap.dense], "ids": [f.name for f in fmap.categorical],
-                       "id_ranges": dict(zip((f.name for f in fmap.categorical), vocab)),
+            "inputs": {"numbers": numbers_in, "keys": tokens_in, "token_key": TOKEN_KEY_VERSION,
+                       "blank_key": BLANK_KEY, "separator": layout.separator, "header": layout.header,
+                       "columns": [c.model_dump() for c in layout.columns], "layout": fmap.layout,
+                       "dense": [f.name for f in fmap.dense], "ids": [f.name for f in fmap.categorical],
+                       "id_ranges": {f.name: int(f.num_embeddings or 0) for f in fmap.categorical},
+                       "miss_keys": dict(zip((f.name for f in fmap.categorical), misses)),
+                       "fingerprint_bits": {f.name: s.bits for f, s in zip(fmap.categorical, slots)},
+                       "shipped_values": {f.name: int(s.keys.size) for f, s in zip(fmap.categorical, slots)},
                        "transforms": {f.name: f.transform for f in (*fmap.categorical, *fmap.dense)},
-                       "oov_id": 1, "label": fmap.label},
+                       "label": fmap.label},
             "model": payload["model_config"], "steps": payload.get("steps", []), "embeddings": embeddings,
-            "bytes_by_part": edge_bytes(edge),
+            "bytes_by_part": edge_bytes(edge) | {"format": 0},
             "source": {"checkpoint": manifest_relative(checkpoint, out.parent), "sha256": sha256_file(checkpoint),
                        "run_dir": manifest_relative(run.root, out.parent)},
             "parity": parity, "torch": torch.__version__, "python": platform.python_version(),
         }
+        parts = manifest["bytes_by_part"]
+        parts["format"] = manifest["file_bytes"] - sum(parts.values())  # TorchScript's code and zip framing, or ONNX's graph
         publish(temp, out, manifest)
         return manifest
     finally:
         temp.unlink(missing_ok=True)
+
+
+def raw_layout(fmap: FeatureMap, run: RunDir) -> Layout:
+    """The raw layout the run's data was prepared from, which the edge file reads: recorded in the
+    feature map, else (a map from before) the built-in layout it names, or the run's dataset config."""
+    if fmap.raw_layout is not None:
+        return fmap.raw_layout
+    if fmap.layout != "generic":
+        return resolve_layout(DatasetConfig(name=fmap.dataset, layout=fmap.layout, output=""))
+    if not run.config.is_file():
+        raise ExportError(f"{run.config}: missing, so the raw layout of the run's data is unknown (prepare the data "
+                          "again: its feature map then records the layout)")
+    return resolve_layout(load_experiment(run.config).dataset)
+
+
+def feature_specs_of(fmap: FeatureMap) -> list[FeatureSpec]:
+    return [FeatureSpec(f.name, f.type, f.source, f.transform) for f in fmap.fields]
+
+
+def raw_example(edge: EdgeModel, field_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw inputs for tracing and checking the ONNX graph: the test rows' token keys, and seeded
+    numbers over many magnitudes, signs and blanks (any numbers do: both sides read the same)."""
+    rows = field_keys.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    numbers = torch.randn(rows, edge.lines.num_numbers, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(
+        0, 7, (rows, edge.lines.num_numbers), generator=gen)
+    numbers = torch.where(torch.rand(numbers.shape, generator=gen) < 0.1, float("nan"), numbers.round())
+    keys = torch.zeros(rows, edge.lines.num_tokens, dtype=torch.int64)
+    src, dst = edge.transforms.token_src, edge.transforms.token_dst
+    return numbers, keys.index_copy(1, src, field_keys.index_select(1, dst))
+
+
+def _raw_parity(expected: torch.Tensor, got: torch.Tensor) -> None:
+    diff = float((expected - got).abs().max())
+    if not diff <= FP32_TOLERANCE:
+        raise ExportError(f"parity check failed: the ONNX graph and the edge model differ by {diff:.2e} on raw rows "
+                          f"(> {FP32_TOLERANCE:.0e}); nothing was written")
 
 
 def publish(temp: Path, out: Path, manifest: dict[str, Any]) -> None:
@@ -203,8 +262,30 @@ def load_model_file(path: Path, fmt: str, threads: int | None = None) -> Callabl
 
 
 def load_edge(path: Path, threads: int | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Load an edge file after checking it against its manifest."""
-    return open_edge(path, threads)[0]
+    """An edge file (checked against its manifest) as a scorer of prepared rows: (dense, ids) -> probabilities."""
+    model, manifest = open_edge(path, threads)
+    return prepared_scorer(path, model, manifest)
+
+
+def prepared_scorer(path: Path, model: Any, manifest: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Prepared ids reach the edge file as the token keys of their values, from the vocabulary of the
+    data the model was trained on (its run's prepared data); an out-of-vocabulary id as the field's
+    miss key. A raw log needs none of this: ``score_raw``."""
+    if manifest.get("runtime") == "onnx":
+        raise ExportError(f"{path}: an ONNX edge file takes raw rows, not prepared ids (score the raw log file, "
+                          "or export the TorchScript format)")
+    run = RunDir(path.parent / manifest["source"]["run_dir"])
+    if not run.is_run():
+        raise ExportError(f"{path}: scoring prepared ids needs the vocabulary of its run {run.root}, which is gone "
+                          "(score the raw log file instead)")
+    fmap = FeatureMap.load(run.root)
+    misses = manifest["inputs"]["miss_keys"]
+    tables = id_keys(vocabulary_keys(run.prepared_data(), fmap), [int(misses[f.name]) for f in fmap.categorical])
+
+    def score(dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return model.score_features(dense, torch.from_numpy(keys_of_ids(ids.numpy(), tables)))
+
+    return score
 
 
 def latency(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dense: torch.Tensor, ids: torch.Tensor, single: int = 300,

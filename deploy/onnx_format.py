@@ -1,7 +1,7 @@
 """The edge model as ONNX, run by onnxruntime: for deployments outside Python and torch.
 
 The exported graph is the same ``EdgeModel`` that TorchScript compiles (the trained dense arch
-behind the torch-only tables, remaps and hashing), traced by torch's ONNX exporter at opset 18 with
+behind the raw transforms, the vocabulary, the torch-only tables and hashing), traced by torch's ONNX exporter at opset 18 with
 a dynamic batch size. onnx, onnxscript and onnxruntime are only needed for this format
 (``requirements/onnx.txt``); without them, TorchScript export works as before and this format says
 how to add them.
@@ -19,7 +19,7 @@ from common.errors import ExportError, one_line
 from deploy.edge import EdgeModel
 
 OPSET = 18
-INPUTS = ("dense", "ids")
+INPUTS = ("numbers", "keys")
 INSTALL = "pip install --no-deps -r requirements/onnx.txt"
 
 
@@ -35,13 +35,13 @@ def require_onnx() -> Any:
     return onnxruntime
 
 
-def write_onnx(edge: EdgeModel, dense: torch.Tensor, ids: torch.Tensor, path: Path) -> None:
+def write_onnx(edge: EdgeModel, numbers: torch.Tensor, keys: torch.Tensor, path: Path) -> None:
     """Trace ``edge`` on an example batch into ``path``; the batch dimension stays free."""
     require_onnx()
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-        program = torch.onnx.export(edge, (dense, ids), dynamo=True, opset_version=OPSET, input_names=list(INPUTS),
+        program = torch.onnx.export(edge, (numbers, keys), dynamo=True, opset_version=OPSET, input_names=list(INPUTS),
                                     output_names=["probability"], dynamic_shapes=({0: batch}, {0: batch}), verbose=False)
     if program is None:
         raise ExportError(f"{path}: torch's ONNX exporter returned no program (export the TorchScript format)")
@@ -49,7 +49,7 @@ def write_onnx(edge: EdgeModel, dense: torch.Tensor, ids: torch.Tensor, path: Pa
 
 
 class OnnxModel:
-    """An onnxruntime session behind the edge model's call: (dense, ids) tensors -> probabilities."""
+    """An onnxruntime session behind the edge model's call: raw (numbers, keys) tensors -> probabilities."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         ort = require_onnx()
@@ -63,6 +63,6 @@ class OnnxModel:
             raise ExportError(f"{path}: onnxruntime cannot load it ({one_line(exc)}) "
                               "(export the model again)") from None
 
-    def __call__(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, dict(zip(INPUTS, (dense.numpy(), ids.numpy()))))[0]
+    def __call__(self, numbers: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, dict(zip(INPUTS, (numbers.numpy(), keys.numpy()))))[0]
         return torch.from_numpy(out)

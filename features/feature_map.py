@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.atomic import atomic_write_text
 from common.errors import DataError
-from features.schema import SplitConfig
+from features.schema import Layout, SplitConfig
 
 FORMAT_VERSION = 1
 FILE_NAME = "feature_map.json"
@@ -62,6 +62,7 @@ class FeatureMap(_Frozen):
     rows_rejected: int
     sources: list[SourceInfo]
     config_fingerprint: str  # of the dataset config that made it: a changed config means stale data
+    raw_layout: Layout | None = None  # the raw rows' columns and separator (None: a map written before it was recorded)
 
     @property
     def categorical(self) -> list[FieldInfo]:

@@ -1,4 +1,13 @@
-"""A seeded 64-bit hash (splitmix64 finaliser) that gives identical bits in NumPy, Polars and torch.
+"""The project's one 64-bit hash (splitmix64), with identical bits in NumPy, Polars, torch and TorchScript.
+
+Two uses, one mixing function:
+- ``hash_numpy`` / ``hash_expr`` / ``hash_torch``: a seeded hash of integers (row positions for the
+  random split, feature ids for hashed embeddings);
+- the token key (``token_keys``, ``int_keys``; see README "The token hash"): what a raw categorical
+  value is known by in the vocabularies and in the edge file. A string token's key hashes its UTF-8
+  bytes eight at a time, little end first: ``h = mix(len ^ TOKEN_SEED)``, then ``h = mix(h ^ word)``
+  per word, the last word zero-padded; an integer token's key is ``mix(v ^ INT_SEED)`` on its int64
+  bits. Any language with wrapping 64-bit arithmetic computes both in a few lines.
 
 Why our own: Python's ``hash()`` is salted per process and Polars' ``Expr.hash`` may change between
 releases, so neither can decide which split a row lands in, or which embedding row an id reads,
@@ -14,15 +23,19 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 if TYPE_CHECKING:  # the data pipeline hashes without torch, whose import alone costs a second
     import torch
 
 HASH_VERSION = "splitmix64-v1"
+TOKEN_KEY_VERSION = "ctr-token64-v1"
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MUL1 = 0xBF58476D1CE4E5B9
 _MUL2 = 0x94D049BB133111EB
+TOKEN_SEED = 0x243F6A8885A308D3  # the first hex digits of pi: nothing up the sleeve
+INT_SEED = 0x13198A2E03707344
 
 T = TypeVar("T")  # np.ndarray, pl.Expr or torch.Tensor
 
@@ -63,13 +76,50 @@ def hash_expr(expr: pl.Expr, key: int) -> pl.Expr:
                        lambda z, k: z // const(1 << k))
 
 
-def hash_torch(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The same hash on int64 tensors (keys broadcast against values, as int64 bit patterns).
+def mix_torch(x):  # type: ignore[no-untyped-def]
+    """splitmix64 on an int64 tensor, in ops TorchScript and ONNX compile: the constants are the
+    int64 bit patterns of ``_GOLDEN``, ``_MUL1``, ``_MUL2``, the logical shifts are shift-and-mask.
+    Unannotated on purpose: TorchScript then types ``x`` as a Tensor without resolving ``torch``,
+    which this module imports only for type checkers (the data pipeline hashes without torch)."""
+    z = x + -7046029254386353131
+    z = (z ^ ((z >> 30) & 17179869183)) * -4658895280553007687
+    z = (z ^ ((z >> 27) & 137438953471)) * -7723592293110705685
+    return z ^ ((z >> 31) & 8589934591)
 
-    Scriptable torch ops only, so an exported model hashes exactly like the training model.
-    """
-    x = values.long() ^ keys
-    return _splitmix64(x, _as_int64, lambda z, k: (z >> k) & ((1 << (64 - k)) - 1))
+
+def hash_torch(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The same hash on int64 tensors (keys broadcast against values, as int64 bit patterns)."""
+    return mix_torch(values.long() ^ keys)
+
+
+def int_keys(values: np.ndarray) -> np.ndarray:
+    """Token keys (int64 bit patterns) of integer tokens: Criteo's buckets, Avazu's hour fields."""
+    return hash_numpy(values.astype(np.int64, copy=False).view(np.uint64), INT_SEED).view(np.int64)
+
+
+def token_keys(tokens: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Token keys (int64 bit patterns) of string tokens, vectorised over the Arrow buffers: one pass
+    per 8-byte word over the tokens that are that long. A null token is keyed as the empty string
+    (blank)."""
+    if isinstance(tokens, pa.ChunkedArray):
+        tokens = tokens.combine_chunks()
+    tokens = tokens.cast(pa.large_binary()).fill_null(b"")
+    offsets = np.frombuffer(tokens.buffers()[1], dtype=np.int64)[tokens.offset:tokens.offset + len(tokens) + 1]
+    data = np.frombuffer(tokens.buffers()[2], dtype=np.uint8) if tokens.buffers()[2] is not None else np.zeros(0, np.uint8)
+    data = np.concatenate([data, np.zeros(8, np.uint8)])  # the last word reads past the end
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    with np.errstate(over="ignore"):
+        h = hash_numpy(lengths.astype(np.uint64), TOKEN_SEED)
+        lane = np.arange(8)
+        for k in range(int(-(-lengths.max() // 8)) if lengths.size else 0):
+            active = np.flatnonzero(lengths > 8 * k)
+            at = starts[active, None] + 8 * k + lane
+            raw = np.where(lane < (lengths[active, None] - 8 * k), data[at], 0).astype(np.uint8)
+            h[active] = hash_numpy(np.ascontiguousarray(raw).view("<u8").ravel() ^ h[active], 0)
+    return h.view(np.int64)
+
+
+BLANK_KEY = int(token_keys(pa.array([""]))[0])  # a blank value (empty token, NaN number) is known by this key
 
 
 def bucket_torch(hashed: torch.Tensor, num_buckets: torch.Tensor | int) -> torch.Tensor:

@@ -231,7 +231,7 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
             dataset=cfg.name, layout=cfg.layout, label=LABEL_COLUMN, label_source=layout.label, fields=fields,
             special_ids=SPECIAL_IDS, splits=splits, split_rule=cfg.split, hash_version=HASH_VERSION,
             rows_read=offset, rows_rejected=n_rejected, sources=sources,
-            config_fingerprint=config_fingerprint(cfg, [str(p) for p in paths]),
+            config_fingerprint=config_fingerprint(cfg, [str(p) for p in paths]), raw_layout=layout,
         )
         fmap.save(work)
         publish_dir(work, out)

@@ -34,7 +34,7 @@ from ctr.compress.stage import model_size, plain_model
 from ctr.loader import make_batch, stack_columns
 from ctr.metrics import auc, auc_interval, classification_metrics, delong_test, group_auc, one_class_metrics
 from ctr.run_dir import STAGE_CHECKPOINT, RunDir
-from deploy.export import manifest_path, open_edge, resolve_source
+from deploy.export import manifest_path, open_edge, prepared_scorer, resolve_source
 from features.feature_map import FeatureMap
 from features.vocab import OOV_ID
 
@@ -69,10 +69,11 @@ def load_scorer(path: Path) -> Scorer:
     if path.is_file() and manifest_path(path).is_file():
         model, manifest = open_edge(path)
         inputs = manifest["inputs"]
+        prepared = prepared_scorer(path, model, manifest)
 
         def edge(dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return model(torch.from_numpy(dense), torch.from_numpy(ids)).numpy()
+                return prepared(torch.from_numpy(dense), torch.from_numpy(ids)).numpy()
 
         return Scorer(path.name, path, manifest["file_sha256"], manifest["file_bytes"], inputs["ids"], inputs["dense"],
                       inputs["label"], edge, _recipe(RunDir(path.parent / manifest["source"]["run_dir"])))
@@ -90,7 +91,7 @@ def load_scorer(path: Path) -> Scorer:
             return torch.sigmoid(net(batch.dense, batch.sparse)[0]).numpy()
 
     name = checkpoint.parent.name if checkpoint.name == STAGE_CHECKPOINT else f"{run.root.name}/{checkpoint.stem}"
-    return Scorer(name, checkpoint, sha256_file(checkpoint), sum(model_size(fmap, net)[1].values()), keys,
+    return Scorer(name, checkpoint, sha256_file(checkpoint), sum(model_size(fmap, run.prepared_data(), net)[1].values()), keys,
                   [f.name for f in fmap.dense], fmap.label, plain, _recipe(run))
 
 

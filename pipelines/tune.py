@@ -96,7 +96,7 @@ def run_trial(config: dict[str, Any], tree: dict[str, Any], data_dir: str, budge
     if not run.best.is_file():  # a resumed trial keeps what it finished
         Trainer(cfg, fmap, Path(data_dir), run_dir).fit(resume=run.last.is_file())
         run.link_data(Path(data_dir))
-    _, parts = model_size(fmap, plain_model(fmap, load_checkpoint(run.best)))
+    _, parts = model_size(fmap, run.prepared_data(), plain_model(fmap, load_checkpoint(run.best)))
     base_auc = json.loads(run.result.read_text())["best_valid_auc"]
     tune.report({"objective": objective(base_auc, sum(parts.values()), budget_mb), "valid_auc": base_auc,
                  "bytes": sum(parts.values()), "stage": "baseline"})

@@ -1,4 +1,4 @@
-"""Edge export: TorchScript files that a torch-only process loads, parity, OOV ids, bad files."""
+"""Edge export: TorchScript files that score raw log lines in a torch-only process, parity, OOV ids, bad files."""
 
 import json
 import subprocess
@@ -9,58 +9,107 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.edge import splitmix64
+import polars as pl
+import pyarrow as pa
+
+from ctr.loader import ParquetBatches
 from deploy.export import ExportError, export_model, load_edge, manifest_path
-from features.hashing import hash_torch
+from deploy.raw import RawLines
+from features.hashing import int_keys, token_keys
+from features.parse import ROW
+from features.schema import ColumnSpec, Layout
+from features.split import SPLIT_COLUMN, split_expr
+from features.transforms import criteo_bucket
+from features.vocab import BLANK_ID, OOV_ID
 from features.prepare import PrepareResult
 from pipelines.evaluate import score_parquet
 
 pytestmark = pytest.mark.slow
 
 
-def test_scriptable_hash_equals_the_training_hash() -> None:
-    values = torch.tensor([[0, 1, 2, 2**40, -5, 123456789]])
-    keys = torch.tensor([[7], [-3], [2**62]])
-    assert torch.equal(splitmix64(values, keys), hash_torch(values, keys))
-
-
 FRESH = """
 import sys, torch
 model = torch.jit.load(sys.argv[1])
-cases = torch.load(sys.argv[2])
-for dense, ids, expected in cases:
-    with torch.no_grad():
-        got = model(dense, ids)
-    assert got.shape == expected.shape, (got.shape, expected.shape)
-    assert float((got - expected).abs().max()) <= 1e-6, float((got - expected).abs().max())
-leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torchrec', 'fbgemm_gpu', 'ctr', 'features', 'deploy'))
+lines = open(sys.argv[2], encoding="utf-8").read().split("\\n")
+with torch.no_grad():
+    got = torch.cat([model.score_lines(lines[:1]), model.score_lines(lines[1:8]), model.score_lines(lines[8:])])
+leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torchrec', 'fbgemm_gpu', 'ctr', 'features', 'deploy',
+                                                              'polars', 'pyarrow'))
 assert not leaked, leaked
-print('ok', len(cases))
+torch.save(got, sys.argv[3])
 """
+
+
+def raw_test_rows(raw: Path, prepared: PrepareResult, rows: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The raw lines of the first ``rows`` test-split rows, with their prepared dense features and ids."""
+    fmap = prepared.feature_map
+    lines = raw.read_text(encoding="utf-8").splitlines()
+    split = pl.DataFrame({ROW: np.arange(len(lines), dtype=np.uint64)}).select(split_expr(fmap.split_rule, len(lines)))
+    test_lines = [lines[i] for i in np.flatnonzero(split[SPLIT_COLUMN].to_numpy() == 2)[:rows]]
+    batch = next(iter(ParquetBatches(prepared.output / fmap.splits["test"].file, fmap, rows)))
+    return test_lines, batch.dense, batch.ids()
+
+
+def vocab_id(prepared: PrepareResult, field: str, token: object) -> int:
+    vocab = pl.read_parquet(prepared.output / "vocab" / f"{field}.parquet")
+    found = vocab.filter(pl.col("token") == token)["id"]
+    return int(found[0]) if len(found) else OOV_ID
+
+
+def edited_rows(lines: list[str], dense: torch.Tensor, ids: torch.Tensor,
+                prepared: PrepareResult) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Rows the model never saw as such: an unseen token, a blank token, a blank integer, a negative
+    and a huge integer, each with the ids ``ctr prepare`` gives it."""
+    fields = [f.name for f in prepared.feature_map.categorical]
+    col = {name: i + 1 for i, name in enumerate(["I%d" % k for k in range(1, 14)] + ["C%d" % k for k in range(1, 27)])}
+    huge = 10**15
+    bucket = int(pl.select(criteo_bucket(pl.lit(huge, dtype=pl.Int64))).item())
+    edits = [("C3", "never-seen-token", OOV_ID), ("C5", "", BLANK_ID), ("I4", "", BLANK_ID),
+             ("I2", "-2", vocab_id(prepared, "I2", -2)), ("I5", str(huge), vocab_id(prepared, "I5", bucket))]
+    out_lines, out_ids = [], []
+    for r, (field, text, new_id) in enumerate(edits):
+        parts = lines[r].split("\t")
+        parts[col[field]] = text
+        out_lines.append("\t".join(parts))
+        row = ids[r].clone()
+        row[fields.index(field)] = new_id
+        out_ids.append(row)
+    return out_lines, dense[:len(edits)], torch.stack(out_ids)
 
 
 @pytest.mark.parametrize(("run", "stage", "embeddings"), [("dcnv2", None, "fp32"), ("dcnv2", "latest", "fp32"),
                                                           ("dcnv2", "latest", "int8"), ("unified", "latest", "fp16")])
-def test_a_torch_only_process_runs_each_export_at_any_batch_size(runs: dict[str, Path], prepared_criteo: PrepareResult,
-                                                                  tmp_path: Path, run: str, stage: str | None,
-                                                                  embeddings: str) -> None:
+def test_a_torch_only_process_scores_raw_lines_as_ctr_score_scores_them_prepared(
+        runs: dict[str, Path], synthetic_criteo: Path, prepared_criteo: PrepareResult, tmp_path: Path, run: str,
+        stage: str | None, embeddings: str) -> None:
     out = tmp_path / "model.pt"
     manifest = export_model(runs[run], out, stage, embeddings)
     assert manifest["parity"]["max_abs_diff"] <= (1e-5 if embeddings == "fp32" else 1e-1)
     assert abs(manifest["parity"]["auc_diff"]) <= 5e-4
-    model = load_edge(out)
-    fmap = prepared_criteo.feature_map
-    gen = torch.Generator().manual_seed(0)
-    vocab = torch.tensor([f.num_embeddings for f in fmap.categorical])
-    cases = []
-    for batch in (1, 7, 4096):
-        ids = (torch.rand(batch, len(vocab), generator=gen) * vocab).long()
-        dense = torch.rand(batch, len(fmap.dense), generator=gen)
-        with torch.no_grad():
-            cases.append((dense, ids, model(dense, ids)))
-    torch.save(cases, tmp_path / "cases.pt")
-    done = subprocess.run([sys.executable, "-c", FRESH, str(out), str(tmp_path / "cases.pt")], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.startswith("ok 3"), done.stderr[-2000:]
+    assert "id remap" not in manifest["bytes_by_part"] and manifest["bytes_by_part"]["vocabulary"] > 0
+    assert sum(manifest["bytes_by_part"].values()) == manifest["file_bytes"] == out.stat().st_size
+    lines, dense, ids = raw_test_rows(synthetic_criteo, prepared_criteo, 300)
+    extra_lines, extra_dense, extra_ids = edited_rows(lines, dense, ids, prepared_criteo)
+    (tmp_path / "lines.txt").write_text("\n".join(lines + extra_lines), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-c", FRESH, str(out), str(tmp_path / "lines.txt"), str(tmp_path / "got.pt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = torch.load(tmp_path / "got.pt", weights_only=True)
+    with torch.no_grad():
+        expected = load_edge(out)(torch.cat([dense, extra_dense]), torch.cat([ids, extra_ids]))
+    assert got.shape == expected.shape == (len(lines) + len(extra_lines),)
+    assert float((got - expected).abs().max()) <= 1e-6
+
+
+def test_the_token_hash_matches_its_published_test_vectors() -> None:
+    """The README's vectors: NumPy (prepare), TorchScript (raw lines) and any device agree on them."""
+    vectors = {"": 3220344897584144929, "a": 9110145845580220759, "68fd1e64": -8308637510135970402,
+               "é" * 9: -8644636165617837570}
+    assert token_keys(pa.array(list(vectors))).tolist() == list(vectors.values())
+    layout = Layout(separator=",", header=False, columns=[ColumnSpec(name="t", kind="categorical")])
+    _, keys = torch.jit.script(RawLines(layout))(list(vectors))
+    assert keys.flatten().tolist() == list(vectors.values())
+    assert int_keys(np.array([0, 1, -1])).tolist() == [4302424893936767674, 7365434847858246849, -586949748924112688]
 
 
 def test_an_id_out_of_range_reads_the_oov_row(runs: dict[str, Path], prepared_criteo: PrepareResult, tmp_path: Path) -> None:

@@ -254,7 +254,7 @@ class AFMStage:
         if self.cfg.layers_budget_mb is None and ctx.target_mb is None:  # ranks by rule, no budget
             return None
         factorisable = sum(model.get_submodule(p).weight.numel() + model.get_submodule(p).bias.numel() for p in targets)
-        others = sum(model_size(ctx.fmap, model)[1].values()) - BYTES_PER_PARAM * factorisable
+        others = sum(model_size(ctx.fmap, ctx.data_dir, model)[1].values()) - BYTES_PER_PARAM * factorisable
         budget_bytes = (self.cfg.layers_budget_mb * 2**20 if self.cfg.layers_budget_mb is not None
                         else ctx.target_mb * 2**20 - others)
         if budget_bytes <= 0:

@@ -29,21 +29,13 @@ from ctr.compress.stage import (
     validation_metrics,
 )
 from ctr.config import QuantizeConfig
+from ctr.edge_layout import edge_slots, row_bytes, vocabulary_keys
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.models.base import CTRModel
 from ctr.modules.quantized import levels_of, read_back, stored_columns
 from ctr.structure import Layout, QuantizeRows
-from features.feature_map import FeatureMap
 
 log = logging.getLogger("ctr.compress.quantize")
-SCALE_BIAS_BYTES = 4  # an fp16 scale and an fp16 bias per row
-
-
-def row_bytes(width: int, bits: int) -> int:
-    """Bytes of one stored row: its packed codes and its scale and bias."""
-    return -(-width * bits // 8) + SCALE_BIAS_BYTES
-
-
 def allocate_bits(rows: list[int], widths: list[int], damage: list[dict[int, float]], budget: int,
                   choices: list[int]) -> list[int]:
     """Per field, bits from ``choices`` whose tables fit ``budget`` bytes, losing the least damage:
@@ -92,10 +84,6 @@ def field_damage(model: CTRModel, batches: list[Batch], widths: list[int], choic
     return [{b: float(grad_sq[f] / rows) * float(error[b][f] / rows) for b in choices} for f in range(fields)]
 
 
-def table_rows(fmap: FeatureMap, layout: Layout) -> list[int]:
-    return layout.rows or [int(f.num_embeddings or 0) for f in fmap.categorical]
-
-
 class QuantizeStage:
     name = "quantize"
     sizes_to_target = True
@@ -109,13 +97,14 @@ class QuantizeStage:
             return [c.bits] * fields, {}
         if ctx.target_mb is None:
             return [8] * fields, {}
-        rows, widths = table_rows(ctx.fmap, layout), layout.stored_widths
+        rows = [s.ids.size for s in edge_slots(model, ctx.fmap, vocabulary_keys(ctx.data_dir, ctx.fmap))]
+        widths = layout.stored_widths
         float_tables = sum(r * w * 4 for r, w in zip(rows, widths))
-        others = sum(model_size(ctx.fmap, model)[1].values()) - float_tables
+        others = sum(model_size(ctx.fmap, ctx.data_dir, model)[1].values()) - float_tables
         budget = int(ctx.target_mb * 2**20) - others
         if budget <= 0:
             raise ConfigError(f"compress.target_mb {ctx.target_mb}: the parts quantize does not touch (dense layers, "
-                              f"id remap) already take {others / 2**20:.3f} MB (raise the target, or compress those "
+                              f"vocabulary) already take {others / 2**20:.3f} MB (raise the target, or compress those "
                               "first: AFM layers, fewer rows)")
         train = ParquetBatches(ctx.data_dir / ctx.fmap.splits["train"].file, ctx.fmap, ctx.cfg.trainer.eval_batch_size)
         damage = field_damage(model, head(train, c.calibration_rows), widths, list(c.choices))

@@ -95,10 +95,10 @@ def move_aside(folder: Path, run: RunDir) -> Path:
 def _line(stage_id: str, stage: str, ctx: StageContext, payload: dict[str, Any], seconds: float,
           details: dict[str, Any], fingerprint: str) -> dict[str, Any]:
     model = plain_model(ctx.fmap, payload)  # built once for both the size and the metrics
-    params, parts = model_size(ctx.fmap, model)
+    params, parts = model_size(ctx.fmap, ctx.data_dir, model)
     metrics = validation_metrics(ctx, model)
     return {"stage_id": stage_id, "stage": stage, "parameters": params, "bytes": sum(parts.values()),
-            "embedding_bytes": parts["embedding tables"] + parts["id remap"], "bytes_by_part": parts,
+            "embedding_bytes": parts["embedding tables"] + parts["vocabulary"], "bytes_by_part": parts,
             "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "seconds": seconds,
             "fingerprint": fingerprint, **details}
 

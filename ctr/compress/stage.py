@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ctr.distributed import load_plain_state_dict, plain_state_dict
+from ctr.edge_layout import edge_size
 from ctr.experiment import ExperimentConfig
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.metrics import classification_metrics
@@ -21,7 +22,6 @@ from ctr.models import build_model, model_config, model_layout
 from ctr.models.base import CTRModel
 from ctr.structure import Layout, Step, step_to_dict, steps_from_payload
 from ctr.train import Trainer, TrainHooks, predict
-from deploy.edge import edge_bytes, edge_model
 from features.feature_map import FeatureMap
 
 CHECK_ROWS = 4096  # validation rows on which a stage checks that its reshaped model equals the claimed one
@@ -85,16 +85,15 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module, batches: list[Batch])
     return worst
 
 
-def model_size(fmap: FeatureMap, model: CTRModel) -> tuple[int, dict[str, int]]:
-    """(float parameters, bytes by part) of a plain model, the bytes counted on the fp32 edge model
-    that ``ctr export`` would write: what deploy stores, not what training holds."""
+def model_size(fmap: FeatureMap, data_dir: Path, model: CTRModel) -> tuple[int, dict[str, int]]:
+    """(float parameters, bytes by part) of a plain model, the bytes those of the fp32 edge file that
+    ``ctr export`` would write (``ctr.edge_layout``): what a device holds, vocabulary included."""
     state = model.state_dict()
     params = sum(v.numel() for v in state.values() if v.is_floating_point())
     if model.embedding is None:  # LR: no edge form; its tables and dense term as stored in training
         return params, {"embedding tables": sum(v.numel() * v.element_size() for v in state.values()),
-                        "id remap": 0, "dense layers": 0}
-    vocab = [int(f.num_embeddings or 0) for f in fmap.categorical]
-    return params, edge_bytes(edge_model(model, vocab))
+                        "vocabulary": 0, "transforms": 0, "dense layers": 0}
+    return params, edge_size(model, fmap, data_dir)
 
 
 def validation_metrics(ctx: StageContext, model: CTRModel) -> dict[str, float]:

@@ -61,6 +61,7 @@ class SparseArch(nn.Module):
         self.num_keys = len(names)  # one lookup key per field
         self.dim = dim
         self.keys = list(names)
+        self.vocab_sizes = list(vocab)  # ids per field: the remap's segments
         self.widths = widths
         self.ebc = EmbeddingBagCollection(
             tables=embedding_tables(names, widths or [dim] * len(names), init_range, prefix, rows or vocab),
