@@ -52,7 +52,7 @@ class EdgeVocabulary(nn.Module):
         self.blank_key = BLANK_KEY
         self.group_fields: list[torch.Tensor] = []
         self.group_shifts: list[int] = []
-        self.group_steps: list[List[int]] = []
+        self.group_steps = []
         self.fingerprints: list[torch.Tensor] = []
         self.starts: list[torch.Tensor] = []
         self.ends: list[torch.Tensor] = []

@@ -1,28 +1,30 @@
-"""Low-bit rows and the sparse id remap: packing, the bit allocation, the export's equality with the
-quantized training model, the remap's equality with the dense one, and a budget sweep's reuse."""
+"""Low-bit rows and the edge vocabulary: packing, the bit allocation, the export's equality with the
+quantized training model, the fingerprint search and its width rule, and a budget sweep's reuse."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from common.errors import ConfigError
 from ctr.checkpoint import load_checkpoint
-from ctr.compress.quantize import allocate_bits, row_bytes
+from ctr.compress.quantize import allocate_bits
 from ctr.compress.recipe import run_recipe, run_sweep
-from ctr.compress.stage import plain_model
+from ctr.compress.stage import model_size, plain_model
 from ctr.config import QuantizeConfig, QuantizeStep
 from ctr.loader import ParquetBatches
 from ctr.modules.quantized import fake_quantize, pack_codes, row_codes, unpack_codes
 from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, QuantizeRows, SelectRows
-from deploy.edge import EdgeEmbedding, edge_bytes, edge_model
+from ctr.edge_layout import field_slots, fingerprint_bits, row_bytes
+from deploy.edge import EdgeVocabulary
 from deploy.export import export_model
-from deploy.remap import IdRemap
+from features.hashing import BLANK_KEY
 from features.prepare import PrepareResult
-from features.vocab import OOV_ID
+from features.vocab import FIRST_VALUE_ID
 
 from conftest import STAGES, copy_run, recipe_experiment
 
@@ -60,36 +62,31 @@ def test_bit_allocation_on_a_hand_example() -> None:
         allocate_bits([100, 10], [4, 4], damage, 549, [2, 4, 8])
 
 
-def test_sparse_remap_equals_the_dense_remap_on_every_id() -> None:
-    vocab = [50, 1000, 1000]
-    kept_all = torch.arange(50)  # field 0 keeps everything: its dense form is smaller
-    few = torch.full((1000,), -1)  # field 1 keeps 10 ids, the others read zeros
-    few[torch.arange(3, 1000, 100)] = torch.arange(10)
-    to_oov = torch.full((1000,), 1)  # field 2 keeps 20 ids (row 1 is the OOV row), removed ids read the OOV row
-    to_oov[torch.arange(5, 1000, 50)] = torch.arange(20) + 2
-    to_oov[:2] = torch.tensor([0, 1])
-    remap = torch.cat([kept_all, few, to_oov])
-    rows = [50, 10, 22]
-    tables = [torch.randn(r, 4) for r in rows]
-    edge = EdgeEmbedding(torch.arange(3), torch.tensor(vocab), torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.int64),
-                         torch.ones(3, dtype=torch.int64), remap, tables, [0, 1, 2], [4, 4, 4], 4, [32, 32, 32])
-    assert edge.remap.is_dense.flatten().tolist() == [True, False, False]
-    assert edge.remap.stored_bytes() < remap.numel() * 2  # below even an int16 entry per id
-    ids = torch.arange(-3, 1003).view(-1, 1).expand(-1, 3).contiguous()  # kept, removed and out-of-range ids
-    inside = (ids >= 0) & (ids < torch.tensor(vocab))
-    dense = remap[torch.where(inside, ids, OOV_ID) + torch.tensor([0, 50, 1050])]
-    assert torch.equal(edge.rows(ids), dense)
-    scripted = torch.jit.script(edge)
-    assert torch.equal(scripted.rows(ids), dense)
+def test_the_vocabulary_finds_each_shipped_key_and_nothing_else() -> None:
+    """Fields of 16-, 32- and 64-bit fingerprints (and one that ships nothing): a shipped key finds
+    its slot (2 + its position in fingerprint order), the blank key slot 1, any other key slot 0."""
+    gen = np.random.default_rng(3)
+    shipped = [gen.integers(-2**63, 2**63 - 1, size=n, dtype=np.int64) for n in (5, 300, 2_000_000, 0)]
+    slots = [field_slots(keys, np.arange(FIRST_VALUE_ID, FIRST_VALUE_ID + keys.size)) for keys in shipped]
+    assert [s.bits for s in slots] == [16, 32, 64, 16]
+    vocab = torch.jit.script(EdgeVocabulary(slots))
+    for f, s in enumerate(slots):
+        expected = {int(k): 2 + p for p, k in enumerate(s.keys)}
+        probe = np.concatenate([s.keys[:50], gen.integers(-2**63, 2**63 - 1, size=50, dtype=np.int64), [BLANK_KEY]])
+        keys = torch.zeros(probe.size, len(slots), dtype=torch.int64)
+        keys[:, f] = torch.from_numpy(probe)
+        got = vocab(keys)[:, f].tolist()
+        assert got == [expected.get(int(k), 1 if k == BLANK_KEY else 0) for k in probe]
+        assert sorted(s.ids[2:].tolist()) == list(range(FIRST_VALUE_ID, FIRST_VALUE_ID + s.keys.size))
 
 
-@pytest.mark.parametrize("kept", [1, 2, 7, 8, 9, 300])
-def test_the_binary_search_equals_searchsorted(kept: int) -> None:
-    remap = torch.full((5000,), -1)
-    remap[torch.randperm(5000, generator=torch.Generator().manual_seed(kept))[:kept]] = 3
-    lookup = IdRemap(remap, [5000])
-    wanted = torch.randint(-3, 5003, (64, 5), generator=torch.Generator().manual_seed(1)).to(torch.int32)
-    assert lookup.keys.numel() == kept and torch.equal(lookup.lower_bound(wanted), torch.searchsorted(lookup.keys, wanted))
+def test_the_fingerprint_width_rule() -> None:
+    """n / 2^bits <= 2^-12 for an unseen value, and no two shipped values share a fingerprint."""
+    assert fingerprint_bits(np.arange(16, dtype=np.int64) << 48) == 16
+    assert fingerprint_bits(np.arange(17, dtype=np.int64) << 48) == 32  # 17 / 2^16 is over 2^-12
+    assert fingerprint_bits(np.array([1 << 48, (1 << 48) + (1 << 32)], dtype=np.int64)) == 32  # the same top 16 bits
+    assert fingerprint_bits(np.array([1 << 32, (1 << 32) + 1], dtype=np.int64)) == 64
+    assert fingerprint_bits(np.arange(2**20 + 1, dtype=np.int64) << 32) == 64
 
 
 def _afm_then_quantize(prepared: PrepareResult, run_dir: Path, quantize: QuantizeConfig):
@@ -108,18 +105,12 @@ def test_the_packed_export_equals_the_quantized_training_model(baselines: dict[s
     assert lines[-1]["bits"] == [4] * len(fmap.categorical) and lines[-1]["valid_auc"] > 0.6
     payload = load_checkpoint(RunDir(run_dir).stage_checkpoints()[-1])
     model = plain_model(fmap, payload)
-    edge = torch.jit.script(edge_model(model, [f.num_embeddings for f in fmap.categorical]))
-    batch = next(iter(ParquetBatches(prepared_criteo.output / fmap.splits["test"].file, fmap, 4096)))
-    with torch.no_grad():
-        trained = torch.sigmoid(model(batch.dense, batch.sparse)[0])
-        exported = edge(batch.dense, batch.ids())
-    assert float((trained - exported).abs().max()) <= 1e-6
-    rows = [f.num_embeddings for f in fmap.categorical]  # AFM keeps every row and narrows them to 4
-    parts = edge_bytes(edge_model(model, rows))
-    packed = sum(r * row_bytes(4, 4) for r in rows)
-    assert packed <= parts["embedding tables"] < packed + 4096  # the packed codes, scales and biases, plus bookkeeping
     manifest = export_model(run_dir, tmp_path / "q.pt", "latest")
-    assert manifest["parity"]["max_abs_diff"] <= 1e-6
+    assert manifest["parity"]["max_abs_diff"] <= 1e-6  # the packed file against the quantized training model
+    rows = [f.num_embeddings - 1 for f in fmap.categorical]  # AFM keeps every row (in slots: padding id gone)
+    packed = sum(r * row_bytes(4, 4) for r in rows)  # narrowed to 4 wide, 4 bits, with fp16 scale and bias
+    assert manifest["bytes_by_part"]["embedding tables"] == packed
+    assert model_size(fmap, prepared_criteo.output, model)[1]["embedding tables"] == packed  # the rule, unbuilt
     onnx = export_model(run_dir, tmp_path / "q.onnx", "latest", fmt="onnx")  # packed codes and shifts in ONNX too
     assert onnx["parity"]["max_abs_diff"] <= 1e-5
 

@@ -16,8 +16,9 @@ from ctr.config import AFMConfig, AFMStep, OptFSStep, RankRule
 from ctr.models import model_config
 from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, NarrowWidths, SelectRows, step_from_dict, step_to_dict
+from ctr.edge_layout import edge_slots, vocabulary_keys
 from deploy.edge import edge_bytes, edge_model
-from deploy.export import export_model
+from deploy.export import export_model, feature_specs_of, raw_layout
 from features.prepare import PrepareResult
 from pipelines.evaluate import evaluate
 
@@ -109,15 +110,17 @@ def test_the_edge_model_reuses_the_trained_dense_arch_and_bytes_are_what_it_stor
     fmap = prepared_criteo.feature_map
     payload = load_checkpoint(RunDir(baselines["dcnv2"]).best)
     model = plain_model(fmap, payload)
-    edge = edge_model(model, [f.num_embeddings for f in fmap.categorical])
+    slots = edge_slots(model, fmap, vocabulary_keys(prepared_criteo.output, fmap))
+    edge = edge_model(model, feature_specs_of(fmap), raw_layout(fmap, RunDir(baselines["dcnv2"])), slots)
     assert edge.arch is model.arch  # the same modules: no second forward
     parts = edge_bytes(edge)
-    assert model_size(fmap, model)[1] == parts
-    tables = sum(t.numel() for name, t in model.state_dict().items() if "embedding_bags" in name and "first" not in name)
-    assert parts["embedding tables"] >= 4 * tables and parts["id remap"] == 0
+    assert model_size(fmap, prepared_criteo.output, model)[1] == parts
+    values = sum(f.num_embeddings - 3 for f in fmap.categorical)  # every value shipped: no row selection
+    assert parts["embedding tables"] == 4 * 8 * (values + 2 * len(fmap.categorical))  # + the OOV and blank rows
+    assert values * 4 <= parts["vocabulary"] <= values * 8 + 8 * 3
     manifest = export_model(baselines["dcnv2"], tmp_path / "m.pt")
-    assert manifest["bytes_by_part"] == parts
-    assert 0 < manifest["file_bytes"] - sum(parts.values()) < 200_000  # the file: these tensors plus code and zip
+    assert {k: v for k, v in manifest["bytes_by_part"].items() if k != "format"} == parts
+    assert 0 < manifest["bytes_by_part"]["format"] < 200_000  # the file: these tensors plus code and zip
 
 
 def test_a_key_of_another_model_is_an_error_naming_it() -> None:
