@@ -14,7 +14,10 @@ import torch
 
 from common.errors import ExportError
 from ctr.compress.recipe import run_recipe
-from deploy.export import export_model, load_edge
+from ctr.edge_layout import vocabulary_keys
+from deploy.export import export_model, open_edge
+from deploy.raw import raw_columns
+from features.hashing import BLANK_KEY
 from features.prepare import PrepareResult
 
 from conftest import copy_run, recipe_experiment
@@ -28,7 +31,7 @@ import onnxruntime as ort
 session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 cases = np.load(sys.argv[2])
 for i in range(int(cases["n"])):
-    got = session.run(None, {"dense": cases[f"dense{i}"], "ids": cases[f"ids{i}"]})[0]
+    got = session.run(None, {"numbers": cases[f"numbers{i}"], "keys": cases[f"keys{i}"]})[0]
     assert got.shape == cases[f"expected{i}"].shape, (got.shape, cases[f"expected{i}"].shape)
     diff = float(np.abs(got - cases[f"expected{i}"]).max())
     assert diff <= 1e-5, diff
@@ -40,18 +43,27 @@ print("ok", int(cases["n"]))
 
 
 def cases_for(model: Path, prepared: PrepareResult, path: Path) -> None:
-    """Random ids (out-of-range ones included) at batch sizes 1, 7 and 2000, with the TorchScript
-    export's answers: the same edge model, so ONNX must give them."""
-    fmap = prepared.feature_map
-    edge = load_edge(model)
-    vocab = torch.tensor([f.num_embeddings for f in fmap.categorical])
-    gen = torch.Generator().manual_seed(0)
+    """Raw rows at batch sizes 1, 7 and 2000: numbers of every magnitude and sign with blanks (NaN),
+    token keys of known values, of unseen ones and of the blank, with the TorchScript export's
+    answers: the same edge model, so ONNX must give them."""
+    edge, _ = open_edge(model)
+    keys_known = [np.concatenate([[BLANK_KEY], k]) for k in vocabulary_keys(prepared.output, prepared.feature_map)]
+    numbers_in, tokens_in = raw_columns(prepared.feature_map.raw_layout)
+    token_fields = [prepared.feature_map.categorical[[f.source for f in prepared.feature_map.categorical].index(t)]
+                    for t in tokens_in]
+    gen = np.random.default_rng(0)
     arrays = {}
     for i, batch in enumerate((1, 7, 2000)):
-        ids = (torch.rand(batch, len(vocab), generator=gen) * (vocab + 3)).long() - 1  # -1 and vocab.. read OOV
-        dense = torch.rand(batch, len(fmap.dense), generator=gen)
+        numbers = np.round(gen.standard_normal((batch, len(numbers_in))) * 10.0 ** gen.integers(0, 9, (batch, len(numbers_in))))
+        numbers[gen.random(numbers.shape) < 0.1] = np.nan
+        keys = gen.integers(-2**63, 2**63 - 1, (batch, len(tokens_in)), dtype=np.int64)  # unseen values
+        for c, f in enumerate(token_fields):
+            known = keys_known[prepared.feature_map.categorical.index(f)]
+            pick = gen.random(batch) < 0.8
+            keys[pick, c] = known[gen.integers(0, known.size, int(pick.sum()))]
         with torch.no_grad():
-            arrays |= {f"dense{i}": dense.numpy(), f"ids{i}": ids.numpy(), f"expected{i}": edge(dense, ids).numpy()}
+            expected = edge(torch.from_numpy(numbers), torch.from_numpy(keys)).numpy()
+        arrays |= {f"numbers{i}": numbers, f"keys{i}": keys, f"expected{i}": expected}
     np.savez(path, n=3, **arrays)
 
 
