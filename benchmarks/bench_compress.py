@@ -94,10 +94,10 @@ def afm_table(line: dict[str, Any]) -> None:
           + (f", {after:.5f} after ({'kept' if line['finetuned_kept'] else 'not kept'})" if after is not None else ""))
 
 
-def trained_line(fmap: FeatureMap, path: Path) -> dict[str, Any]:
-    params, parts = model_size(fmap, plain_model(fmap, load_checkpoint(path)))
+def trained_line(fmap: FeatureMap, data: Path, path: Path) -> dict[str, Any]:
+    params, parts = model_size(fmap, data, plain_model(fmap, load_checkpoint(path)))
     return {"stage_id": "trained", "stage": "baseline", "parameters": params, "bytes": sum(parts.values()),
-            "embedding_bytes": parts["embedding tables"] + parts["id remap"]}
+            "embedding_bytes": parts["embedding tables"] + parts["vocabulary"]}
 
 
 def measure(config: Path, overrides: list[str]) -> tuple[list[tuple], list]:
@@ -110,7 +110,7 @@ def measure(config: Path, overrides: list[str]) -> tuple[list[tuple], list]:
     data_dir, fmap = prepared_data(cfg)
     ctx = StageContext(cfg, fmap, data_dir, run.compress)
     best = run.best
-    lines = run_compress(config, overrides) if cfg.compress.stages else [trained_line(fmap, best)]
+    lines = run_compress(config, overrides) if cfg.compress.stages else [trained_line(fmap, data_dir, best)]
     teacher = read_teacher(Path(fmap.sources[0].path))
     noise = set(teacher["noise"]) if teacher is not None else set()
     rows, details = [], []

@@ -75,7 +75,7 @@ def exported(sec: Section, run: Path, out: Path, stage: str | None = None) -> Pa
 def embedding_bytes(edge: Path) -> int:
     """An edge file's table and id-remap bytes, from its manifest: the budget a hashed reference's tables get."""
     parts = json.loads(Path(f"{edge}.manifest.json").read_text())["bytes_by_part"]
-    return parts["embedding tables"] + parts["id remap"]
+    return parts["embedding tables"] + parts["vocabulary"]
 
 
 def frontier(args: argparse.Namespace) -> tuple[Section, dict[str, Any]]:

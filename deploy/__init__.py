@@ -1,4 +1,2 @@
-"""Edge export: one self-contained TorchScript file per model, its manifest and parity check.
-
-Nothing is exported yet: this package is where the export job lands (see README, "What exists today").
-"""
+"""Edge export: one self-contained file per model (TorchScript or ONNX) that scores a raw log row,
+its manifest and parity check, and the scorers that read it back."""
