@@ -27,12 +27,10 @@ from ctr.experiment import load_experiment
 from ctr.loader import ParquetBatches
 from ctr.metrics import auc
 from ctr.run_dir import RunDir
-from ctr.edge_layout import edge_slots, id_keys, keys_of_ids, miss_key, vocabulary_keys
-from deploy.edge import EMBEDDING_FORMATS, EdgeModel, edge_bytes, edge_model
-from deploy.raw import raw_columns
+from ctr.edge.layout import edge_slots, id_keys, keys_of_ids, miss_key, vocabulary_keys
+from ctr.edge.model import EMBEDDING_FORMATS, EdgeModel, edge_model, file_parts
+from ctr.edge.raw import feature_specs, raw_columns, raw_layout
 from features.hashing import BLANK_KEY, TOKEN_KEY_VERSION
-from features.schema import DatasetConfig, Layout, resolve_layout
-from features.transforms import FeatureSpec
 from deploy.onnx_format import OnnxModel, require_onnx, write_onnx
 from features.feature_map import FeatureMap
 
@@ -98,11 +96,11 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
     fmap = FeatureMap.load(run.root)
     data_dir = run.prepared_data()
     model = plain_model(fmap, payload)
-    layout = raw_layout(fmap, run)
+    layout = raw_layout(fmap)
     value_keys = vocabulary_keys(data_dir, fmap)
     slots = edge_slots(model, fmap, value_keys)
     try:
-        edge = edge_model(model, feature_specs_of(fmap), layout, slots, embeddings)
+        edge = edge_model(model, feature_specs(fmap), layout, slots, embeddings)
     except ValueError as exc:
         raise ExportError(f"{checkpoint}: {exc}") from None
     misses = [miss_key(s) for s in slots]
@@ -139,34 +137,15 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
                        "transforms": {f.name: f.transform for f in (*fmap.categorical, *fmap.dense)},
                        "label": fmap.label},
             "model": payload["model_config"], "steps": payload.get("steps", []), "embeddings": embeddings,
-            "bytes_by_part": edge_bytes(edge) | {"format": 0},
+            "bytes_by_part": file_parts(edge, temp.stat().st_size),
             "source": {"checkpoint": manifest_relative(checkpoint, out.parent), "sha256": sha256_file(checkpoint),
                        "run_dir": manifest_relative(run.root, out.parent)},
             "parity": parity, "torch": torch.__version__, "python": platform.python_version(),
         }
-        parts = manifest["bytes_by_part"]
-        parts["format"] = manifest["file_bytes"] - sum(parts.values())  # TorchScript's code and zip framing, or ONNX's graph
         publish(temp, out, manifest)
         return manifest
     finally:
         temp.unlink(missing_ok=True)
-
-
-def raw_layout(fmap: FeatureMap, run: RunDir) -> Layout:
-    """The raw layout the run's data was prepared from, which the edge file reads: recorded in the
-    feature map, else (a map from before) the built-in layout it names, or the run's dataset config."""
-    if fmap.raw_layout is not None:
-        return fmap.raw_layout
-    if fmap.layout != "generic":
-        return resolve_layout(DatasetConfig(name=fmap.dataset, layout=fmap.layout, output=""))
-    if not run.config.is_file():
-        raise ExportError(f"{run.config}: missing, so the raw layout of the run's data is unknown (prepare the data "
-                          "again: its feature map then records the layout)")
-    return resolve_layout(load_experiment(run.config).dataset)
-
-
-def feature_specs_of(fmap: FeatureMap) -> list[FeatureSpec]:
-    return [FeatureSpec(f.name, f.type, f.source, f.transform) for f in fmap.fields]
 
 
 def raw_example(edge: EdgeModel, field_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

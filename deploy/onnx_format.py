@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from common.errors import ExportError, one_line
-from deploy.edge import EdgeModel
+from ctr.edge.model import EdgeModel
 
 OPSET = 18
 INPUTS = ("numbers", "keys")

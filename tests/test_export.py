@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from ctr.loader import ParquetBatches
 from deploy.export import ExportError, export_model, load_edge, manifest_path
-from deploy.raw import RawLines
+from ctr.edge.raw import RawLines
 from features.hashing import int_keys, token_keys
 from features.parse import ROW
 from features.schema import ColumnSpec, Layout

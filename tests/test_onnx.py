@@ -14,9 +14,9 @@ import torch
 
 from common.errors import ExportError
 from ctr.compress.recipe import run_recipe
-from ctr.edge_layout import vocabulary_keys
+from ctr.edge.layout import vocabulary_keys
 from deploy.export import export_model, open_edge
-from deploy.raw import raw_columns
+from ctr.edge.raw import raw_columns
 from features.hashing import BLANK_KEY
 from features.prepare import PrepareResult
 

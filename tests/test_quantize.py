@@ -19,8 +19,8 @@ from ctr.loader import ParquetBatches
 from ctr.modules.quantized import fake_quantize, pack_codes, row_codes, unpack_codes
 from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, QuantizeRows, SelectRows
-from ctr.edge_layout import field_slots, fingerprint_bits, row_bytes
-from deploy.edge import EdgeVocabulary
+from ctr.edge.layout import field_slots, fingerprint_bits, row_bytes
+from ctr.edge.model import EdgeVocabulary
 from deploy.export import export_model
 from features.hashing import BLANK_KEY
 from features.prepare import PrepareResult
@@ -150,3 +150,14 @@ def test_a_budget_sweep_reuses_the_stages_before_the_sizing_one(baselines: dict[
     for manifest, mb in zip(exported, (small, large)):  # the stage's rule counts what the file stores, less its format
         assert manifest["file_bytes"] - manifest["bytes_by_part"]["format"] == points[mb][-1]["bytes"]
 
+
+
+def test_a_removed_value_never_reads_a_shipped_row() -> None:
+    """A value the vocabulary knows but does not ship (row selection removed it) widens the
+    fingerprints until it matches no shipped one: unlike an unseen value, it may be frequent."""
+    shipped = np.array([5 << 48], dtype=np.int64)
+    removed = np.array([(5 << 48) + (1 << 40)], dtype=np.int64)  # the same top 16 bits
+    assert fingerprint_bits(shipped) == 16 and fingerprint_bits(shipped, removed) == 32
+    slots = field_slots(np.concatenate([shipped, removed]), np.array([FIRST_VALUE_ID]))
+    vocab = EdgeVocabulary([slots])
+    assert vocab(torch.tensor([[int(shipped[0])], [int(removed[0])]])).flatten().tolist() == [2, 0]

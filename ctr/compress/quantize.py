@@ -29,7 +29,7 @@ from ctr.compress.stage import (
     validation_metrics,
 )
 from ctr.config import QuantizeConfig
-from ctr.edge_layout import edge_slots, row_bytes, vocabulary_keys
+from ctr.edge.layout import edge_slots, row_bytes, vocabulary_keys
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.models.base import CTRModel
 from ctr.modules.quantized import levels_of, read_back, stored_columns

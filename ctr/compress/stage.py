@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ctr.distributed import load_plain_state_dict, plain_state_dict
-from ctr.edge_layout import edge_size
+from ctr.edge.model import edge_of, file_parts, scripted_bytes
 from ctr.experiment import ExperimentConfig
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.metrics import classification_metrics
@@ -86,14 +86,15 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module, batches: list[Batch])
 
 
 def model_size(fmap: FeatureMap, data_dir: Path, model: CTRModel) -> tuple[int, dict[str, int]]:
-    """(float parameters, bytes by part) of a plain model, the bytes those of the fp32 edge file that
-    ``ctr export`` would write (``ctr.edge_layout``): what a device holds, vocabulary included."""
+    """(float parameters, bytes by part) of a plain model, the bytes those of the whole fp32 edge
+    file that ``ctr export`` would write (built and written in memory): what a device holds."""
     state = model.state_dict()
     params = sum(v.numel() for v in state.values() if v.is_floating_point())
     if model.embedding is None:  # LR: no edge form; its tables and dense term as stored in training
         return params, {"embedding tables": sum(v.numel() * v.element_size() for v in state.values()),
-                        "vocabulary": 0, "transforms": 0, "dense layers": 0}
-    return params, edge_size(model, fmap, data_dir)
+                        "vocabulary": 0, "transforms": 0, "dense layers": 0, "format": 0}
+    edge = edge_of(model, fmap, data_dir)
+    return params, file_parts(edge, scripted_bytes(edge))
 
 
 def validation_metrics(ctx: StageContext, model: CTRModel) -> dict[str, float]:

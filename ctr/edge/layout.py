@@ -1,9 +1,9 @@
 """What an edge file holds, decided once: which values its vocabulary ships, how wide their
 fingerprints are, how many table rows each field keeps, and the bytes of every part.
 
-The export (``deploy.edge``) builds the file from these decisions, and the compression stages size
-their budgets with the same byte rules, so "the model is N bytes" means the same everywhere: the
-whole file a device holds, vocabulary and transforms included.
+``ctr.edge.model`` builds the file's modules from these decisions, and the compression stages plan
+their budgets with the same byte rules (``row_bytes``), so "the model is N bytes" means the same
+everywhere: the whole file a device holds, vocabulary and transforms included.
 
 A field's lookup is by *slot*: slot 0 is a value the file does not ship (unseen, rare under min
 count, or removed by row selection: all read what the out-of-vocabulary id reads), slot 1 is a
@@ -26,7 +26,6 @@ from ctr.models.base import CTRModel
 from ctr.modules.sparse import SparseArch
 from features.feature_map import FeatureMap
 from features.hashing import BLANK_KEY, int_keys, token_keys
-from features.transforms import TOKEN
 from features.vocab import BLANK_ID, FIRST_VALUE_ID, OOV_ID
 
 SPECIAL_SLOTS = 2  # slot 0: not shipped (reads the OOV id's row), slot 1: blank
@@ -41,11 +40,16 @@ def fingerprints(keys: np.ndarray, bits: int) -> np.ndarray:
     return keys >> (64 - bits)
 
 
-def fingerprint_bits(keys: np.ndarray) -> int:
+def fingerprint_bits(keys: np.ndarray, known: np.ndarray | None = None) -> int:
     """The narrowest width at which an unseen value matches one of the ``n`` shipped ones with
-    chance n / 2^bits <= 2^-12, and no two shipped values share a fingerprint."""
+    chance n / 2^bits <= 2^-12, no two shipped values share a fingerprint, and no ``known`` value
+    that is not shipped (below min count's cut it is not even known; removed by row selection it
+    is, and may be frequent) shares one with a shipped value."""
     for bits in FINGERPRINT_BITS[:-1]:
-        if keys.size <= FALSE_MATCH * 2.0**bits and np.unique(fingerprints(keys, bits)).size == keys.size:
+        if keys.size > FALSE_MATCH * 2.0**bits:
+            continue
+        shipped = fingerprints(keys, bits)
+        if np.unique(shipped).size == keys.size and (known is None or not np.isin(fingerprints(known, bits), shipped).any()):
             return bits
     return FINGERPRINT_BITS[-1]
 
@@ -78,7 +82,9 @@ class FieldSlots:
 def field_slots(value_keys: np.ndarray, shipped: np.ndarray) -> FieldSlots:
     """``shipped``: feature ids (>= FIRST_VALUE_ID) the file must tell apart from an unknown value."""
     keys = value_keys[shipped - FIRST_VALUE_ID]
-    bits = fingerprint_bits(keys)
+    others = np.ones(value_keys.size, dtype=bool)
+    others[shipped - FIRST_VALUE_ID] = False
+    bits = fingerprint_bits(keys, value_keys[others])
     order = np.argsort(fingerprints(keys, bits), kind="stable")
     ids = np.concatenate([[OOV_ID, BLANK_ID], shipped[order]]).astype(np.int64)
     return FieldSlots(ids=ids, keys=keys[order], bits=bits)
@@ -161,26 +167,3 @@ def keys_of_ids(ids: np.ndarray, tables: list[np.ndarray]) -> np.ndarray:
         out[:, f] = table[np.where((col >= 0) & (col < table.size), col, OOV_ID)]
     return out
 
-
-def edge_size(model: CTRModel, fmap: FeatureMap, data_dir: Path, fmt: str = "fp32") -> dict[str, int]:
-    """The bytes by part of the edge file ``ctr export`` would write, counted from the rules above
-    without building it: the table rows, the fingerprints (and a hashed table's slot ids), the
-    transforms' column indices, the dense layers. What the file adds to them (TorchScript's code,
-    small index tensors, zip framing) is its ``format`` part, known once written."""
-    slots = edge_slots(model, fmap, vocabulary_keys(data_dir, fmap))
-    emb = model.embedding
-    assert emb is not None, "the edge file needs embedding tables"
-    hashed = not isinstance(emb, SparseArch)
-    if hashed:
-        tables = sum(t.weight.shape[0] * row_bytes(emb.dim, FORMAT_CODES[fmt]) for t in emb.ebc.embedding_bags.values())
-    else:
-        widths = emb.widths or [emb.dim] * emb.num_fields
-        tables = sum(s.ids.size * row_bytes(w, c) for s, w, c in zip(slots, widths, field_codes(emb, fmt)))
-    if model.first_order is not None:
-        tables += sum(s.ids.size * row_bytes(1, first_order_code(fmt)) for s in slots)
-    derived = sum(f.transform != TOKEN for f in fmap.categorical)
-    transforms = 8 * (len(fmap.dense) + 2 * (len(fmap.categorical) - derived) + 3 * derived)
-    dense = tensor_bytes([*(model.projection.parameters() if model.projection is not None else []),
-                          *model.arch.parameters(), *model.arch.buffers()])
-    return {"embedding tables": tables, "vocabulary": vocabulary_bytes(slots, hashed), "transforms": transforms,
-            "dense layers": dense}

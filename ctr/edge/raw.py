@@ -17,11 +17,28 @@ import torch
 from torch import nn
 
 from features.hashing import BLANK_KEY, INT_SEED, TOKEN_SEED, key_torch, mix_torch
-from features.schema import Layout
+from common.errors import DataError
+from features.feature_map import FeatureMap
+from features.schema import DatasetConfig, Layout, resolve_layout
 from features.transforms import CRITEO_BUCKET, HOUR_OF_DAY, IS_WEEKEND, SIGNED_LOG1P, TOKEN, WEEKDAY, FeatureSpec
 
 NUMBER_KINDS = ("integer", "numeric", "yymmddhh")
 DERIVED = (CRITEO_BUCKET, HOUR_OF_DAY, WEEKDAY, IS_WEEKEND)  # integer tokens computed from a raw number
+
+
+def raw_layout(fmap: FeatureMap) -> Layout:
+    """The raw layout a dataset was prepared from, which its edge file reads: recorded in the feature
+    map, or (a map from before that) the built-in layout it names."""
+    if fmap.raw_layout is not None:
+        return fmap.raw_layout
+    if fmap.layout == "generic":
+        raise DataError(f"dataset '{fmap.dataset}': its feature map predates the recorded raw layout (prepare the "
+                        "data again with ctr prepare)")
+    return resolve_layout(DatasetConfig(name=fmap.dataset, layout=fmap.layout, output=""))
+
+
+def feature_specs(fmap: FeatureMap) -> list[FeatureSpec]:
+    return [FeatureSpec(f.name, f.type, f.source, f.transform) for f in fmap.fields]
 
 
 def raw_columns(layout: Layout) -> tuple[list[str], list[str]]:

@@ -1,8 +1,8 @@
 """The edge model: raw values in, click probability out, in one TorchScript (or ONNX) file.
 
-Inside, in order: the raw transforms (``deploy.raw``: dense log1p, Criteo buckets, Avazu hours),
+Inside, in order: the raw transforms (``ctr.edge.raw``: dense log1p, Criteo buckets, Avazu hours),
 each field's vocabulary as sorted fingerprints of token keys (``EdgeVocabulary``), the tables in
-slot order (``ctr.edge_layout``: a shipped value's row is its position in the fingerprints; values
+slot order (``ctr.edge.layout``: a shipped value's row is its position in the fingerprints; values
 removed by min count, OptFS or OptEmbed are not shipped and read the OOV id's row), unified-embedding
 hashing, and then the trained model's own projection and dense arch, the very modules it trained
 with, so no model's forward is written twice. No TorchRec, fbgemm or project code is needed to run it.
@@ -14,27 +14,32 @@ Entry points: ``forward(numbers, keys)`` (raw numbers float64 [B, N], token keys
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from typing import List
 
 import numpy as np
 import torch
 from torch import nn
 
-from ctr.edge_layout import (
+from ctr.edge.layout import (
     FieldSlots,
+    edge_slots,
     embedding_rows,
     FORMAT_CODES,
     field_codes,
     first_order_code,
     fingerprints,
     tensor_bytes,
+    vocabulary_keys,
 )
 from ctr.models.base import CTRModel, flat_input
 from ctr.modules.hashed import HashedSparseArch
 from ctr.modules.quantized import QUANTIZED_BITS, levels_of, pack_codes, row_codes, unpack_codes
 from ctr.modules.sparse import SparseArch
-from deploy.raw import RawLines, RawTransforms
+from ctr.edge.raw import RawLines, RawTransforms, feature_specs, raw_layout
 from features.hashing import BLANK_KEY, mix_torch
+from features.feature_map import FeatureMap
 from features.schema import Layout
 from features.transforms import FeatureSpec
 
@@ -259,10 +264,30 @@ def edge_model(model: CTRModel, specs: list[FeatureSpec], layout: Layout, slots:
 
 
 def edge_bytes(edge: EdgeModel) -> dict[str, int]:
-    """The edge model's tensors by part, as ``ctr.edge_layout.edge_size`` counts them (the small
-    index tensors of the lookups count with the file's format, as its code does)."""
+    """The edge model's tensors by part: its tables, its vocabulary (fingerprints, and a hashed
+    table's slot ids), its transforms' column indices and its dense layers."""
     lookups = [edge.embedding] if edge.first_order is None else [edge.embedding, edge.first_order]
     return {"embedding tables": sum(t.table_bytes() for t in lookups),
             "vocabulary": tensor_bytes(edge.vocabulary.fingerprints) + sum(t.vocabulary_bytes() for t in lookups),
             "transforms": tensor_bytes(list(edge.transforms.buffers())),
             "dense layers": tensor_bytes([*edge.projection.parameters(), *edge.arch.parameters(), *edge.arch.buffers()])}
+
+
+def file_parts(edge: EdgeModel, file_bytes: int) -> dict[str, int]:
+    """``edge_bytes`` plus ``format``: what the file adds (TorchScript's code, the lookups' small index
+    tensors, zip framing), so that the parts add up to the whole file."""
+    parts = edge_bytes(edge)
+    return parts | {"format": file_bytes - sum(parts.values())}
+
+
+def scripted_bytes(edge: EdgeModel) -> int:
+    """The size of the TorchScript file of ``edge``, written in memory as ``ctr export`` writes it."""
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(edge), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def edge_of(model: CTRModel, fmap: FeatureMap, data_dir: Path, fmt: str = "fp32") -> EdgeModel:
+    """The edge form of a model trained on the data in ``data_dir`` (its vocabulary)."""
+    slots = edge_slots(model, fmap, vocabulary_keys(data_dir, fmap))
+    return edge_model(model, feature_specs(fmap), raw_layout(fmap), slots, fmt)
