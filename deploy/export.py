@@ -28,7 +28,7 @@ from ctr.loader import ParquetBatches
 from ctr.metrics import auc
 from ctr.run_dir import RunDir
 from ctr.edge.layout import edge_slots, id_keys, keys_of_ids, miss_key, vocabulary_keys
-from ctr.edge.model import EMBEDDING_FORMATS, EdgeModel, edge_model, file_parts
+from ctr.edge.model import EMBEDDING_FORMATS, EdgeModel, edge_model, file_parts, scripted_file
 from ctr.edge.raw import feature_specs, raw_columns, raw_layout
 from features.hashing import BLANK_KEY, TOKEN_KEY_VERSION
 from deploy.onnx_format import OnnxModel, require_onnx, write_onnx
@@ -118,7 +118,7 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
                 _raw_parity(edge(numbers, keys), load_model_file(temp, fmt)(numbers, keys))
                 got = edge.score_features(batch.dense, field_keys)
         else:
-            torch.jit.save(torch.jit.script(edge), str(temp))
+            temp.write_bytes(scripted_file(edge))
             with torch.no_grad():
                 got = load_model_file(temp, fmt).score_features(batch.dense, field_keys)
         parity = _parity(expected, got, batch.labels, embeddings)

@@ -16,7 +16,7 @@ from ctr.config import AFMConfig, AFMStep, OptFSStep, RankRule
 from ctr.models import model_config
 from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, NarrowWidths, SelectRows, step_from_dict, step_to_dict
-from ctr.edge.layout import edge_slots, vocabulary_keys
+from ctr.edge.layout import edge_slots, vocabulary_bytes, vocabulary_keys
 from ctr.edge.model import edge_bytes, edge_model
 from ctr.edge.raw import feature_specs, raw_layout
 from deploy.export import export_model
@@ -118,7 +118,8 @@ def test_the_edge_model_reuses_the_trained_dense_arch_and_bytes_are_what_it_stor
     assert {k: v for k, v in model_size(fmap, prepared_criteo.output, model)[1].items() if k != "format"} == parts
     values = sum(f.num_embeddings - 3 for f in fmap.categorical)  # every value shipped: no row selection
     assert parts["embedding tables"] == 4 * 8 * (values + 2 * len(fmap.categorical))  # + the OOV and blank rows
-    assert values * 4 <= parts["vocabulary"] <= values * 8 + 8 * 3
+    assert parts["vocabulary"] == vocabulary_bytes(slots, hashed=False)  # the fingerprints at the widths the rule chose
+    assert sum(s.keys.size for s in slots) == values
     manifest = export_model(baselines["dcnv2"], tmp_path / "m.pt")
     assert manifest["bytes_by_part"] == model_size(fmap, prepared_criteo.output, model)[1]  # the whole file, unwritten
     assert 0 < manifest["bytes_by_part"]["format"] < 200_000  # the file: these tensors plus code and zip

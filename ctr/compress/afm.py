@@ -15,6 +15,7 @@ per-field up-projection restores it (e U^T + mu).
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -253,8 +254,14 @@ class AFMStage:
     def _layer_budget(self, ctx: StageContext, model: CTRModel, targets: list[str]) -> int | None:
         if self.cfg.layers_budget_mb is None and ctx.target_mb is None:  # ranks by rule, no budget
             return None
-        factorisable = sum(model.get_submodule(p).weight.numel() + model.get_submodule(p).bias.numel() for p in targets)
-        others = sum(model_size(ctx.fmap, ctx.data_dir, model)[1].values()) - BYTES_PER_PARAM * factorisable
+        # the whole file less the factors, measured with every target already a pair of rank 1, so
+        # the file's format part holds the code of the factorised layers too
+        probe = copy.deepcopy(model)
+        for p in targets:
+            layer = probe.get_submodule(p)
+            probe.set_submodule(p, LowRankLinear(layer.in_features, 1, layer.out_features))
+        factors = sum(v.numel() for p in targets for v in probe.get_submodule(p).parameters())
+        others = sum(model_size(ctx.fmap, ctx.data_dir, probe)[1].values()) - BYTES_PER_PARAM * factors
         budget_bytes = (self.cfg.layers_budget_mb * 2**20 if self.cfg.layers_budget_mb is not None
                         else ctx.target_mb * 2**20 - others)
         if budget_bytes <= 0:

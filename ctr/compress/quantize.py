@@ -33,7 +33,7 @@ from ctr.edge.layout import edge_slots, row_bytes, vocabulary_keys
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.models.base import CTRModel
 from ctr.modules.quantized import levels_of, read_back, stored_columns
-from ctr.structure import Layout, QuantizeRows
+from ctr.structure import Layout, QuantizeRows, Step
 
 log = logging.getLogger("ctr.compress.quantize")
 def allocate_bits(rows: list[int], widths: list[int], damage: list[dict[int, float]], budget: int,
@@ -91,7 +91,8 @@ class QuantizeStage:
     def __init__(self, cfg: QuantizeConfig) -> None:
         self.cfg = cfg
 
-    def _bits(self, ctx: StageContext, model: CTRModel, layout: Layout) -> tuple[list[int], dict[str, Any]]:
+    def _bits(self, ctx: StageContext, source: dict[str, Any], steps: tuple[Step, ...], model: CTRModel,
+              layout: Layout) -> tuple[list[int], dict[str, Any]]:
         c, fields = self.cfg, len(ctx.fmap.categorical)
         if c.bits is not None:
             return [c.bits] * fields, {}
@@ -99,8 +100,12 @@ class QuantizeStage:
             return [8] * fields, {}
         rows = [s.ids.size for s in edge_slots(model, ctx.fmap, vocabulary_keys(ctx.data_dir, ctx.fmap))]
         widths = layout.stored_widths
-        float_tables = sum(r * w * 4 for r, w in zip(rows, widths))
-        others = sum(model_size(ctx.fmap, ctx.data_dir, model)[1].values()) - float_tables
+        # the whole file less its tables, measured with every code in use (each code's tables are one
+        # more group of tensors in the file), so any allocation's file fits
+        mixed = [c.choices[f % len(c.choices)] for f in range(fields)]
+        probe = plain_model(ctx.fmap, stage_payload(source, source["model"], (*steps, QuantizeRows(bits=mixed, by=ctx.stage_id))))
+        tables = sum(r * row_bytes(w, b) for r, w, b in zip(rows, widths, mixed))
+        others = sum(model_size(ctx.fmap, ctx.data_dir, probe)[1].values()) - tables
         budget = int(ctx.target_mb * 2**20) - others
         if budget <= 0:
             raise ConfigError(f"compress.target_mb {ctx.target_mb}: the parts quantize does not touch (dense layers, "
@@ -124,7 +129,7 @@ class QuantizeStage:
         if model.embedding is None:
             raise ConfigError(f"{ctx.stage_id}: model '{ctx.cfg.model.name}' has no embedding tables to quantize "
                               "(drop the quantize stage)")
-        bits, allocation = self._bits(ctx, model, layout)
+        bits, allocation = self._bits(ctx, source, steps, model, layout)
         final = (*steps, QuantizeRows(bits=bits, by=ctx.stage_id))
         payload = stage_payload(source, source["model"], final)
         before = validation_metrics(ctx, plain_model(ctx.fmap, payload))["auc"]

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ctr.distributed import load_plain_state_dict, plain_state_dict
-from ctr.edge.model import edge_of, file_parts, scripted_bytes
+from ctr.edge.model import edge_of, file_parts, scripted_file
 from ctr.experiment import ExperimentConfig
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.metrics import classification_metrics
@@ -94,7 +94,7 @@ def model_size(fmap: FeatureMap, data_dir: Path, model: CTRModel) -> tuple[int, 
         return params, {"embedding tables": sum(v.numel() * v.element_size() for v in state.values()),
                         "vocabulary": 0, "transforms": 0, "dense layers": 0, "format": 0}
     edge = edge_of(model, fmap, data_dir)
-    return params, file_parts(edge, scripted_bytes(edge))
+    return params, file_parts(edge, len(scripted_file(edge)))
 
 
 def validation_metrics(ctx: StageContext, model: CTRModel) -> dict[str, float]:
