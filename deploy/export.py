@@ -251,8 +251,10 @@ def prepared_scorer(path: Path, model: Any, manifest: dict[str, Any]) -> Callabl
     data the model was trained on (its run's prepared data); an out-of-vocabulary id as the field's
     miss key. A raw log needs none of this: ``score_raw``."""
     if manifest.get("runtime") == "onnx":
-        raise ExportError(f"{path}: an ONNX edge file takes raw rows, not prepared ids (score the raw log file, "
-                          "or export the TorchScript format)")
+        def refuse(dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            raise ExportError(f"{path}: an ONNX edge file takes raw rows, not prepared ids (score the raw log file, "
+                              "or export the TorchScript format)")
+        return refuse
     run = RunDir(path.parent / manifest["source"]["run_dir"])
     if not run.is_run():
         raise ExportError(f"{path}: scoring prepared ids needs the vocabulary of its run {run.root}, which is gone "

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("score", help="score a Parquet file with an exported model")
     score.add_argument("model", type=Path)
-    score.add_argument("data", type=Path, help="Parquet with the feature map's columns")
+    score.add_argument("data", type=Path, help="a prepared Parquet split, or (an edge file) a raw log in its layout")
     score.add_argument("--out", type=Path, help="write the scores to this Parquet file")
     score.set_defaults(func=_score)
 

@@ -35,7 +35,9 @@ from ctr.loader import make_batch, stack_columns
 from ctr.metrics import auc, auc_interval, classification_metrics, delong_test, group_auc, one_class_metrics
 from ctr.run_dir import STAGE_CHECKPOINT, RunDir
 from deploy.export import manifest_path, open_edge, prepared_scorer, resolve_source
+from deploy.raw_rows import is_raw, raw_batches
 from features.feature_map import FeatureMap
+from features.schema import Layout
 from features.vocab import OOV_ID
 
 log = logging.getLogger("ctr.evaluate")
@@ -57,6 +59,8 @@ class Scorer:
     dense: list[str]
     label: str
     score: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (dense [B, D], ids [B, F]) -> probabilities
+    raw: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None  # an edge file's (numbers, keys) -> probabilities
+    layout: Layout | None = None  # the raw rows an edge file reads
     recipe: list[dict[str, Any]] = field(default_factory=list)  # the run's compression report, if any
 
 
@@ -75,8 +79,14 @@ def load_scorer(path: Path) -> Scorer:
             with torch.no_grad():
                 return prepared(torch.from_numpy(dense), torch.from_numpy(ids)).numpy()
 
+        def raw(numbers: np.ndarray, keys: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(numbers), torch.from_numpy(keys)).numpy()
+
         return Scorer(path.name, path, manifest["file_sha256"], manifest["file_bytes"], inputs["ids"], inputs["dense"],
-                      inputs["label"], edge, _recipe(RunDir(path.parent / manifest["source"]["run_dir"])))
+                      inputs["label"], edge, raw=raw, layout=Layout.model_validate(
+                          {k: inputs[k] for k in ("separator", "header", "columns")}),
+                      recipe=_recipe(RunDir(path.parent / manifest["source"]["run_dir"])))
     run, checkpoint = resolve_source(path, None)
     fmap = FeatureMap.load(run.root)
     payload = load_checkpoint(checkpoint)
@@ -93,6 +103,27 @@ def load_scorer(path: Path) -> Scorer:
     name = checkpoint.parent.name if checkpoint.name == STAGE_CHECKPOINT else f"{run.root.name}/{checkpoint.stem}"
     return Scorer(name, checkpoint, sha256_file(checkpoint), sum(model_size(fmap, run.prepared_data(), net)[1].values()), keys,
                   [f.name for f in fmap.dense], fmap.label, plain, _recipe(run))
+
+
+def score_raw(path: Path, scorers: list[Scorer], fields: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(labels, scores per model) of a raw log, read once for every model: each must be an edge file
+    (its transforms and vocabulary inside) of the same raw layout."""
+    for s in scorers:
+        if s.raw is None or s.layout is None:
+            raise DataError(f"{path}: a raw log is scored by edge files; {s.path} is a run or checkpoint (export it "
+                            "with ctr export, or score the prepared split)")
+        if s.layout != scorers[0].layout:
+            raise DataError(f"{path}: models {scorers[0].path} and {s.path} read different raw layouts (score each alone)")
+    if fields:
+        raise DataError(f"{path}: slices and groups read prepared splits; a raw log gives none (score the prepared split)")
+    labels, scores = [], [[] for _ in scorers]
+    for batch in raw_batches(path, scorers[0].layout):
+        labels.append(batch.labels)
+        for out, s in zip(scores, scorers):
+            out.append(s.raw(batch.numbers, batch.keys).astype(np.float32))
+    if not labels:
+        raise DataError(f"{path}: the file has no rows")
+    return np.concatenate(labels), [np.concatenate(s) for s in scores]
 
 
 def parquet_files(data: Path) -> list[Path]:
@@ -424,12 +455,15 @@ def evaluate(models: list[Path], data: Path | list[Path], out_dir: Path, slices:
     if len(set(datas)) > 1 and scores_from is not None:
         raise DataError(f"{datas[0]}: Ray scoring reads one data set (give one --data, or score locally)")
     data = datas[0]
-    files = parquet_files(data)
+    files = [data] if is_raw(data) else parquet_files(data)
     ensure_writable(out_dir)  # before the scoring, not after it
     scorers = [load_scorer(m) for m in models]
     slices, groups = slices or [], groups or []
     fields = sorted({*slices, *groups})
-    if len(set(datas)) > 1:
+    if is_raw(data) and len(set(datas)) == 1 and scores_from is None:
+        labels, scores = score_raw(data, scorers, fields)
+        slice_values: dict[str, np.ndarray] = {}
+    elif len(set(datas)) > 1:
         labels, scores, slice_values = _per_model_data(datas, scorers, fields, batch_size, progress)
     elif scores_from is None:
         labels, scores, slice_values = _score_stream(files, scorers, fields, batch_size, progress)
@@ -460,9 +494,15 @@ def evaluate(models: list[Path], data: Path | list[Path], out_dir: Path, slices:
 
 
 def score_parquet(model_file: Path, data: Path, out: Path | None, batch_size: int = BATCH_ROWS) -> dict[str, Any]:
-    """``ctr score``: a model over a Parquet file, the scores written atomically to ``out``; where
-    the file has labels, logloss, calibration and (with both classes) AUC and NE too."""
+    """``ctr score``: a model over a prepared Parquet file, or (an edge file) over a raw log; the
+    scores written atomically to ``out``; where the file has labels, logloss, calibration and (with
+    both classes) AUC and NE too."""
     scorer = load_scorer(model_file)
+    if out is not None:
+        ensure_writable(out.parent)
+    if is_raw(data):
+        labels_raw, (probs_raw,) = score_raw(data, [scorer], [])
+        return _score_result(probs_raw, labels_raw, data, out)
     files = parquet_files(data)
     if len(files) != 1:
         raise DataError(f"{data}: ctr score reads one Parquet file and this directory holds {len(files)} "
@@ -476,8 +516,6 @@ def score_parquet(model_file: Path, data: Path, out: Path | None, batch_size: in
                         "model's feature map)")
     label = scorer.label if scorer.label in have else None
     check_types(path, file.schema_arrow, scorer, label)
-    if out is not None:
-        ensure_writable(out.parent)
     scores, labels, seen = [], [], 0
     for batch in file.iter_batches(batch_size=batch_size, columns=scorer.dense + scorer.ids + ([label] if label else [])):
         y = check_values(path, batch, seen, scorer, label)
@@ -486,12 +524,17 @@ def score_parquet(model_file: Path, data: Path, out: Path | None, batch_size: in
             labels.append(y.astype(np.float32))
         seen += batch.num_rows
     probs = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+    return _score_result(probs, np.concatenate(labels) if labels else None, path, out)
+
+
+def _score_result(probs: np.ndarray, y: np.ndarray | None, path: Path, out: Path | None) -> dict[str, Any]:
+    """The scores written atomically to ``out``; with labels, logloss, calibration, and with both
+    classes AUC and NE."""
     result: dict[str, Any] = {"rows": int(probs.size)}
     if out is not None:
         atomic_write(out, lambda fh: pq.write_table(pa.table({"score": probs}), fh))
         result["scores"] = str(out)
-    if label and probs.size:
-        y = np.concatenate(labels)
+    if y is not None and probs.size:
         if 0 < y.sum() < y.size:
             result.update(classification_metrics(y, probs))
         else:

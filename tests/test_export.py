@@ -175,3 +175,29 @@ def test_the_export_and_score_commands(runs: dict[str, Path], prepared_criteo: P
     assert json.loads(capsys.readouterr().out)["rows"] == prepared_criteo.feature_map.splits["test"].rows
     assert main(["export", str(runs["dcnv2"]), "--stage", "09_nope", "--out", str(tmp_path / "x.pt")]) == 2
     assert "no compression stage '09_nope'" in capsys.readouterr().err
+
+
+def test_score_and_evaluate_read_a_raw_log_as_its_prepared_split(runs: dict[str, Path], synthetic_criteo: Path,
+                                                                 prepared_criteo: PrepareResult, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.cli import main
+    from pipelines.evaluate import evaluate
+
+    fmap = prepared_criteo.feature_map
+    export_model(runs["dcnv2"], tmp_path / "m.pt", "latest")
+    export_model(runs["unified"], tmp_path / "u.onnx", "latest", fmt="onnx")
+    lines, _, _ = raw_test_rows(synthetic_criteo, prepared_criteo, fmap.splits["test"].rows)
+    raw = tmp_path / "test.txt"
+    raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    split = prepared_criteo.output / fmap.splits["test"].file
+    from_raw, prepared = score_parquet(tmp_path / "m.pt", raw, None), score_parquet(tmp_path / "m.pt", split, None)
+    assert from_raw["rows"] == prepared["rows"] == len(lines)
+    assert abs(from_raw["auc"] - prepared["auc"]) <= 1e-9 and abs(from_raw["logloss"] - prepared["logloss"]) <= 1e-6
+    result = evaluate([tmp_path / "m.pt", tmp_path / "u.onnx"], raw, tmp_path / "eval", progress=False)
+    assert abs(result["models"][0]["auc"] - prepared["auc"]) <= 1e-9 and len(result["comparisons"]) == 1
+    with pytest.raises(ExportError, match="ONNX edge file takes raw rows"):
+        score_parquet(tmp_path / "u.onnx", split, None)
+    raw.write_text("\n".join([*lines[:3], "1\tnot-a-number" + "\t" * 38, *lines[3:5]]) + "\n", encoding="utf-8")
+    assert main(["score", str(tmp_path / "m.pt"), str(raw)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {raw}:4: column 'I1': expected an integer"), err
