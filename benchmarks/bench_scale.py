@@ -40,10 +40,9 @@ from run_all import PEER, SCALE_TITLE, headed_csv_splits, machine
 
 from ctr.distributed import local_process_group
 from ctr.experiment import load_experiment
-from ctr.loader import ParquetBatches
 from ctr.run_dir import LAST, RunDir
 from ctr.train import Trainer
-from deploy.export import latency, load_edge
+from deploy.export import latency, open_edge, raw_sample
 from features.feature_map import FeatureMap
 from features.schema import AVAZU_CATEGORIES, CRITEO_CATEGORIES, SplitConfig
 from pipelines.synthetic import PROFILE_DISTINCT
@@ -119,13 +118,13 @@ def checkpoint_times(run_dir: Path) -> dict[str, float]:
 
 
 def serve_times(edge: Path, test: Path) -> dict[str, float]:
-    """Load time of the exported file and its latency on one thread (bench_export's measurement)."""
-    fmap = FeatureMap.load(test.parent)
-    batch = next(iter(ParquetBatches(test, fmap, 1024)))
+    """Load time of the exported file and its latency on raw rows of the data's log, one thread
+    (bench_export's measurement)."""
+    numbers, keys = raw_sample(FeatureMap.load(test.parent), 1024)
     started = time.perf_counter()
-    model = load_edge(edge, threads=1)
+    model = open_edge(edge, threads=1)[0]
     loaded = time.perf_counter() - started
-    return {"load_seconds": loaded, **latency(model, batch.dense, batch.ids())}
+    return {"load_seconds": loaded, **latency(model, numbers, keys)}
 
 
 def dataset(sec: Section, kind: str, rows: int, models: list[str], args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ from ctr.edge.layout import edge_slots, id_keys, keys_of_ids, miss_key, vocabula
 from ctr.edge.model import EMBEDDING_FORMATS, EdgeModel, edge_model, file_parts, scripted_file
 from ctr.edge.raw import feature_specs, raw_columns, raw_layout
 from features.hashing import BLANK_KEY, TOKEN_KEY_VERSION
+from deploy.raw_rows import raw_batches
 from deploy.onnx_format import OnnxModel, require_onnx, write_onnx
 from features.feature_map import FeatureMap
 
@@ -269,10 +270,19 @@ def prepared_scorer(path: Path, model: Any, manifest: dict[str, Any]) -> Callabl
     return score
 
 
+def raw_sample(fmap: FeatureMap, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``rows`` rows of the data's raw log (its first source) as an edge file's raw inputs:
+    what a device hands it, for timing."""
+    source = Path(fmap.sources[0].path)
+    batch = next(raw_batches(source, raw_layout(fmap), rows))
+    return torch.from_numpy(batch.numbers), torch.from_numpy(batch.keys)
+
+
 def latency(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dense: torch.Tensor, ids: torch.Tensor, single: int = 300,
             rounds: int = 20) -> dict[str, float]:
     """Batch-1 latency percentiles (ms) over single rows, and rows/s at batch 1024, at the caller's
-    thread count (edge devices: set torch.set_num_threads(1) first)."""
+    thread count (edge devices: set torch.set_num_threads(1) first). ``model`` takes two row-aligned
+    tensors: an edge file's raw (numbers, keys), or its (dense, field keys)."""
     batch = min(1024, ids.shape[0])
     with torch.no_grad():
         for i in range(min(30, ids.shape[0])):

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("models", type=Path, nargs="+", help="exported .pt files, run directories or checkpoints")
     ev.add_argument("--data", type=Path, nargs="+", required=True,
                     help="a prepared split or any Parquet with the models' columns; or one per model: the same rows, "
-                         "each prepared with its model's feature map (e.g. another min count)")
+                         "each prepared with its model's feature map (e.g. another min count); or (edge files) a raw log")
     ev.add_argument("--out", type=Path, default=Path("evaluation"), help="where metrics.json and report.html go")
     ev.add_argument("--slice", nargs="*", help="fields to report AUC per value for (their most frequent values)")
     ev.add_argument("--top", type=int, default=10, help="values per slice field")
