@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ctr-installed
 
-.PHONY: setup setup-gpu demo test test-fast bench bench-scale bench-frontier bench-optfs clean
+.PHONY: setup setup-gpu demo test test-fast bench bench-scale bench-frontier bench-optfs bench-edge clean
 
 $(STAMP): pyproject.toml requirements/cpu.txt requirements/common.txt requirements/onnx.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-frontier: $(STAMP)
 # noise section of benchmarks/RESULTS.md. Not part of CI.
 bench-optfs: $(STAMP)
 	$(BIN)/python benchmarks/bench_optfs_noise.py
+
+# Whole-file budgets on the Frontier's 12.5M Criteo-profile rows: the early-stopped min-count-2 baseline, then
+# OptFS -> AFM -> quantize at 30x and 100x its whole file (vocabulary included); about 1 hour on 2 cores. Writes the
+# Edge budget section of benchmarks/RESULTS.md. Not part of CI.
+bench-edge: $(STAMP)
+	$(BIN)/python benchmarks/bench_edge_budget.py
 
 clean:
 	rm -rf data/prepared runs benchmarks/_work

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import polars as pl
 import pytest
 import torch
 
@@ -14,11 +16,14 @@ from ctr.compress.recipe import run_recipe
 from ctr.config import AFMConfig, AFMStep, OptEmbedConfig, OptEmbedStep, OptFSConfig, OptFSStep, RankRule, TrainerConfig
 from ctr.embedding_config import embedding_config
 from ctr.experiment import ExperimentConfig
+from ctr.loader import ParquetBatches
 from ctr.models import model_config
 from ctr.run_dir import RunDir
 from ctr.train import Trainer
 from features.prepare import PrepareResult, prepare
+from features.parse import ROW
 from features.schema import DatasetConfig
+from features.split import SPLIT_COLUMN, split_expr
 from pipelines.synthetic import generate
 
 DATA = Path(__file__).parent / "data"
@@ -110,3 +115,27 @@ def copy_run(baselines: dict[str, Path], model: str, tmp_path: Path) -> Path:
     run_dir = tmp_path / "run"
     shutil.copytree(baselines[model], run_dir)
     return run_dir
+
+
+FRESH_LINES = """
+import sys, torch
+model = torch.jit.load(sys.argv[1])
+lines = open(sys.argv[2], encoding="utf-8").read().split("\\n")
+with torch.no_grad():
+    got = torch.cat([model.score_lines(lines[:1]), model.score_lines(lines[1:8]), model.score_lines(lines[8:])])
+leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torchrec', 'fbgemm_gpu', 'ctr', 'features', 'deploy',
+                                                              'polars', 'pyarrow'))
+assert not leaked, leaked
+torch.save(got, sys.argv[3])
+"""  # argv: edge file, lines file, where the scores go; the process imports torch alone
+
+
+def raw_test_rows(raw: Path, prepared: PrepareResult, rows: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The raw lines of the first ``rows`` test-split rows, with their prepared dense features and ids."""
+    fmap = prepared.feature_map
+    lines = raw.read_text(encoding="utf-8").splitlines()
+    lines = lines[1:] if fmap.raw_layout is not None and fmap.raw_layout.header else lines
+    split = pl.DataFrame({ROW: np.arange(len(lines), dtype=np.uint64)}).select(split_expr(fmap.split_rule, len(lines)))
+    test_lines = [lines[i] for i in np.flatnonzero(split[SPLIT_COLUMN].to_numpy() == 2)[:rows]]
+    batch = next(iter(ParquetBatches(prepared.output / fmap.splits["test"].file, fmap, rows)))
+    return test_lines, batch.dense, batch.ids()

@@ -12,42 +12,18 @@ import torch
 import polars as pl
 import pyarrow as pa
 
-from ctr.loader import ParquetBatches
 from deploy.export import ExportError, export_model, load_edge, manifest_path
 from ctr.edge.raw import RawLines
 from features.hashing import int_keys, token_keys
-from features.parse import ROW
 from features.schema import ColumnSpec, Layout
-from features.split import SPLIT_COLUMN, split_expr
 from features.transforms import criteo_bucket
 from features.vocab import BLANK_ID, OOV_ID
 from features.prepare import PrepareResult
 from pipelines.evaluate import score_parquet
 
+from conftest import FRESH_LINES, raw_test_rows
+
 pytestmark = pytest.mark.slow
-
-
-FRESH = """
-import sys, torch
-model = torch.jit.load(sys.argv[1])
-lines = open(sys.argv[2], encoding="utf-8").read().split("\\n")
-with torch.no_grad():
-    got = torch.cat([model.score_lines(lines[:1]), model.score_lines(lines[1:8]), model.score_lines(lines[8:])])
-leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torchrec', 'fbgemm_gpu', 'ctr', 'features', 'deploy',
-                                                              'polars', 'pyarrow'))
-assert not leaked, leaked
-torch.save(got, sys.argv[3])
-"""
-
-
-def raw_test_rows(raw: Path, prepared: PrepareResult, rows: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """The raw lines of the first ``rows`` test-split rows, with their prepared dense features and ids."""
-    fmap = prepared.feature_map
-    lines = raw.read_text(encoding="utf-8").splitlines()
-    split = pl.DataFrame({ROW: np.arange(len(lines), dtype=np.uint64)}).select(split_expr(fmap.split_rule, len(lines)))
-    test_lines = [lines[i] for i in np.flatnonzero(split[SPLIT_COLUMN].to_numpy() == 2)[:rows]]
-    batch = next(iter(ParquetBatches(prepared.output / fmap.splits["test"].file, fmap, rows)))
-    return test_lines, batch.dense, batch.ids()
 
 
 def vocab_id(prepared: PrepareResult, field: str, token: object) -> int:
@@ -91,7 +67,7 @@ def test_a_torch_only_process_scores_raw_lines_as_ctr_score_scores_them_prepared
     lines, dense, ids = raw_test_rows(synthetic_criteo, prepared_criteo, 300)
     extra_lines, extra_dense, extra_ids = edited_rows(lines, dense, ids, prepared_criteo)
     (tmp_path / "lines.txt").write_text("\n".join(lines + extra_lines), encoding="utf-8")
-    done = subprocess.run([sys.executable, "-c", FRESH, str(out), str(tmp_path / "lines.txt"), str(tmp_path / "got.pt")],
+    done = subprocess.run([sys.executable, "-c", FRESH_LINES, str(out), str(tmp_path / "lines.txt"), str(tmp_path / "got.pt")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     got = torch.load(tmp_path / "got.pt", weights_only=True)
