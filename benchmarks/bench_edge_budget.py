@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_frontier import BASELINE_MIN_COUNT, exported, run_once, trained
+from bench_frontier import BASELINE_MIN_COUNT, exported, generated_baseline, run_once, run_section
 from bench_scale import CTR, RESULTS, Section, serve_times
 from run_all import machine
 
-from _common import WORK, load_note, replace_section
+from _common import load_note
 
 CONFIG = "configs/experiments/criteo_dnn_edge.yaml"
 TITLE = "## Edge budget"
@@ -34,13 +33,7 @@ TITLE = "## Edge budget"
 
 def budgets(args: argparse.Namespace) -> tuple[Section, dict[str, Any]]:
     sec = Section()
-    folder = (WORK / "frontier" / f"criteo_{args.rows}").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    raw = folder / "criteo_profile.txt"
-    run_once(sec, "generate", f"`ctr generate --profile criteo` {args.rows:,} rows",
-             [CTR, "generate", "--profile", "criteo", "--rows", str(args.rows), "--out", str(raw)], raw,
-             folder / "generate.log")
-    base = trained(folder, raw, BASELINE_MIN_COUNT, 2, sec)
+    folder, raw, base = generated_baseline(sec, args.rows)
     edge_dir = folder / "edges"
     edges = {"min count 2": exported(sec, base, edge_dir / "min_count_2.pt")}
     base_bytes = edges["min count 2"].stat().st_size
@@ -119,13 +112,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12_500_000)
     parser.add_argument("--ratios", type=int, nargs="+", default=[30, 100])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    started = time.perf_counter()
-    sec, numbers = budgets(args)
-    folder = (WORK / "frontier" / f"criteo_{args.rows}").resolve()
-    (folder / "results_edge.json").write_text(json.dumps(numbers, indent=2, default=str))
-    replace_section(args.out, TITLE, section(sec, numbers, args, started))
-    print(f"wrote the Edge budget section of {args.out}", file=sys.stderr)
+    run_section(budgets, section, TITLE, "results_edge.json", parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from bench_scale import CTR, RESULTS, Section, serve_times
@@ -78,15 +78,21 @@ def embedding_bytes(edge: Path) -> int:
     return parts["embedding tables"] + parts["vocabulary"]
 
 
-def frontier(args: argparse.Namespace) -> tuple[Section, dict[str, Any]]:
-    sec = Section()
-    folder = (WORK / "frontier" / f"criteo_{args.rows}").resolve()  # the paths the runs' saved configs hold
+def generated_baseline(sec: Section, rows: int) -> tuple[Path, Path, Path]:
+    """(folder, raw log, baseline run): the generated Criteo-profile log and its early-stopped
+    min-count-2 DNN (up to 5 epochs, patience 2), each made once and shared by the benchmarks on it."""
+    folder = frontier_folder(rows)
     folder.mkdir(parents=True, exist_ok=True)
     raw = folder / "criteo_profile.txt"
-    run_once(sec, "generate", f"`ctr generate --profile criteo` {args.rows:,} rows",
-             [CTR, "generate", "--profile", "criteo", "--rows", str(args.rows), "--out", str(raw)], raw,
+    run_once(sec, "generate", f"`ctr generate --profile criteo` {rows:,} rows",
+             [CTR, "generate", "--profile", "criteo", "--rows", str(rows), "--out", str(raw)], raw,
              folder / "generate.log")
-    base = trained(folder, raw, BASELINE_MIN_COUNT, 2, sec)
+    return folder, raw, trained(folder, raw, BASELINE_MIN_COUNT, 2, sec)
+
+
+def frontier(args: argparse.Namespace) -> tuple[Section, dict[str, Any]]:
+    sec = Section()
+    folder, raw, base = generated_baseline(sec, args.rows)
     runs = {BASELINE_MIN_COUNT: base, **{mc: trained(folder, raw, mc, 1, sec) for mc in args.min_counts}}
     valid = {mc: best_valid(run) for mc, run in runs.items()}
     tuned = max(mc for mc in runs if valid[mc] >= max(valid.values()) - TUNED_SLACK)
@@ -179,13 +185,24 @@ def main() -> None:
     parser.add_argument("--ratios", type=int, nargs="+", default=[30, 100, 200, 300])
     parser.add_argument("--min-counts", type=int, nargs="+", default=[5, 10, 20, 50])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    run_section(frontier, section, TITLE, "results.json", parser.parse_args())
+
+
+def frontier_folder(rows: int) -> Path:
+    """Where a row count's generated log, prepared data, runs and edge files live (resolved: the runs'
+    saved configs hold these paths)."""
+    return (WORK / "frontier" / f"criteo_{rows}").resolve()
+
+
+def run_section(measure: Callable[[argparse.Namespace], tuple[Section, dict[str, Any]]],
+                render: Callable[[Section, dict[str, Any], argparse.Namespace, float], str], title: str, raw_name: str,
+                args: argparse.Namespace) -> None:
+    """Measure, keep the raw numbers beside the runs, and replace ``title``'s section of the results."""
     started = time.perf_counter()
-    sec, numbers = frontier(args)
-    folder = (WORK / "frontier" / f"criteo_{args.rows}").resolve()
-    (folder / "results.json").write_text(json.dumps(numbers, indent=2, default=str))
-    replace_section(args.out, TITLE, section(sec, numbers, args, started))
-    print(f"wrote the Frontier section of {args.out}", file=sys.stderr)
+    sec, numbers = measure(args)
+    (frontier_folder(args.rows) / raw_name).write_text(json.dumps(numbers, indent=2, default=str))
+    replace_section(args.out, title, render(sec, numbers, args, started))
+    print(f"wrote the {title.lstrip('# ')} section of {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

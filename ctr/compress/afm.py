@@ -36,6 +36,7 @@ from ctr.compress.stage import (
 )
 from ctr.compress.tables import table_key
 from ctr.config import AFMConfig, RankRule
+from ctr.edge.layout import DENSE_PARAM_BYTES
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.models import MODELS
 from ctr.models.base import CTRModel, LowRankLinear
@@ -44,7 +45,6 @@ from ctr.structure import FactorizeEmbedding, FactorizeLinear, FoldNorm, Layout,
 
 log = logging.getLogger("ctr.compress.afm")
 EMBEDDING_STEP = 4  # fbgemm's width rule for the compressed tables
-BYTES_PER_PARAM = 4
 
 
 class Moments:
@@ -261,14 +261,14 @@ class AFMStage:
             layer = probe.get_submodule(p)
             probe.set_submodule(p, LowRankLinear(layer.in_features, 1, layer.out_features))
         factors = sum(v.numel() for p in targets for v in probe.get_submodule(p).parameters())
-        others = sum(model_size(ctx.fmap, ctx.data_dir, probe)[1].values()) - BYTES_PER_PARAM * factors
+        others = sum(model_size(ctx.fmap, ctx.data_dir, probe)[1].values()) - DENSE_PARAM_BYTES * factors
         budget_bytes = (self.cfg.layers_budget_mb * 2**20 if self.cfg.layers_budget_mb is not None
                         else ctx.target_mb * 2**20 - others)
         if budget_bytes <= 0:
             raise ConfigError(f"compress.target_mb {ctx.target_mb}: the parts AFM does not factorise already take "
                              f"{others / 2**20:.3f} MB; compress the embeddings further (OptFS, OptEmbed, a lower "
                              f"afm.embedding_rank) or raise the target")
-        return int(budget_bytes // BYTES_PER_PARAM)
+        return int(budget_bytes // DENSE_PARAM_BYTES)
 
     def _compress_layers(self, ctx: StageContext, model: CTRModel, batches: list[Batch],
                          found: Factorisation) -> list[Step]:

@@ -33,6 +33,7 @@ FALSE_MATCH = 2.0**-12  # the chance that an unseen value's fingerprint equals a
 FINGERPRINT_BITS = (16, 32, 64)
 SCALE_BIAS_BYTES = 4  # an fp16 scale and an fp16 bias per quantized row
 FORMAT_CODES = {"fp32": 32, "fp16": 16, "int8": 8}  # storage of a table without its own quantize bits
+DENSE_PARAM_BYTES = 4  # the dense layers and projections are stored as float32
 
 
 def fingerprints(keys: np.ndarray, bits: int) -> np.ndarray:
