@@ -23,17 +23,17 @@ from common.digest import sha256_file
 from common.errors import ExportError, one_line
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import plain_model
+from ctr.edge.layout import edge_slots, id_keys, keys_of_ids, miss_key, vocabulary_keys
+from ctr.edge.model import EMBEDDING_FORMATS, EdgeModel, edge_model, file_parts, scripted_file
+from ctr.edge.raw import feature_specs, raw_columns, raw_layout
 from ctr.experiment import load_experiment
 from ctr.loader import ParquetBatches
 from ctr.metrics import auc
 from ctr.run_dir import RunDir
-from ctr.edge.layout import edge_slots, id_keys, keys_of_ids, miss_key, vocabulary_keys
-from ctr.edge.model import EMBEDDING_FORMATS, EdgeModel, edge_model, file_parts, scripted_file
-from ctr.edge.raw import feature_specs, raw_columns, raw_layout
-from features.hashing import BLANK_KEY, TOKEN_KEY_VERSION
-from deploy.raw_rows import raw_batches
 from deploy.onnx_format import OnnxModel, require_onnx, write_onnx
+from deploy.raw_rows import raw_batches
 from features.feature_map import FeatureMap
+from features.hashing import BLANK_KEY, TOKEN_KEY_VERSION
 
 MANIFEST_SUFFIX = ".manifest.json"
 FORMATS = ("torchscript", "onnx")

@@ -23,23 +23,23 @@ import torch
 from torch import nn
 
 from ctr.edge.layout import (
+    FORMAT_CODES,
     FieldSlots,
     edge_slots,
     embedding_rows,
-    FORMAT_CODES,
     field_codes,
     first_order_code,
     fingerprints,
     tensor_bytes,
     vocabulary_keys,
 )
+from ctr.edge.raw import RawLines, RawTransforms, feature_specs, raw_layout
 from ctr.models.base import CTRModel, flat_input
 from ctr.modules.hashed import HashedSparseArch
 from ctr.modules.quantized import QUANTIZED_BITS, levels_of, pack_codes, row_codes, unpack_codes
 from ctr.modules.sparse import SparseArch
-from ctr.edge.raw import RawLines, RawTransforms, feature_specs, raw_layout
-from features.hashing import BLANK_KEY, mix_torch
 from features.feature_map import FeatureMap
+from features.hashing import BLANK_KEY, mix_torch
 from features.schema import Layout
 from features.transforms import FeatureSpec
 

@@ -16,9 +16,9 @@ from typing import List
 import torch
 from torch import nn
 
-from features.hashing import BLANK_KEY, INT_SEED, TOKEN_SEED, key_torch, mix_torch
 from common.errors import DataError
 from features.feature_map import FeatureMap
+from features.hashing import BLANK_KEY, INT_SEED, TOKEN_SEED, key_torch, mix_torch
 from features.schema import DatasetConfig, Layout, resolve_layout
 from features.transforms import CRITEO_BUCKET, HOUR_OF_DAY, IS_WEEKEND, SIGNED_LOG1P, TOKEN, WEEKDAY, FeatureSpec
 
@@ -38,6 +38,7 @@ def raw_layout(fmap: FeatureMap) -> Layout:
 
 
 def feature_specs(fmap: FeatureMap) -> list[FeatureSpec]:
+    """The feature map's fields as the transforms' specs (what prepare computed, field by field)."""
     return [FeatureSpec(f.name, f.type, f.source, f.transform) for f in fmap.fields]
 
 
