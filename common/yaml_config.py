@@ -23,34 +23,70 @@ COMMAND_LINE = "<command line>"
 MAX_NODES = 100_000  # values a config may expand to; real configs have a few hundred
 
 
-def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
-    """How many nodes ``node`` stands for once every alias is expanded (memoised per node, so a
-    graph of shared aliases is measured in time linear in its nodes, not in its expansion)."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    sizes[id(node)] = 1  # a node that refers to itself counts once while it is measured
+MAX_DEPTH = 100  # nesting a config may have, its aliases expanded; real configs nest about 5 deep
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
-    else:
-        size = 1
-    sizes[id(node)] = size
-    return size
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _expanded_shape(root: yaml.Node) -> tuple[int, int]:
+    """(values, depth) that ``root`` stands for once every alias is expanded. Iterative and memoised
+    per node, so a graph of shared aliases is measured in time linear in its nodes, and a deep one
+    cannot exhaust Python's stack; a node inside itself counts once."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        kids = _children(node)
+        if children_done:
+            size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+            depth[id(node)] = 1 + max((depth[id(k)] for k in kids), default=0)
+        elif id(node) not in size:
+            size[id(node)], depth[id(node)] = 1, 1  # while it is measured
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in size)
+    return size[id(root)], depth[id(root)]
+
+
+def _event_depth(text: str, where: str) -> None:
+    """Refuse a document nested past ``MAX_DEPTH`` before it is composed: PyYAML's composer (and
+    everything after it) recurses once per level and would end in a RecursionError. The parser that
+    yields the events keeps its own stack, so this pass is safe at any depth."""
+    level = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            level += 1
+            if level > MAX_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark else 1
+                raise ConfigError(f"{where}:{line}: the YAML nests more than {MAX_DEPTH} levels of lists or mappings "
+                                  "(a config nests a few levels: flatten the value)")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            level -= 1
 
 
 def safe_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load`` that first refuses a document whose aliases expand past ``MAX_NODES``
-    values: a few hundred bytes of nested aliases can stand for billions of them."""
+    """``yaml.safe_load`` that first refuses a document nested past ``MAX_DEPTH`` levels, or whose
+    aliases expand past ``MAX_NODES`` values: a few hundred bytes of nested aliases can stand for
+    billions of them."""
+    _event_depth(text, where)
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        size = _expanded_size(node, {})
+        size, depth = _expanded_shape(node)
         if size > MAX_NODES:
             raise ConfigError(f"{where}: the YAML expands to more than {MAX_NODES:,} values through its &anchor / "
                               "*alias references (write the values out, or nest fewer aliases)")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: the YAML nests more than {MAX_DEPTH} levels through its &anchor / *alias "
+                              "references (write the values out, or nest fewer aliases)")
         return loader.construct_document(node)
     finally:
         loader.dispose()

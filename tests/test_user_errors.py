@@ -250,6 +250,20 @@ def test_7_an_alias_bomb_is_refused_quickly(tmp_path: Path, capsys: pytest.Captu
     assert time.perf_counter() - started < 2.0
 
 
+def test_7_a_deeply_nested_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """3,000 levels of brackets (6 kB) once ended prepare and train in a RecursionError; a chain of
+    aliases nests as deep in fewer bytes of nesting."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("dataset: {name: d, layout: criteo_tsv, output: o}\nmodel: " + "[" * 3000 + "]" * 3000 + "\n")
+    for command in ("prepare", "train"):
+        fails([command, str(deep)], capsys, f"{deep}:2", "nests more than 100 levels")
+    chain = tmp_path / "chain.yaml"
+    chain.write_text("\n".join(["a0: &a0 [1]", *(f"a{i}: &a{i} [*a{i - 1}]" for i in range(1, 300))]) + "\n")
+    fails(["train", str(chain)], capsys, str(chain), "nests more than 100 levels through its &anchor")
+    fails(["train", str(ROOT / "configs" / "experiments" / "synthetic_dnn.yaml"), "model.hidden=" + "[" * 500 + "]" * 500],
+          capsys, "<command line>", "nests more than 100 levels")
+
+
 def test_8_config_mistakes_are_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     exp = ROOT / "configs" / "experiments" / "synthetic_dnn.yaml"
     fails(["train", str(exp), "model.hidden=[-5]"], capsys, "<command line>", "model.hidden.0")
