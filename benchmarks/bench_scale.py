@@ -45,7 +45,7 @@ from ctr.train import Trainer
 from deploy.export import latency, open_edge, raw_sample
 from features.feature_map import FeatureMap
 from features.schema import AVAZU_CATEGORIES, CRITEO_CATEGORIES, SplitConfig
-from pipelines.synthetic import PROFILE_DISTINCT
+from pipelines.scenarios import PROFILE_DISTINCT
 
 from _common import WORK, load_note, run_measured
 

@@ -29,7 +29,7 @@ from deploy.raw_rows import raw_batches
 from features.feature_map import FeatureMap
 from features.parse import ROW
 from features.split import SPLIT_COLUMN, split_expr
-from pipelines.evaluate import score_parquet
+from pipelines.scoring import score_parquet
 
 RANDOM_KEYS = 1 << 22
 

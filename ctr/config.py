@@ -101,7 +101,7 @@ class OptFSConfig(Strict):
     search_rows: int | None = Field(default=None, ge=1)  # the search on a sample (see sample_rows); None: all rows
     search_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     # the field test's one-sided level: a field whose kept rows do not lower the held-out log loss
-    # significantly at this level is removed whole (ctr/compress/field_test.py); 1 keeps every field
+    # significantly at this level is removed whole (ctr/compress/field_significance.py); 1 keeps every field
     field_p: float = Field(default=0.05, gt=0.0, le=1.0)
 
     @model_validator(mode="after")

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+RELIABILITY_BINS = 10  # equal-count bins of the reliability diagram
+
 
 def midranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks with ties sharing their average rank."""
@@ -147,3 +149,24 @@ def group_auc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> dic
     by_size = [{"size": f"{low}" if high == low + 1 else f"{low}+" if high == np.inf else f"{low}-{int(high) - 1}",
                 **summary((n >= low) & (n < high))} for low, high in zip(edges[:-1], edges[1:])]
     return {**summary(np.ones(n.size, dtype=bool)), "groups_skipped_one_class": int((~both).sum()), "by_size": by_size}
+
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = RELIABILITY_BINS) -> list[dict[str, float]]:
+    """Equal-count bins of predicted CTR: mean prediction against observed click rate in each."""
+    order = np.argsort(probs, kind="mergesort")
+    return [{"rows": int(part.size), "predicted": float(probs[part].mean()), "observed": float(labels[part].mean())}
+            for part in np.array_split(order, bins) if part.size]
+
+
+def slice_aucs(labels: np.ndarray, probs: np.ndarray, values: np.ndarray, top: int) -> list[dict[str, Any]]:
+    """AUC for each of the ``top`` most frequent values of a field (None where one class is absent)."""
+    uniques, counts = np.unique(values, return_counts=True)
+    out = []
+    for value in uniques[np.argsort(-counts, kind="mergesort")[:top]]:
+        mask = values == value
+        y = labels[mask]
+        both = 0 < y.sum() < y.size
+        out.append({"value": value.item(), "rows": int(mask.sum()), "ctr": float(y.mean()),
+                    "auc": auc(y, probs[mask]) if both else None})
+    return out

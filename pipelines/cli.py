@@ -63,13 +63,14 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from pipelines.evaluate import score_parquet
+    from pipelines.scoring import score_parquet
 
     print(json.dumps(score_parquet(args.model, args.data, args.out), indent=2))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from pipelines.evaluate import comparison_table, evaluate
+    from pipelines.evaluate import evaluate
+    from pipelines.report import comparison_table
 
     scores_from = None
     if args.ray:

@@ -15,8 +15,10 @@ import ray
 import ray.data
 
 from ctr.config import RayConfig
-from pipelines.evaluate import BATCH_ROWS, Scorer, check_columns, gather, load_scorer, parquet_files, score_file
 from pipelines.ray_train import start_ray
+from pipelines.score_inputs import check_columns, parquet_files
+from pipelines.scorers import Scorer, load_scorer
+from pipelines.scoring import BATCH_ROWS, gather, score_file
 
 
 class ScoreFiles:

@@ -14,7 +14,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 from common.errors import DataError
 from deploy.export import export_model
 from features.prepare import PrepareResult
-from pipelines.evaluate import evaluate, load_scorer
+from pipelines.evaluate import evaluate
+from pipelines.scorers import load_scorer
 
 pytestmark = pytest.mark.slow
 
@@ -126,12 +127,29 @@ def test_group_auc_by_a_field_in_the_table_the_json_and_the_report(models: list[
     assert 0.5 < saved["C6"]["group_auc"] < 1.0
     assert "Group AUC" in (tmp_path / "report.html").read_text()
 
+
 def test_the_frontier_keeps_the_models_nothing_beats() -> None:
-    from pipelines.evaluate import pareto
+    from pipelines.report import pareto
 
     # (bytes, AUC): 1 and 3 are beaten (bigger and no better than 0 / 2), the rest form the frontier
     points = [(100, 0.70), (200, 0.69), (300, 0.75), (400, 0.75), (50, 0.60), (1000, 0.78)]
     assert pareto(points) == [4, 0, 2, 5]
+
+
+def test_the_frontier_plot_draws_each_models_delong_interval() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipelines.report import frontier_figure
+
+    results = [{"bytes": 1000, "auc": 0.78, "auc_ci": [0.77, 0.79]}, {"bytes": 100, "auc": 0.70, "auc_ci": [0.68, 0.71]}]
+    ax = frontier_figure(plt, ["base", "small"], results).axes[0]
+    bars = next(c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer))
+    segments = sorted(tuple(seg[:, 1]) for seg in bars.lines[2][0].get_segments())
+    assert np.allclose(segments, [(0.68, 0.71), (0.77, 0.79)])
+    plt.close("all")
 
 
 def test_each_model_may_read_its_own_encoding_of_the_same_rows(models: list[Path], prepared_criteo: PrepareResult,

@@ -19,7 +19,7 @@ from features.schema import ColumnSpec, Layout
 from features.transforms import criteo_bucket
 from features.vocab import BLANK_ID, OOV_ID
 from features.prepare import PrepareResult
-from pipelines.evaluate import score_parquet
+from pipelines.scoring import score_parquet
 
 from conftest import FRESH_LINES, raw_test_rows
 

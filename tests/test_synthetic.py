@@ -6,7 +6,8 @@ import polars as pl
 import pytest
 
 from common.errors import ConfigError
-from pipelines.synthetic import _hex8, generate, scenario
+from pipelines.scenarios import scenario
+from pipelines.synthetic import _hex8, generate
 
 
 def test_hex_rendering() -> None:
@@ -59,7 +60,7 @@ def test_noise_fields_carry_no_signal_and_informative_ones_do(tmp_path: Path) ->
 
 
 def test_profile_supports_reach_the_published_distinct_values_at_full_size() -> None:
-    from pipelines.synthetic import PROFILE_DISTINCT, PROFILE_ROWS, expected_distinct
+    from pipelines.scenarios import PROFILE_DISTINCT, PROFILE_ROWS, expected_distinct
 
     for kind in ("criteo", "avazu"):
         for f in scenario(kind, profile=True).fields:
@@ -69,7 +70,7 @@ def test_profile_supports_reach_the_published_distinct_values_at_full_size() -> 
 
 
 def test_power_law_sampler_follows_its_masses() -> None:
-    from pipelines.synthetic import power_law_index, value_masses
+    from pipelines.scenarios import power_law_index, value_masses
 
     rng = np.random.default_rng(0)
     n, support = 400_000, 1_000_000
@@ -97,7 +98,7 @@ def test_hashed_weights_have_unit_variance_and_repeat() -> None:
 def test_criteo_profile_distinct_values_follow_the_documented_distribution(tmp_path: Path) -> None:
     """At 100k rows each field's distinct values match the expectation under its sampler (the same
     rule that reaches the published figures at 45.8M rows), and the big fields are mostly rare values."""
-    from pipelines.synthetic import expected_distinct
+    from pipelines.scenarios import expected_distinct
 
     rows = 100_000
     report = generate("criteo", rows, tmp_path / "p.txt", seed=3, profile=True)

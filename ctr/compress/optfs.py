@@ -7,7 +7,7 @@ train split (one pass: a row read twice is partly memorised and looks more usefu
 gates have their own Adam, dense as in the reference: see ``FeatureGates``. The search starts from a
 fresh initialisation (as the reference) or from the source checkpoint's weights (``start_from``).
 Then: hard mask m > 0, and a field whose kept rows do not lower the held-out loss significantly is
-removed whole (``field_test``: one value's evidence is bounded by its count, a field's is pooled);
+removed whole (``field_significance``: one value's evidence is bounded by its count, a field's is pooled);
 rewind the weights to the snapshot taken at the start of ``rewind_epoch`` (0: the initial weights, a
 lottery ticket), retrain with the mask fixed (an id remap: removed ids read a zero vector or the
 field's OOV row) and early stopping, and finally compact every table to its kept rows.
@@ -23,7 +23,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from common.errors import ConfigError
-from ctr.compress.field_test import FieldTest, HeldOut, field_test
+from ctr.compress.field_significance import FieldTest, HeldOut, field_test
 from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
 from ctr.compress.tables import REMAP_KEY, compact_rows, id_remap, table_key
 from ctr.config import OptFSConfig, sample_rows

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ctr.compress.field_test import FieldGain, HeldOut, field_test
+from ctr.compress.field_significance import FieldGain, HeldOut, field_test
 from ctr.loader import Batch, make_batch
 
 
