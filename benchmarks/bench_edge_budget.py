@@ -25,6 +25,8 @@ from bench_frontier import BASELINE_MIN_COUNT, exported, generated_baseline, run
 from bench_scale import CTR, RESULTS, Section, serve_times
 from run_all import machine
 
+from ctr.run_dir import RunDir
+
 from _common import load_note
 
 CONFIG = "configs/experiments/criteo_dnn_edge.yaml"
@@ -46,14 +48,14 @@ def budgets(args: argparse.Namespace) -> tuple[Section, dict[str, Any]]:
         try:
             run_once(sec, f"compress_{point}", f"`ctr compress {Path(CONFIG).name} --sweep target_mb={mb:g}` ({ratio}x)",
                      [CTR, "compress", CONFIG, *data, "--sweep", f"target_mb={mb:g}"],
-                     base / "compress" / point / "report.jsonl", folder / f"edge_{point}.log")
+                     RunDir(base).point(point).report, folder / f"edge_{point}.log")
         except RuntimeError:
             error = next((line for line in (folder / f"edge_{point}.log").read_text().splitlines()
                           if line.startswith("error:")), "see the log")
             sec.notes.append(f"{ratio}x ({mb:g} MB): not reached: {error}")
             break
         edges[f"{ratio}x whole-file budget"] = exported(sec, base, edge_dir / f"edge_{ratio}x.pt", f"{point}/latest")
-        reports[point] = [json.loads(line) for line in (base / "compress" / point / "report.jsonl").read_text().splitlines()]
+        reports[point] = [json.loads(line) for line in RunDir(base).point(point).report.read_text().splitlines()]
     test = folder / f"prepared_mc{BASELINE_MIN_COUNT}" / "test.parquet"
     evaluation = folder / "evaluation_edge"
     sec.timed("evaluate", f"`ctr evaluate` of {len(edges)} models on the test split",

@@ -34,6 +34,8 @@ import torch
 from bench_scale import CTR, RESULTS, Section, serve_times
 from run_all import machine
 
+from ctr.run_dir import RunDir
+
 from _common import WORK, load_note, replace_section
 
 CONFIG = "configs/experiments/criteo_dnn_frontier.yaml"
@@ -57,12 +59,12 @@ def trained(folder: Path, raw: Path, min_count: int, patience: int, sec: Section
                  f"dataset.raw=[{raw}]", "trainer.epochs=5", f"trainer.patience={patience}", f"trainer.run_dir={run}",
                  "trainer.progress=false", *extra]
     run_once(sec, f"train_{run.name}", f"`ctr train` {run.name} (up to 5 epochs, patience {patience})",
-             [CTR, "train", CONFIG, *overrides], run / "result.json", folder / f"train_{run.name}.log")
+             [CTR, "train", CONFIG, *overrides], RunDir(run).result, folder / f"train_{run.name}.log")
     return run
 
 
 def best_valid(run: Path) -> float:
-    return json.loads((run / "result.json").read_text())["best_valid_auc"]
+    return json.loads(RunDir(run).result.read_text())["best_valid_auc"]
 
 
 def exported(sec: Section, run: Path, out: Path, stage: str | None = None) -> Path:
@@ -108,7 +110,7 @@ def frontier(args: argparse.Namespace) -> tuple[Section, dict[str, Any]]:
                      [CTR, "compress", CONFIG, f"dataset.min_count={tuned}",
                       f"dataset.output={folder / f'prepared_mc{tuned}'}", f"dataset.raw=[{raw}]",
                       f"trainer.run_dir={tuned_run}", "trainer.progress=false", "--sweep", f"target_mb={mb:g}"],
-                     tuned_run / "compress" / point / "report.jsonl", folder / f"compress_{point}.log")
+                     RunDir(tuned_run).point(point).report, folder / f"compress_{point}.log")
         except RuntimeError:  # a budget below 2 bits everywhere: the command says so; smaller ones fail alike
             error = next((line for line in (folder / f"compress_{point}.log").read_text().splitlines()
                           if line.startswith("error:")), "see the log")
@@ -136,10 +138,9 @@ def frontier(args: argparse.Namespace) -> tuple[Section, dict[str, Any]]:
     numbers = {"valid_auc_by_min_count": valid, "tuned_min_count": tuned, "targets_mb": targets, "names": names,
                "metrics": [{k: m[k] for k in ("name", "auc", "logloss", "bytes")} for m in metrics["models"]],
                "comparisons": metrics["comparisons"], "serve": speed,
-               "sweep_reports": {p.parent.name: [json.loads(line) for line in p.read_text().splitlines()]
-                                 for p in sorted((tuned_run / "compress").glob("target_*/report.jsonl"))
-                                 if p.parent.name in {f"target_{mb:g}MB" for mb in targets}
-                                 and "quantize" in p.read_text()}}  # a budget out of reach stops before quantize
+               "sweep_reports": {f"target_{mb:g}MB": [json.loads(line) for line in p.read_text().splitlines()]
+                                 for mb in targets for p in [RunDir(tuned_run).sweep_point(mb).report]
+                                 if p.is_file() and "quantize" in p.read_text()}}  # a budget out of reach stops before quantize
     return sec, numbers
 
 

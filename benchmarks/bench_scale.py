@@ -166,7 +166,7 @@ def dataset(sec: Section, kind: str, rows: int, models: list[str], args: argpars
                   [CTR, "train", f"configs/experiments/{kind}_{model}.yaml", "dataset.min_count=2",
                    f"dataset.output={prepared}", f"dataset.raw=[{raw}]", "trainer.epochs=1", f"trainer.run_dir={run}",
                    "trainer.progress=false"], logs / f"train_{model}.log")
-        result = json.loads((run / "result.json").read_text())
+        result = json.loads(RunDir(run).result.read_text())
         sec.numbers[f"{kind}_{model}_train"]["result"] = result
         ckpt = json.loads(sec.timed(f"{kind}_{model}_checkpoint", f"{kind}: {model} checkpoint write + restore",
                                     [sys.executable, __file__, "checkpoint", str(run)], logs / f"checkpoint_{model}.log"))
@@ -184,7 +184,7 @@ def dataset(sec: Section, kind: str, rows: int, models: list[str], args: argpars
         sec.notes.append(f"{kind} edge file: {edge.stat().st_size / 1e6:,.0f} MB, loaded in {served['load_seconds']:.2f} s; "
                          f"batch-1 p50 {served['p50_ms']:.3f} ms, batch-1024 {served['rows_per_s']:,.0f} rows/s (1 thread).")
         sec.timed(f"{kind}_evaluate", f"{kind}: `ctr evaluate` on {fmap['splits']['test']['rows']:,} test rows",
-                  [CTR, "evaluate", str(edge), "--data", str(test), "--out", str(run / "evaluation")], logs / "evaluate.log")
+                  [CTR, "evaluate", str(edge), "--data", str(test), "--out", str(RunDir(run).evaluation)], logs / "evaluate.log")
 
 
 def small_vocabulary(sec: Section, model: str) -> None:
@@ -194,7 +194,7 @@ def small_vocabulary(sec: Section, model: str) -> None:
     sec.timed(f"small_{model}_train", f"default 1M rows (50k table rows): `ctr train` {model}, 1 epoch",
               [CTR, "train", f"configs/experiments/synthetic_{model}.yaml", f"trainer.run_dir={run}",
                "trainer.epochs=1", "trainer.progress=false"], SCALE / f"small_{model}.log")
-    sec.numbers[f"small_{model}_train"]["result"] = json.loads((run / "result.json").read_text())
+    sec.numbers[f"small_{model}_train"]["result"] = json.loads(RunDir(run).result.read_text())
 
 
 def recipe(sec: Section, rows: int) -> None:
@@ -225,8 +225,8 @@ def recipe(sec: Section, rows: int) -> None:
     sec.timed("recipe_evaluate", "recipe: `ctr evaluate` both on the test split",
               [CTR, "evaluate", str(base), str(small), "--data", str(prepared / "test.parquet"), "--out",
                str(folder / "evaluation")], folder / "evaluate.log")
-    epoch = json.loads((run / "result.json").read_text())["train_seconds"]
-    stages = [json.loads(line) for line in (run / "compress" / "report.jsonl").read_text().splitlines()]
+    epoch = json.loads(RunDir(run).result.read_text())["train_seconds"]
+    stages = [json.loads(line) for line in RunDir(run).report.read_text().splitlines()]
     metrics = json.loads((folder / "evaluation" / "metrics.json").read_text())
     (b, c), (test,) = metrics["models"], metrics["comparisons"]
     train_rows = json.loads((prepared / "feature_map.json").read_text())["splits"]["train"]["rows"]

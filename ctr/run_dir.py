@@ -3,8 +3,9 @@
 ``config.yaml`` (the resolved experiment), ``feature_map.json`` and ``data.json`` (where the
 prepared data is, stored relative to the run directory so the pair can move together or be read
 from any working directory), ``checkpoints/{last,best}.pt``, ``metrics.jsonl``, ``result.json``,
-``compress/NN_<stage>/`` with ``compress/report.jsonl`` (and per budget of a sweep the same under
-``compress/target_<MB>MB/``), ``export/`` and ``evaluation/``.
+``compress/NN_<stage>/`` (a ``StageDir``) with ``compress/report.jsonl`` (and per budget of a sweep
+the same under ``compress/target_<MB>MB/``), ``compress/superseded/``, ``export/`` and ``evaluation/``.
+A run without ``trainer.run_dir`` lives in ``runs/<experiment name>``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,68 @@ from features.feature_map import FILE_NAME as FEATURE_MAP
 CONFIG_FILE = "config.yaml"
 LAST, BEST = "last.pt", "best.pt"
 STAGE_CHECKPOINT = "checkpoint.pt"
+REPORT = "report.jsonl"
+DEFAULT_RUNS = Path("runs")
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """One compression stage's folder: its checkpoint, the fingerprint of its inputs, a run folder
+    per training phase (a search, a retrain, a fine-tune: each resumes on its own), its search's
+    record and the weights a rewind returns to."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / STAGE_CHECKPOINT
+
+    @property
+    def fingerprint(self) -> Path:
+        return self.root / "stage.json"
+
+    @property
+    def recipe_report(self) -> Path:
+        """The report of the recipe this stage belongs to."""
+        return self.root.parent / REPORT
+
+    @property
+    def adopting(self) -> Path:
+        """Where a stage reused from another budget is linked in before it is renamed into place."""
+        return self.root.with_name(f".{self.root.name}.adopting")
+
+    def phase(self, name: str) -> "RunDir":
+        return RunDir(self.root / name)
+
+    @property
+    def search_result(self) -> Path:
+        return self.root / "search.json"
+
+    @property
+    def search_log(self) -> Path:
+        return self.root / "search.jsonl"
+
+    @property
+    def rewind(self) -> Path:
+        return self.root / "rewind.pt"
+
+    def exists(self) -> bool:
+        return self.root.exists()
 
 
 @dataclass(frozen=True)
 class RunDir:
     root: Path
     compress_dir: str = "compress"  # a budget sweep runs each budget's recipe in its own folder under compress/
+
+    @staticmethod
+    def of(run_dir: str | None, experiment: str) -> "RunDir":
+        """An experiment's run: ``trainer.run_dir`` if set, else ``runs/<experiment name>``."""
+        return RunDir(Path(run_dir) if run_dir else DEFAULT_RUNS / experiment)
 
     @property
     def config(self) -> Path:
@@ -67,23 +124,46 @@ class RunDir:
 
     def sweep_point(self, target_mb: float) -> "RunDir":
         """The same run, its recipe at one budget of a sweep: ``compress/target_<MB>MB/``."""
-        return RunDir(self.root, f"compress/target_{target_mb:g}MB")
+        return self.point(f"target_{target_mb:g}MB")
 
-    def stage_folders(self, name: str) -> list[Path]:
+    def point(self, name: str) -> "RunDir":
+        """The same run, its recipe in the sweep point folder ``compress/<name>/``."""
+        return RunDir(self.root, f"compress/{name}")
+
+    def stage_folders(self, name: str) -> list[StageDir]:
         """Every folder called ``name`` in this run's recipe and sweep points (where a stage may be reused from)."""
         base = self.root / "compress"
-        return [p for p in (base / name, *sorted(base.glob(f"target_*/{name}"))) if p.is_dir()]
+        return [StageDir(p) for p in (base / name, *sorted(base.glob(f"target_*/{name}"))) if p.is_dir()]
 
     @property
     def report(self) -> Path:
-        return self.compress / "report.jsonl"
+        return self.compress / REPORT
 
-    def stage(self, index: int, name: str) -> Path:
-        return self.compress / f"{index:02d}_{name}"
+    @property
+    def superseded(self) -> Path:
+        """Where a stage folder goes when its inputs change or the recipe drops it (never deleted)."""
+        return self.compress / "superseded"
+
+    def stage(self, index: int, name: str) -> StageDir:
+        return StageDir(self.compress / f"{index:02d}_{name}")
+
+    def stage_dirs(self) -> list[StageDir]:
+        """Every stage folder of this recipe on disk, in recipe order."""
+        return [StageDir(p) for p in sorted(self.compress.glob("[0-9][0-9]_*")) if p.is_dir()]
 
     def stage_checkpoints(self) -> list[Path]:
         """Every finished stage's checkpoint, in recipe order."""
-        return sorted(self.compress.glob(f"[0-9][0-9]_*/{STAGE_CHECKPOINT}"))
+        return [d.checkpoint for d in self.stage_dirs() if d.checkpoint.is_file()]
+
+    @property
+    def tune(self) -> Path:
+        """Where ``ctr tune`` keeps its trials and their results."""
+        return self.root / "tune"
+
+    @property
+    def sharding(self) -> Path:
+        """How a multi-worker run placed its tables."""
+        return self.root / "sharding.json"
 
     @property
     def export(self) -> Path:

@@ -14,6 +14,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Union
 
 from common.errors import ConfigError
+from ctr.capabilities import (
+    FACTORIZE_EMBEDDINGS,
+    FACTORIZE_LAYERS,
+    NARROW_WIDTHS,
+    QUANTIZE_ROWS,
+    SELECT_ROWS,
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,7 @@ class SelectRows:
     removed_to: str = "zero"
     by: str = ""
     kind: ClassVar[str] = "select_rows"
+    needs: ClassVar[str] = SELECT_ROWS
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class NarrowWidths:
     widths: list[int]
     by: str = ""
     kind: ClassVar[str] = "narrow_widths"
+    needs: ClassVar[str] = NARROW_WIDTHS
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class FactorizeEmbedding:
     folded: bool
     by: str = ""
     kind: ClassVar[str] = "factorize_embedding"
+    needs: ClassVar[str] = FACTORIZE_EMBEDDINGS
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class FactorizeLinear:
     rank: int
     by: str = ""
     kind: ClassVar[str] = "factorize_linear"
+    needs: ClassVar[str] = FACTORIZE_LAYERS
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class FoldNorm:
     path: str
     by: str = ""
     kind: ClassVar[str] = "fold_norm"
+    needs: ClassVar[str] = FACTORIZE_LAYERS
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class QuantizeRows:
     bits: list[int]
     by: str = ""
     kind: ClassVar[str] = "quantize_rows"
+    needs: ClassVar[str] = QUANTIZE_ROWS
 
 
 Step = Union[SelectRows, NarrowWidths, FactorizeEmbedding, FactorizeLinear, FoldNorm, QuantizeRows]

@@ -184,7 +184,7 @@ class Trainer:
         self.model: DistributedModelParallel = shard_model(model, self.t.sparse_optimizer, self.t.sparse_lr,
                                                            self.runtime.device, self.runtime.local_world_size)
         if self.main and dist.get_world_size() > 1:
-            atomic_write_text(self.run_dir / "sharding.json", json.dumps(sharding_summary(self.model), indent=2) + "\n")
+            atomic_write_text(self.paths.sharding, json.dumps(sharding_summary(self.model), indent=2) + "\n")
         if self.hooks.initial_state is not None:
             load_plain_state_dict(self.model, self.hooks.initial_state, partial=True)
         named = [(n, p) for n, p in in_backward_optimizer_filter(self.model.named_parameters()) if p.requires_grad]

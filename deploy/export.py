@@ -64,8 +64,8 @@ def resolve_source(source: Path, stage: str | None) -> tuple[RunDir, Path]:
     if stage is None:
         return run, run.best
     point, _, stage = stage.rpartition("/")  # a sweep point's stage: target_2MB/03_quantize
-    recipe = RunDir(run.root, f"compress/{point}") if point else run
-    stages = {p.parent.name: p for p in recipe.stage_checkpoints()}
+    recipe = run.point(point) if point else run
+    stages = {d.name: d.checkpoint for d in recipe.stage_dirs() if d.checkpoint.is_file()}
     if not stages:
         raise ExportError(f"{source}: no compression stage checkpoints under {recipe.compress_dir}/")
     name = sorted(stages)[-1] if stage == "latest" else stage

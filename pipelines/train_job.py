@@ -42,7 +42,7 @@ def prepared_data(cfg: ExperimentConfig) -> tuple[Path, FeatureMap]:
 
 def run_dir_of(cfg: ExperimentConfig) -> Path:
     """Where an experiment's run lives: ``trainer.run_dir``, or ``runs/<name>``."""
-    return Path(cfg.trainer.run_dir or f"runs/{cfg.name}")
+    return RunDir.of(cfg.trainer.run_dir, cfg.name).root
 
 
 def run_train(config: Path | None, overrides: list[str], resume: Path | None = None,

@@ -122,7 +122,7 @@ def run_tune(config: Path, overrides: list[str], trials: int, budget_mb: float |
     if trials < 1:
         raise ConfigError(f"<command line>: --trials {trials}: a tune needs at least one trial (give --trials 1 or more)")
     data_dir, fmap = prepared_data(cfg)
-    folder = (run_dir_of(cfg) / "tune").resolve()
+    folder = RunDir(run_dir_of(cfg)).tune.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     start_ray(RayConfig())
     trainable = tune.with_resources(tune.with_parameters(

@@ -4,16 +4,18 @@ built from the training modules, bytes counted on the edge format, and FinalMLP 
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
 
 from common.errors import ConfigError
+from ctr.capabilities import DENSE_ARCH, PER_FIELD_TABLES
 from ctr.checkpoint import load_checkpoint
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import model_size, plain_model
 from ctr.config import AFMConfig, AFMStep, OptFSStep, RankRule
-from ctr.models import model_config
+from ctr.models import build_model, capabilities, model_config
 from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, NarrowWidths, SelectRows, step_from_dict, step_to_dict
 from ctr.edge.layout import edge_slots, vocabulary_bytes, vocabulary_keys
@@ -92,6 +94,28 @@ def test_a_changed_stage_reruns_with_the_later_ones_and_unchanged_stages_are_reu
     assert third[0] != second[0] and third[1] != second[1]  # the first stage changed: both ran
     report = [line["stage_id"] for line in run_recipe(both, fmap, data, run_dir)]
     assert report == ["00_baseline", "01_optfs", "02_afm"] and mtimes() == third
+
+
+def test_a_stage_the_model_does_not_allow_is_refused_before_stage_1(prepared_criteo: PrepareResult,
+                                                                    tmp_path: Path) -> None:
+    """Capabilities are declared by the tables and the model spec; the recipe checks every stage
+    against them before it touches the run (no folder, no report)."""
+    cases = [
+        ({"name": "dnn", "hidden": [8], "embedding": {"kind": "unified", "dim": 8, "budget_mb": 0.1}}, ["optfs"],
+         "compress stage 1 (optfs): it needs row selection, which model 'dnn' with embedding kind 'unified' does not allow"),
+        ({"name": "lr"}, ["afm"], "compress stage 1 (afm): it needs factorised embeddings and factorised layers, which "
+                                  "model 'lr' (no embedding tables) does not allow"),
+    ]
+    for model, stages, message in cases:
+        cfg = recipe_experiment(prepared_criteo, tmp_path, "dnn", stages).model_copy(update={"model": model_config(**model)})
+        assert capabilities(cfg.model) < PER_FIELD_TABLES | DENSE_ARCH
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run_recipe(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path)
+        assert not RunDir(tmp_path).compress.exists()
+    per_field = recipe_experiment(prepared_criteo, tmp_path, "dnn", [])
+    assert capabilities(per_field.model) == PER_FIELD_TABLES | DENSE_ARCH
+    with pytest.raises(ConfigError, match="01_optfs: its select_rows step needs row selection, which model 'lr'"):
+        build_model(prepared_criteo.feature_map, model_config(name="lr"), steps=[SelectRows(rows=[5] * 26, by="01_optfs")])
 
 
 def test_steps_round_trip_and_refuse_what_cannot_follow() -> None:

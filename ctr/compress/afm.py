@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from ctr.capabilities import FACTORIZE_EMBEDDINGS, FACTORIZE_LAYERS
 from ctr.compress.stage import (
     StageContext,
     StageOutput,
@@ -202,6 +203,10 @@ class AFMStage:
     def __init__(self, cfg: AFMConfig) -> None:
         self.cfg = cfg
 
+    def needs(self) -> frozenset[str]:
+        return frozenset({FACTORIZE_EMBEDDINGS} if self.cfg.embeddings else ()) | \
+            frozenset({FACTORIZE_LAYERS} if self.cfg.layers else ())
+
     def _fold_norms(self, ctx: StageContext, model: CTRModel) -> list[Step]:
         """Every BatchNorm of the dense arch's MLPs folded into the Linear before it (exact in evaluation)."""
         steps: list[Step] = []
@@ -332,12 +337,6 @@ class AFMStage:
         if c.layers and layout.factorized:
             raise ConfigError(f"{ctx.stage_id}: afm.layers cannot follow {layout.by['factorize_linear']}, which already "
                              "factorised the layers (set layers: false here, or drop one stage)")
-        if c.embeddings and ctx.cfg.model.embedding.kind != "per_field":
-            raise ConfigError(f"{ctx.stage_id}: afm.embeddings needs per-field tables (set embedding kind 'per_field', "
-                              "or afm.embeddings: false)")
-        if not MODELS[ctx.cfg.model.name].embeddings:
-            raise ConfigError(f"{ctx.stage_id}: afm compresses embeddings and layers; model '{ctx.cfg.model.name}' has "
-                              "neither (use another model, or drop the afm stage)")
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         c = self.cfg

@@ -33,8 +33,17 @@ from torchrec import KeyedJaggedTensor
 from common.atomic import atomic_write_text
 from common.errors import ConfigError
 from common.json_lines import append_json_line, read_json_lines
+from ctr.capabilities import NARROW_WIDTHS, SELECT_ROWS
 from ctr.checkpoint import load_checkpoint, save_checkpoint
-from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
+from ctr.compress.stage import (
+    StageContext,
+    StageOutput,
+    max_difference,
+    plain_model,
+    source_layout,
+    stage_payload,
+    train_phase,
+)
 from ctr.compress.tables import REMAP_KEY, compact_rows, narrow_state, table_key
 from ctr.config import OptEmbedConfig, sample_rows
 from ctr.distributed import load_plain_state_dict, plain_state_dict
@@ -42,14 +51,12 @@ from ctr.loader import Batch, head
 from ctr.metrics import auc
 from ctr.models import build_model, model_layout
 from ctr.models.base import CTRModel
-from ctr.run_dir import LAST
 from ctr.structure import Layout, NarrowWidths, SelectRows, Step
 from ctr.train import Trainer, TrainHooks
 
 log = logging.getLogger("ctr.compress.optembed")
 WIDTH_STEP = 4  # fbgemm's width rule: every candidate width is a multiple of 4
 GATES = "gates."
-REWIND = "rewind.pt"  # the supernet's starting weights
 
 
 def step_gradient(x: torch.Tensor) -> torch.Tensor:
@@ -212,16 +219,8 @@ class OptEmbedStage:
     def __init__(self, cfg: OptEmbedConfig) -> None:
         self.cfg = cfg
 
-    def _trainer(self, ctx: StageContext, folder: str, epochs: int, patience: int, hooks: TrainHooks) -> Trainer:
-        cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
-            "epochs": epochs, "patience": patience, "eval_every_steps": None})})
-        return Trainer(cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / folder, hooks)
-
-    @staticmethod
-    def _train(trainer: Trainer) -> dict[str, torch.Tensor]:
-        trainer.train(resume=(trainer.ckpt_dir / LAST).is_file())
-        trainer.load_best_weights()
-        return plain_state_dict(trainer.model)
+    def needs(self) -> frozenset[str]:
+        return frozenset({NARROW_WIDTHS, SELECT_ROWS} if self.cfg.rows else {NARROW_WIDTHS})
 
     def _mask(self, ctx: StageContext, layout: Layout) -> OptEmbedMask:
         return OptEmbedMask(layout.stored_widths, ctx.cfg.model.embedding.dim, self.cfg.rows)
@@ -230,7 +229,7 @@ class OptEmbedStage:
                   layout: Layout) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The supernet's best weights, and its starting weights (kept on disk for a rewind)."""
         c = self.cfg
-        rewind = ctx.work_dir / REWIND
+        rewind = ctx.stage.rewind
 
         def attach(model: nn.Module) -> None:
             model.gates = self._mask(ctx, layout)
@@ -248,7 +247,7 @@ class OptEmbedStage:
                            sgd_lr={GATES: c.threshold_lr}, on_epoch_start=snapshot,
                            train_rows=sample_rows(c.supernet_rows, c.supernet_fraction, ctx.fmap.splits["train"].rows,
                                                   c.supernet_epochs))
-        best = self._train(self._trainer(ctx, "supernet", c.supernet_epochs, ctx.cfg.trainer.patience, hooks))
+        best = plain_state_dict(train_phase(ctx, "supernet", hooks, c.supernet_epochs, ctx.cfg.trainer.patience).model)
         return best, load_checkpoint(rewind)["model"]
 
     def _kept_rows(self, ctx: StageContext, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -271,7 +270,7 @@ class OptEmbedStage:
 
     def _search(self, ctx: StageContext, state: dict[str, torch.Tensor], steps: tuple[Step, ...], layout: Layout,
                 kept: list[torch.Tensor]) -> dict[str, Any]:
-        result_path = ctx.work_dir / "search.json"
+        result_path = ctx.stage.search_result
         if result_path.is_file():
             return json.loads(result_path.read_text())
         started = time.perf_counter()
@@ -283,7 +282,7 @@ class OptEmbedStage:
         rows = np.array([int(k.sum()) for k in kept])
         full = sum(state[table_key(f.name)].shape[0] for f in ctx.fmap.categorical) * dim
         search = WidthSearch(self.cfg, model, cache, rows, full, ctx.cfg.trainer.seed)
-        result = {**search.run(ctx.work_dir / "search.jsonl"), "rows": cached,
+        result = {**search.run(ctx.stage.search_log), "rows": cached,
                   "seconds": time.perf_counter() - started}
         atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
         return result
@@ -304,9 +303,6 @@ class OptEmbedStage:
         return narrow_state(state, shapes, fields, before, after, len(ctx.fmap.dense)), narrowed
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
-        if ctx.cfg.model.embedding.kind != "per_field":
-            raise ConfigError("optembed needs per-field tables (embedding kind 'per_field'); "
-                             f"kind '{ctx.cfg.model.embedding.kind}' shares hashed tables")
         steps, layout = source_layout(ctx, source)
         fields = ctx.fmap.categorical
         supernet, initial = self._supernet(ctx, source, steps, layout)
@@ -321,7 +317,7 @@ class OptEmbedStage:
                        else self._narrow(ctx, initial, steps, kept, found["widths"])[0])
         c = self.cfg
         hooks = TrainHooks(steps=narrowed, initial_state=start_state)
-        state = self._train(self._trainer(ctx, "retrain", c.retrain_epochs, c.retrain_patience, hooks))
+        state = plain_state_dict(train_phase(ctx, "retrain", hooks, c.retrain_epochs, c.retrain_patience).model)
         payload = stage_payload(source, state, narrowed)
         rows_before = sum(int(k.numel()) for k in kept)
         details = {

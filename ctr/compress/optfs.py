@@ -22,9 +22,18 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from common.errors import ConfigError
+from ctr.capabilities import SELECT_ROWS
+from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.compress.field_significance import FieldTest, HeldOut, field_test
-from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout, stage_payload
+from ctr.compress.stage import (
+    StageContext,
+    StageOutput,
+    max_difference,
+    plain_model,
+    source_layout,
+    stage_payload,
+    train_phase,
+)
 from ctr.compress.tables import REMAP_KEY, compact_rows, id_remap, table_key
 from ctr.config import OptFSConfig, sample_rows
 from ctr.distributed import plain_state_dict
@@ -139,6 +148,9 @@ class OptFSStage:
     def __init__(self, cfg: OptFSConfig) -> None:
         self.cfg = cfg
 
+    def needs(self) -> frozenset[str]:
+        return frozenset({SELECT_ROWS})
+
     def gate_settings(self, train_rows: int, batch_size: int) -> tuple[int | None, float, float]:
         """The rows each search epoch reads (None: all), the gates' Adam step and lambda, each the
         config's or its rule's (``OptFSConfig``): the step makes a row that no batch touches reach
@@ -151,9 +163,10 @@ class OptFSStage:
         return rows, lr, c.penalty if c.penalty is not None else REFERENCE_PENALTY_ROWS / train_rows
 
     def _search(self, ctx: StageContext, source: dict[str, Any], steps: tuple, sizes: list[int]) -> Search:
-        """Train with the gates, then test every field on the validation rows with the searched weights."""
+        """Train with the gates (the ``search`` phase), then test every field on the validation rows
+        with the searched weights. The weights to rewind to are saved when their epoch starts, so a
+        search killed after that epoch still has them."""
         c = self.cfg
-        snapshot: dict[str, torch.Tensor] = {}
 
         def weights(trainer: Trainer) -> dict[str, torch.Tensor]:  # the model's, without the gates
             return {k: v for k, v in plain_state_dict(trainer.model).items() if not k.startswith("gates.")}
@@ -161,42 +174,32 @@ class OptFSStage:
         def on_epoch_start(trainer: Trainer) -> None:
             trainer.model.module.gates.set_temperature(temperature(trainer.state.epoch, c.search_epochs, c.final_temp))
             if trainer.state.epoch == c.rewind_epoch:
-                snapshot.update(weights(trainer))
+                save_checkpoint(ctx.stage.rewind, {"model": weights(trainer)})
 
         # from init, the id remap of an earlier row selection still applies: it is data, not a weight
         start = source["model"] if c.start_from == "checkpoint" else \
             {k: v for k, v in source["model"].items() if k == REMAP_KEY}
-        search_cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
-            "epochs": c.search_epochs, "patience": c.search_epochs + 1, "lr_decay": 1.0, "eval_every_steps": None})})
-        rows, lr, lam = self.gate_settings(ctx.fmap.splits["train"].rows, search_cfg.trainer.batch_size)
+        rows, lr, lam = self.gate_settings(ctx.fmap.splits["train"].rows, ctx.cfg.trainer.batch_size)
         hooks = TrainHooks(steps=steps, initial_state=start, on_epoch_start=on_epoch_start, train_rows=rows,
-                           disjoint_epochs=True)
-        trainer = Trainer(search_cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "search", hooks)
-        hooks.attach = lambda model: setattr(model, "gates", FeatureGates(sizes, lr, lam))
-        trainer.train()
+                           disjoint_epochs=True, attach=lambda model: setattr(model, "gates", FeatureGates(sizes, lr, lam)))
+        trainer = train_phase(ctx, "search", hooks, c.search_epochs, c.search_epochs + 1, best=False, lr_decay=1.0)
         gates = trainer.model.module.gates
         searched = plain_model(ctx.fmap, stage_payload(source, weights(trainer), steps))
         searched.gates = gates
         test = field_test(HeldOut(searched, ctx.split("valid")), len(sizes), c.field_p)
         kept = [k & keep for k, keep in zip(gates.kept(), test.kept)]
+        snapshot = load_checkpoint(ctx.stage.rewind)["model"]
         return Search(kept, snapshot, test, trainer.train_data.num_rows, lam, lr)
 
     def _retrain(self, ctx: StageContext, steps: tuple, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.cfg
-        retrain_cfg = ctx.cfg.model_copy(update={"trainer": ctx.cfg.trainer.model_copy(update={
-            "epochs": c.retrain_epochs, "patience": c.retrain_patience, "eval_every_steps": None})})
-        trainer = Trainer(retrain_cfg, ctx.fmap, ctx.data_dir, ctx.work_dir / "retrain",
-                          TrainHooks(steps=steps, initial_state=state))
-        trainer.train()
-        trainer.load_best_weights()
+        trainer = train_phase(ctx, "retrain", TrainHooks(steps=steps, initial_state=state), c.retrain_epochs,
+                              c.retrain_patience)
         return plain_state_dict(trainer.model)
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         fields = ctx.fmap.categorical
         steps, _ = source_layout(ctx, source)
-        if ctx.cfg.model.embedding.kind != "per_field":
-            raise ConfigError(f"optfs selects rows of per-field tables; embedding kind '{ctx.cfg.model.embedding.kind}' "
-                             "shares hashed tables (use kind 'per_field')")
         sizes = [int(source["model"][table_key(f.name)].shape[0]) for f in fields]
         search = self._search(ctx, source, steps, sizes)
         kept = search.kept

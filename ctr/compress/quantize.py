@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from common.errors import ConfigError
+from ctr.capabilities import QUANTIZE_ROWS
 from ctr.compress.stage import (
     StageContext,
     StageOutput,
@@ -91,6 +92,9 @@ class QuantizeStage:
     def __init__(self, cfg: QuantizeConfig) -> None:
         self.cfg = cfg
 
+    def needs(self) -> frozenset[str]:
+        return frozenset({QUANTIZE_ROWS})
+
     def _bits(self, ctx: StageContext, source: dict[str, Any], steps: tuple[Step, ...], model: CTRModel,
               layout: Layout) -> tuple[list[int], dict[str, Any]]:
         c, fields = self.cfg, len(ctx.fmap.categorical)
@@ -122,13 +126,7 @@ class QuantizeStage:
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         c = self.cfg
         steps, layout = source_layout(ctx, source)
-        if ctx.cfg.model.embedding.kind != "per_field":
-            raise ConfigError(f"{ctx.stage_id}: quantize needs per-field tables (set model.embedding.kind "
-                              "'per_field', or drop the quantize stage)")
         model = plain_model(ctx.fmap, source)
-        if model.embedding is None:
-            raise ConfigError(f"{ctx.stage_id}: model '{ctx.cfg.model.name}' has no embedding tables to quantize "
-                              "(drop the quantize stage)")
         bits, allocation = self._bits(ctx, source, steps, model, layout)
         final = (*steps, QuantizeRows(bits=bits, by=ctx.stage_id))
         payload = stage_payload(source, source["model"], final)

@@ -36,14 +36,14 @@ from ctr.compress.stage import Stage, StageContext, model_size, plain_model, val
 from ctr.config import CompressStep
 from ctr.distributed import local_process_group
 from ctr.experiment import ExperimentConfig
-from ctr.run_dir import STAGE_CHECKPOINT, RunDir
+from ctr.models import capabilities, described
+from ctr.run_dir import RunDir, StageDir
 from features.feature_map import FeatureMap
 
 log = logging.getLogger("ctr.compress")
 STAGE_CLASSES: dict[str, type] = {"optfs": OptFSStage, "optembed": OptEmbedStage, "afm": AFMStage,
                                   "quantize": QuantizeStage}
 STAGE_FORMAT = 5  # bump when a stage's output changes for the same inputs: every stage then reruns
-FINGERPRINT = "stage.json"
 # trainer settings that do not change what a stage computes
 RUNTIME_ONLY = {"threads", "progress", "run_dir", "ray"}
 
@@ -68,9 +68,9 @@ def stage_fingerprint(cfg: ExperimentConfig, step: CompressStep, source_sha256: 
                          "target_mb": target_mb, "trainer": trainer}}
 
 
-def _recorded(folder: Path) -> dict[str, Any] | None:
+def _recorded(folder: StageDir) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / FINGERPRINT).read_text())
+        return json.loads(folder.fingerprint.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -83,12 +83,12 @@ def _why(recorded: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
     return " and ".join(names[k] for k in changed) + " changed"
 
 
-def move_aside(folder: Path, run: RunDir) -> Path:
+def move_aside(folder: StageDir, run: RunDir) -> Path:
     """Keep a superseded stage folder under ``compress/superseded/`` with the time it was replaced."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    target = run.compress / "superseded" / f"{folder.name}-{stamp}"
+    target = run.superseded / f"{folder.name}-{stamp}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(folder, target)
+    os.replace(folder.root, target)
     return target
 
 
@@ -117,23 +117,36 @@ def run_sweep(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: 
                          fmap, data_dir, RunDir(run_dir).sweep_point(mb)) for mb in targets}
 
 
-def adopt(folder: Path, wanted: dict[str, Any], run: RunDir) -> dict[str, Any] | None:
+def adopt(folder: StageDir, wanted: dict[str, Any], run: RunDir) -> dict[str, Any] | None:
     """Link in a finished stage with the same fingerprint from another budget of the run (hard links,
     under a temporary name renamed into place, so a killed copy leaves nothing that looks finished);
     returns that budget's report line for it (None: nothing to adopt)."""
     for other in run.stage_folders(folder.name):
-        if other != folder and _recorded(other) == wanted and (other / STAGE_CHECKPOINT).is_file():
-            temp = folder.with_name(f".{folder.name}.adopting")
+        if other != folder and _recorded(other) == wanted and other.checkpoint.is_file():
+            temp = folder.adopting
             shutil.rmtree(temp, ignore_errors=True)
-            shutil.copytree(other, temp, copy_function=os.link, ignore=shutil.ignore_patterns("superseded"))
-            os.replace(temp, folder)
-            log.info("stage %s: the same stage of %s reused", folder.name, other.parent.name)
-            lines = read_json_lines(other.parent / run.report.name)
+            shutil.copytree(other.root, temp, copy_function=os.link, ignore=shutil.ignore_patterns("superseded"))
+            os.replace(temp, folder.root)
+            log.info("stage %s: the same stage of %s reused", folder.name, other.root.parent.name)
+            lines = read_json_lines(other.recipe_report)
             return next((line for line in lines if line["stage_id"] == folder.name), {})
     return None
 
 
+def check_capabilities(cfg: ExperimentConfig, planned: list[tuple[str, Stage]]) -> None:
+    """Refuse, before any stage runs, a stage that needs what the model does not allow."""
+    allowed = capabilities(cfg.model)
+    for i, (name, stage) in enumerate(planned, 1):
+        missing = sorted(stage.needs() - allowed)
+        if missing:
+            raise ConfigError(f"compress stage {i} ({name}): it needs {' and '.join(missing)}, which "
+                              f"{described(cfg.model)} does not allow (drop the stage or change its settings, or "
+                              "train a model that allows it: per-field tables for rows, widths and quantised rows)")
+
+
 def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run: RunDir) -> list[dict[str, Any]]:
+    planned = [build_stage(step) for step in cfg.compress.stages]
+    check_capabilities(cfg, planned)
     run.compress.mkdir(parents=True, exist_ok=True)
     previous = {line["stage_id"]: line for line in read_json_lines(run.report)}
     source_path = run.best
@@ -148,10 +161,10 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run: RunDir) -
     if base is not None and base.get("fingerprint") == source_sha:
         keep(base)
     else:
-        keep(_line("00_baseline", "baseline", StageContext(cfg, fmap, data_dir, run.compress), source, 0.0, {}, source_sha))
-    planned = [build_stage(step) for step in cfg.compress.stages]
+        keep(_line("00_baseline", "baseline", StageContext(cfg, fmap, data_dir, StageDir(run.compress)), source, 0.0, {},
+                   source_sha))
     wanted_ids = {run.stage(i, name).name for i, (name, _) in enumerate(planned, 1)}
-    for folder in sorted(p for p in run.compress.glob("[0-9][0-9]_*") if p.is_dir() and p.name not in wanted_ids):
+    for folder in (d for d in run.stage_dirs() if d.name not in wanted_ids):
         log.info("stage folder %s is not in the recipe any more: moved to %s", folder.name, move_aside(folder, run))
     rerun = False
     sizer = sizing_stage([stage for _, stage in planned])
@@ -161,7 +174,7 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run: RunDir) -
         ctx = StageContext(cfg, fmap, data_dir, folder, folder.name, target)
         wanted = stage_fingerprint(cfg, step, source_sha, target)
         recorded = _recorded(folder)
-        checkpoint = folder / STAGE_CHECKPOINT
+        checkpoint = folder.checkpoint
         if folder.exists() and (rerun or recorded != wanted):
             reason = "an earlier stage ran again" if rerun and recorded == wanted else _why(recorded, wanted)
             log.info("stage %s: %s; the old folder moved to %s", folder.name, reason, move_aside(folder, run))
@@ -179,8 +192,8 @@ def _run(cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run: RunDir) -
             continue
         rerun = True
         log.info("stage %s: running", folder.name)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / FINGERPRINT, json.dumps(wanted, indent=2) + "\n")
+        folder.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder.fingerprint, json.dumps(wanted, indent=2) + "\n")
         started = time.perf_counter()
         result = stage.run(ctx, source)
         save_checkpoint(checkpoint, result.payload)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ctr.capabilities import EDGE_FORM
 from ctr.distributed import load_plain_state_dict, plain_state_dict
 from ctr.edge.model import edge_of, file_parts, scripted_file
 from ctr.experiment import ExperimentConfig
@@ -20,6 +21,7 @@ from ctr.loader import Batch, ParquetBatches, head
 from ctr.metrics import classification_metrics
 from ctr.models import build_model, model_config, model_layout
 from ctr.models.base import CTRModel
+from ctr.run_dir import StageDir
 from ctr.structure import Layout, Step, step_to_dict, steps_from_payload
 from ctr.train import Trainer, TrainHooks, predict
 from features.feature_map import FeatureMap
@@ -32,7 +34,7 @@ class StageContext:
     cfg: ExperimentConfig
     fmap: FeatureMap
     data_dir: Path
-    work_dir: Path  # this stage's own directory
+    stage: StageDir  # this stage's own folder
     stage_id: str = ""  # e.g. "02_afm": recorded in the steps this stage adds
     target_mb: float | None = None  # the recipe's size target, for the stage that sizes itself to it
 
@@ -52,6 +54,8 @@ class StageOutput:
 class Stage(Protocol):
     name: str
     sizes_to_target: bool  # sizes itself to the recipe's target_mb (see recipe.sizing_stage)
+
+    def needs(self) -> frozenset[str]: ...  # the capabilities (``ctr.capabilities``) its settings use
 
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput: ...
 
@@ -90,7 +94,7 @@ def model_size(fmap: FeatureMap, data_dir: Path, model: CTRModel) -> tuple[int, 
     file that ``ctr export`` would write (built and written in memory): what a device holds."""
     state = model.state_dict()
     params = sum(v.numel() for v in state.values() if v.is_floating_point())
-    if model.embedding is None:  # LR: no edge form; its tables and dense term as stored in training
+    if EDGE_FORM not in model.capabilities:  # LR: its tables and dense term as stored in training
         return params, {"embedding tables": sum(v.numel() * v.element_size() for v in state.values()),
                         "vocabulary": 0, "transforms": 0, "dense layers": 0, "format": 0}
     edge = edge_of(model, fmap, data_dir)
@@ -101,18 +105,29 @@ def validation_metrics(ctx: StageContext, model: CTRModel) -> dict[str, float]:
     return classification_metrics(*predict(model, ctx.split("valid")))
 
 
+def train_phase(ctx: StageContext, phase: str, hooks: TrainHooks, epochs: int, patience: int, best: bool = True,
+                **trainer: Any) -> Trainer:
+    """One training phase of a stage (a search, a retrain, a fine-tune): the experiment's trainer with
+    these epochs, patience (early stopping on validation AUC) and ``trainer`` overrides, validating
+    once per epoch, in the phase's own folder of the stage. A phase that was killed resumes from its
+    last checkpoint, at the step where it stopped, whichever stage it belongs to. Returns the trainer
+    holding its best-on-validation weights (``best``) or its last ones."""
+    cfg = ctx.cfg.trainer.model_copy(update={"epochs": epochs, "patience": patience, "eval_every_steps": None, **trainer})
+    run = ctx.stage.phase(phase)
+    phase_trainer = Trainer(ctx.cfg.model_copy(update={"trainer": cfg}), ctx.fmap, ctx.data_dir, run.root, hooks)
+    phase_trainer.train(resume=run.last.is_file())
+    if best:
+        phase_trainer.load_best_weights()
+    return phase_trainer
+
+
 def fine_tune(ctx: StageContext, initial_state: dict[str, torch.Tensor], steps: tuple[Step, ...], epochs: int,
               patience: int, lr_scale: float, attach: Callable[[torch.nn.Module], None] | None = None,
               extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The reshaped model trained on from ``initial_state`` at ``lr_scale`` times both learning rates
-    (a small step: the weights are already near a good point), with early stopping; resumes an
-    interrupted run in the stage's ``finetune/`` folder. Returns the best-on-validation weights."""
-    trainer_cfg = ctx.cfg.trainer.model_copy(update={
-        "epochs": epochs, "patience": patience, "eval_every_steps": None,
-        "lr": ctx.cfg.trainer.lr * lr_scale, "sparse_lr": ctx.cfg.trainer.sparse_lr * lr_scale})
+    (a small step: the weights are already near a good point): the ``finetune`` phase. Returns the
+    best-on-validation weights."""
     hooks = TrainHooks(steps=steps, initial_state=initial_state, attach=attach, extra_loss=extra_loss)
-    trainer = Trainer(ctx.cfg.model_copy(update={"trainer": trainer_cfg}), ctx.fmap, ctx.data_dir,
-                      ctx.work_dir / "finetune", hooks)
-    trainer.train(resume=(trainer.ckpt_dir / "last.pt").is_file())
-    trainer.load_best_weights()
-    return plain_state_dict(trainer.model)
+    tuned = train_phase(ctx, "finetune", hooks, epochs, patience, lr=ctx.cfg.trainer.lr * lr_scale,
+                        sparse_lr=ctx.cfg.trainer.sparse_lr * lr_scale)
+    return plain_state_dict(tuned.model)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctr.capabilities import EDGE_FORM
 from ctr.edge.layout import (
     FORMAT_CODES,
     FieldSlots,
@@ -223,8 +224,8 @@ class EdgeModel(nn.Module):
     def __init__(self, model: CTRModel, specs: list[FeatureSpec], layout: Layout, slots: list[FieldSlots],
                  fmt: str) -> None:
         super().__init__()
-        if model.embedding is None:
-            raise ValueError("model 'lr' has no embedding tables; the edge export covers models with embeddings")
+        if EDGE_FORM not in model.capabilities:
+            raise ValueError("this model has no edge form (no embedding tables); the edge export covers models with them")
         self.transforms = RawTransforms(specs, layout)
         self.lines = RawLines(layout)
         self.vocabulary = EdgeVocabulary(slots)

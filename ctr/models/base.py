@@ -20,6 +20,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from common.strict import Strict
+from ctr.capabilities import DENSE_ARCH
 from ctr.embedding_config import EmbeddingConfig, PerFieldEmbedding
 
 FIRST_ORDER_DIM = 4  # fbgemm's smallest width; the four values of a row are summed into one weight
@@ -58,13 +59,15 @@ class ArchShape:
 class ModelSpec:
     """One model: its config class, how the config maps onto its dense arch, and which sparse
     parts it reads. ``folds_into``: the Linear (path inside the arch) that alone reads the
-    embeddings, where AFM folds an embedding projection instead of keeping one."""
+    embeddings, where AFM folds an embedding projection instead of keeping one. ``capabilities``:
+    what its dense arch allows (``ctr.capabilities``); its tables add their own."""
 
     config: type[ModelBase]
     arch: Callable[[Any, ArchShape], nn.Module]
     first_order: bool = False
     embeddings: bool = True
     folds_into: str | None = None
+    capabilities: frozenset[str] = DENSE_ARCH
 
 
 def penalty(*embeddings: torch.Tensor) -> torch.Tensor:
@@ -120,8 +123,10 @@ class CTRModel(nn.Module):
     calling ``interact`` on cached embeddings."""
 
     def __init__(self, embedding: nn.Module | None, first_order: nn.Module | None, projection: FieldProjection | None,
-                 columns: torch.Tensor | None, arch: nn.Module, dim: int, num_dense: int) -> None:
+                 columns: torch.Tensor | None, arch: nn.Module, dim: int, num_dense: int,
+                 capabilities: frozenset[str] = frozenset()) -> None:
         super().__init__()
+        self.capabilities = capabilities  # what may be done to this model (``ctr.capabilities``)
         self.embedding = embedding
         self.first_order = first_order
         self.projection = projection

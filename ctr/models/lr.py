@@ -30,4 +30,4 @@ def build(cfg: LRConfig, shape: ArchShape) -> LRArch:
     return LRArch(shape.num_dense)
 
 
-SPEC = ModelSpec(LRConfig, build, first_order=True, embeddings=False)
+SPEC = ModelSpec(LRConfig, build, first_order=True, embeddings=False, capabilities=frozenset())  # no tables, no layers

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -86,7 +87,11 @@ def hashed_keys(fields: list[FieldInfo], cfg: HashedEmbedding) -> list[KeySpec]:
 
 
 class HashedSparseArch(nn.Module):
-    """Looks up every (field, chunk) key: ``[B, K, D]``, keys grouped by table."""
+    """Looks up every (field, chunk) key: ``[B, K, D]``, keys grouped by table. A table is shared by
+    the values of several fields or chunks, so none of its rows or widths belongs to one field: no
+    row selection, widths, factorised or quantised rows."""
+
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, num_fields: int, keys: list[KeySpec], dim: int, init_range: float, hash_seed: int,
                  device: torch.device = META) -> None:

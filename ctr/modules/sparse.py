@@ -8,12 +8,13 @@ materialised for evaluation.
 from __future__ import annotations
 
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from common.errors import ConfigError
+from ctr.capabilities import PER_FIELD_TABLES
 from ctr.embedding_config import EmbeddingConfig
 from ctr.modules import META
 from ctr.modules.hashed import hashed_sparse_arch
@@ -52,6 +53,8 @@ class SparseArch(nn.Module):
     With ``bits`` field f's rows are read as ``bits[f]``-bit row-wise codes (``ctr.modules.quantized``),
     as the edge file stores them; the tables themselves stay float, for the straight-through gradient.
     """
+
+    CAPABILITIES: ClassVar[frozenset[str]] = PER_FIELD_TABLES
 
     def __init__(self, names: list[str], vocab: list[int], dim: int, init_range: float, prefix: str = "emb",
                  device: torch.device = META, rows: list[int] | None = None,
@@ -113,7 +116,4 @@ def make_sparse_arch(fields: list[FieldInfo], cfg: EmbeddingConfig, device: torc
         return SparseArch([f.name for f in fields], [int(f.num_embeddings or 0) for f in fields], cfg.dim,
                           cfg.init_range, prefix, device, rows=layout.rows, remapped=layout.remapped, widths=layout.widths,
                           bits=layout.bits)
-    if layout.reshapes_tables():
-        raise ConfigError(f"embedding kind '{cfg.kind}' has shared hashed tables: per-field rows and widths "
-                         f"(set by {', '.join(sorted(set(layout.by.values())))}) apply to kind 'per_field' only")
     return hashed_sparse_arch(fields, cfg, device)
