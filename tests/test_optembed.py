@@ -11,12 +11,13 @@ from ctr.checkpoint import load_checkpoint
 from ctr.compress.optembed import BinaryStep, OptEmbedMask, WidthSearch, crossover, mutate, prefix_mask, step_gradient
 from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import plain_model
-from ctr.compress.tables import REMAP_KEY, compact_rows, narrow_state
+from ctr.compress.tables import compact_rows, narrow_state
 from ctr.config import OptEmbedConfig, OptEmbedStep, TrainerConfig
 from ctr.embedding_config import embedding_config
 from ctr.experiment import ExperimentConfig
 from ctr.loader import Batch, ParquetBatches
 from ctr.models import build_model, model_config, model_layout
+from ctr.models.weights import ModelWeights
 from ctr.structure import NarrowWidths, step_to_dict
 from ctr.train import Trainer
 from features.feature_map import FieldInfo
@@ -91,11 +92,13 @@ def fields(*sizes: int) -> list[FieldInfo]:
 def test_compact_rows_follows_an_existing_remap() -> None:
     fs = fields(4)
     table = torch.arange(12, dtype=torch.float32).view(3, 4)  # 3 rows
-    state = {"embedding.ebc.embedding_bags.emb_f0.weight": table, REMAP_KEY: torch.tensor([2, -1, 0, 1])}
-    out, rows = compact_rows(state, fs, [torch.tensor([True, False, True])])
+    state = ModelWeights({})
+    state.set_table("f0", table)
+    state.set_remap(torch.tensor([2, -1, 0, 1]))
+    out, rows = compact_rows(state.state, fs, [torch.tensor([True, False, True])])
     assert rows == [2]
-    assert torch.equal(out["embedding.ebc.embedding_bags.emb_f0.weight"], table[[0, 2]])
-    assert out[REMAP_KEY].tolist() == [1, -1, 0, -1]  # id 0 -> old row 2 -> new row 1; old row 1 dropped
+    assert torch.equal(ModelWeights(out).table("f0"), table[[0, 2]])
+    assert ModelWeights(out).remap.tolist() == [1, -1, 0, -1]  # id 0 -> old row 2 -> new row 1; old row 1 dropped
 
 
 @pytest.mark.parametrize("model", [
@@ -183,7 +186,7 @@ def test_optembed_stage_prunes_rows_narrows_tables_and_resumes(prepared_criteo: 
                                     "by": "01_optembed"}
     assert stage["exact_max_diff"] <= 1e-6
     for f in fmap.categorical:
-        assert payload["model"][f"embedding.ebc.embedding_bags.emb_{f.name}.weight"].shape == (
+        assert ModelWeights(payload["model"]).table(f.name).shape == (
             stage["kept_rows"][f.name] or 1, stage["widths"][f.name])
     # the phases are done: a second run of the stage finds them all (search included) and redoes nothing
     (tmp_path / "compress" / "01_optembed" / "checkpoint.pt").unlink()

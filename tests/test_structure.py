@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.errors import ConfigError
 from ctr.capabilities import DENSE_ARCH, PER_FIELD_TABLES
@@ -16,6 +17,7 @@ from ctr.compress.recipe import run_recipe
 from ctr.compress.stage import model_size, plain_model
 from ctr.config import AFMConfig, AFMStep, OptFSStep, RankRule
 from ctr.models import build_model, capabilities, model_config
+from ctr.models.weights import ModelWeights
 from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, NarrowWidths, SelectRows, step_from_dict, step_to_dict
 from ctr.edge.layout import edge_slots, vocabulary_bytes, vocabulary_keys
@@ -116,6 +118,28 @@ def test_a_stage_the_model_does_not_allow_is_refused_before_stage_1(prepared_cri
     assert capabilities(per_field.model) == PER_FIELD_TABLES | DENSE_ARCH
     with pytest.raises(ConfigError, match="01_optfs: its select_rows step needs row selection, which model 'lr'"):
         build_model(prepared_criteo.feature_map, model_config(name="lr"), steps=[SelectRows(rows=[5] * 26, by="01_optfs")])
+
+
+def test_model_weights_find_every_part_in_a_real_models_state(prepared_criteo: PrepareResult) -> None:
+    """The one place that knows state-dict keys reads them from a built model, so a change of
+    TorchRec's naming or of a model's attributes fails here, not silently in a stage."""
+    fmap = prepared_criteo.feature_map
+    fields = [f.name for f in fmap.categorical]
+    rows = [int(f.num_embeddings or 0) for f in fmap.categorical]
+    steps = [SelectRows(rows=[5] * len(fields), by="01_optfs"),
+             FactorizeEmbedding(ranks=[4] * len(fields), restores=[8] * len(fields), folded=False, by="02_afm")]
+    model = build_model(fmap, model_config(name="dnn", hidden=[8], embedding={"dim": 8}), torch.device("cpu"), steps)
+    weights = ModelWeights(model.state_dict())
+    assert [tuple(weights.table(f).shape) for f in fields] == [(5, 4)] * len(fields)
+    assert weights.remap.shape == (sum(rows),)
+    assert weights.linear("arch.mlp.layers.0")[0].shape == (8, 8 * len(fields) + len(fmap.dense))  # restored width
+    weights.set_projection(torch.ones(len(fields), 4, 8), torch.ones(len(fields), 8))
+    model.load_state_dict(weights.state)
+    assert bool((model.projection.weight == 1).all())
+    model.gates = torch.nn.Module()
+    model.gates.register_buffer("threshold", torch.zeros(len(fields)))
+    gated = ModelWeights(model.state_dict())
+    assert gated.gate("threshold").shape == (len(fields),) and set(gated.without_gates()) == set(weights.state)
 
 
 def test_steps_round_trip_and_refuse_what_cannot_follow() -> None:

@@ -35,12 +35,12 @@ from ctr.compress.stage import (
     stage_payload,
     validation_metrics,
 )
-from ctr.compress.tables import table_key
 from ctr.config import AFMConfig, RankRule
 from ctr.edge.layout import DENSE_PARAM_BYTES
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.models import MODELS
 from ctr.models.base import CTRModel, LowRankLinear
+from ctr.models.weights import ModelWeights
 from ctr.modules.mlp import MLP
 from ctr.structure import FactorizeEmbedding, FactorizeLinear, FoldNorm, Layout, Step
 
@@ -228,7 +228,7 @@ class AFMStage:
         fields, dim = ctx.fmap.categorical, ctx.cfg.model.embedding.dim
         widths = layout.stored_widths
         moments = _embedding_moments(model, batches, widths)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = ModelWeights({k: v.detach().clone() for k, v in model.state_dict().items()})
         axes, means, ranks = [], [], []
         for f, m in zip(fields, moments):
             values, vectors = principal_axes(m.covariance())
@@ -236,25 +236,24 @@ class AFMStage:
             axes.append(vectors[:, :k].to(torch.float32))
             means.append(m.mean().to(torch.float32))
             ranks.append(k)
-            table = state[table_key(f.name)]
-            state[table_key(f.name)] = (table - means[-1]) @ axes[-1]
+            state.set_table(f.name, (state.table(f.name) - means[-1]) @ axes[-1])
         found.fields = list(zip(means, axes))
         target = MODELS[ctx.cfg.model.name].folds_into
         if target is not None and layout.projection_rank is None and f"arch.{target}" not in layout.factorized:
             first = f"arch.{target}"
-            w, b = state[f"{first}.weight"], state[f"{first}.bias"]
+            w, b = state.linear(first)
             starts = torch.tensor([0, *widths]).cumsum(0)
             blocks = [w[:, int(s):int(s) + wf] for s, wf in zip(starts, widths)]
-            state[f"{first}.weight"] = torch.cat([blk @ u for blk, u in zip(blocks, axes)] + [w[:, int(starts[-1]):]], 1)
-            state[f"{first}.bias"] = b + sum(blk @ mu for blk, mu in zip(blocks, means))
-            return state, FactorizeEmbedding(ranks=ranks, restores=list(widths), folded=True, by=ctx.stage_id)
+            state.set_linear(first, torch.cat([blk @ u for blk, u in zip(blocks, axes)] + [w[:, int(starts[-1]):]], 1),
+                             b + sum(blk @ mu for blk, mu in zip(blocks, means)))
+            return state.state, FactorizeEmbedding(ranks=ranks, restores=list(widths), folded=True, by=ctx.stage_id)
         proj_w = torch.zeros(len(fields), max(ranks), dim)
         proj_b = torch.zeros(len(fields), dim)
         for f, (u, mu) in enumerate(zip(axes, means)):
             proj_w[f, :u.shape[1], :u.shape[0]] = u.T
             proj_b[f, :mu.numel()] = mu
-        state["projection.weight"], state["projection.bias"] = proj_w, proj_b
-        return state, FactorizeEmbedding(ranks=ranks, restores=list(widths), folded=False, by=ctx.stage_id)
+        state.set_projection(proj_w, proj_b)
+        return state.state, FactorizeEmbedding(ranks=ranks, restores=list(widths), folded=False, by=ctx.stage_id)
 
     def _layer_budget(self, ctx: StageContext, model: CTRModel, targets: list[str]) -> int | None:
         if self.cfg.layers_budget_mb is None and ctx.target_mb is None:  # ranks by rule, no budget

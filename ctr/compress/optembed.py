@@ -44,19 +44,19 @@ from ctr.compress.stage import (
     stage_payload,
     train_phase,
 )
-from ctr.compress.tables import REMAP_KEY, compact_rows, narrow_state, table_key
+from ctr.compress.tables import compact_rows, narrow_state
 from ctr.config import OptEmbedConfig, sample_rows
 from ctr.distributed import load_plain_state_dict, plain_state_dict
 from ctr.loader import Batch, head
 from ctr.metrics import auc
 from ctr.models import build_model, model_layout
-from ctr.models.base import CTRModel
+from ctr.models.base import GATES, CTRModel
+from ctr.models.weights import ModelWeights
 from ctr.structure import Layout, NarrowWidths, SelectRows, Step
 from ctr.train import Trainer, TrainHooks
 
 log = logging.getLogger("ctr.compress.optembed")
 WIDTH_STEP = 4  # fbgemm's width rule: every candidate width is a multiple of 4
-GATES = "gates."
 
 
 def step_gradient(x: torch.Tensor) -> torch.Tensor:
@@ -236,15 +236,13 @@ class OptEmbedStage:
 
         def snapshot(trainer: Trainer) -> None:
             if trainer.state.epoch == 0:
-                save_checkpoint(rewind, {"model": {k: v for k, v in plain_state_dict(trainer.model).items()
-                                                   if not k.startswith(GATES)}})
+                save_checkpoint(rewind, {"model": ModelWeights(plain_state_dict(trainer.model)).without_gates()})
 
         # from init, the id remap of an earlier row selection still applies: it is data, not a weight
-        start = source["model"] if c.start_from == "checkpoint" else \
-            {k: v for k, v in source["model"].items() if k == REMAP_KEY}
+        start = source["model"] if c.start_from == "checkpoint" else ModelWeights(source["model"]).only_remap()
         penalty = (lambda model: c.threshold_penalty * model.module.gates.penalty()) if c.rows else None
         hooks = TrainHooks(steps=steps, initial_state=start, attach=attach, extra_loss=penalty,
-                           sgd_lr={GATES: c.threshold_lr}, on_epoch_start=snapshot,
+                           sgd_lr={f"{GATES}.": c.threshold_lr}, on_epoch_start=snapshot,
                            train_rows=sample_rows(c.supernet_rows, c.supernet_fraction, ctx.fmap.splits["train"].rows,
                                                   c.supernet_epochs))
         best = plain_state_dict(train_phase(ctx, "supernet", hooks, c.supernet_epochs, ctx.cfg.trainer.patience).model)
@@ -253,10 +251,11 @@ class OptEmbedStage:
     def _kept_rows(self, ctx: StageContext, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Rows whose stored L1 norm passes their field's threshold (all rows with ``rows: false``)."""
         fields = ctx.fmap.categorical
-        tables = [state[table_key(f.name)] for f in fields]
+        weights = ModelWeights(state)
+        tables = [weights.table(f.name) for f in fields]
         if not self.cfg.rows:
             return [torch.ones(t.shape[0], dtype=torch.bool) for t in tables]
-        return [t.abs().sum(1) > th for t, th in zip(tables, state[f"{GATES}threshold"])]
+        return [t.abs().sum(1) > th for t, th in zip(tables, weights.gate("threshold"))]
 
     def _masked_supernet(self, ctx: StageContext, state: dict[str, torch.Tensor], steps: tuple[Step, ...],
                          layout: Layout, widths: list[int] | None = None) -> CTRModel:
@@ -280,7 +279,7 @@ class OptEmbedStage:
             cache = [(model.lookup(b.sparse), b) for b in head(ctx.split("valid"), self.cfg.search_rows)]
         cached = sum(b.size for _, b in cache)
         rows = np.array([int(k.sum()) for k in kept])
-        full = sum(state[table_key(f.name)].shape[0] for f in ctx.fmap.categorical) * dim
+        full = sum(ModelWeights(state).table(f.name).shape[0] for f in ctx.fmap.categorical) * dim
         search = WidthSearch(self.cfg, model, cache, rows, full, ctx.cfg.trainer.seed)
         result = {**search.run(ctx.stage.search_log), "rows": cached,
                   "seconds": time.perf_counter() - started}
@@ -292,7 +291,7 @@ class OptEmbedStage:
         """Real tables: the kept rows only (with ``rows``), each field ``widths[f]`` wide, and every
         layer that reads the flat input sliced to match; the structure steps that say so."""
         fields = ctx.fmap.categorical
-        state = {k: v for k, v in state.items() if not k.startswith(GATES)}
+        state = ModelWeights(state).without_gates()
         if self.cfg.rows:
             state, rows = compact_rows(state, fields, kept)
             steps = (*steps, SelectRows(rows=rows, by=ctx.stage_id))
@@ -328,5 +327,5 @@ class OptEmbedStage:
             "exact_max_diff": exact,
         }
         if self.cfg.rows:
-            details["thresholds"] = dict(zip((f.name for f in fields), supernet[f"{GATES}threshold"].tolist()))
+            details["thresholds"] = dict(zip((f.name for f in fields), ModelWeights(supernet).gate("threshold").tolist()))
         return StageOutput(payload=payload, details=details)

@@ -34,9 +34,10 @@ from ctr.compress.stage import (
     stage_payload,
     train_phase,
 )
-from ctr.compress.tables import REMAP_KEY, compact_rows, id_remap, table_key
+from ctr.compress.tables import compact_rows, id_remap
 from ctr.config import OptFSConfig, sample_rows
 from ctr.distributed import plain_state_dict
+from ctr.models.weights import ModelWeights
 from ctr.structure import SelectRows
 from ctr.train import Trainer, TrainHooks
 from features.vocab import OOV_ID
@@ -169,7 +170,7 @@ class OptFSStage:
         c = self.cfg
 
         def weights(trainer: Trainer) -> dict[str, torch.Tensor]:  # the model's, without the gates
-            return {k: v for k, v in plain_state_dict(trainer.model).items() if not k.startswith("gates.")}
+            return ModelWeights(plain_state_dict(trainer.model)).without_gates()
 
         def on_epoch_start(trainer: Trainer) -> None:
             trainer.model.module.gates.set_temperature(temperature(trainer.state.epoch, c.search_epochs, c.final_temp))
@@ -177,8 +178,7 @@ class OptFSStage:
                 save_checkpoint(ctx.stage.rewind, {"model": weights(trainer)})
 
         # from init, the id remap of an earlier row selection still applies: it is data, not a weight
-        start = source["model"] if c.start_from == "checkpoint" else \
-            {k: v for k, v in source["model"].items() if k == REMAP_KEY}
+        start = source["model"] if c.start_from == "checkpoint" else ModelWeights(source["model"]).only_remap()
         rows, lr, lam = self.gate_settings(ctx.fmap.splits["train"].rows, ctx.cfg.trainer.batch_size)
         hooks = TrainHooks(steps=steps, initial_state=start, on_epoch_start=on_epoch_start, train_rows=rows,
                            disjoint_epochs=True, attach=lambda model: setattr(model, "gates", FeatureGates(sizes, lr, lam)))
@@ -200,7 +200,7 @@ class OptFSStage:
     def run(self, ctx: StageContext, source: dict[str, Any]) -> StageOutput:
         fields = ctx.fmap.categorical
         steps, _ = source_layout(ctx, source)
-        sizes = [int(source["model"][table_key(f.name)].shape[0]) for f in fields]
+        sizes = [int(ModelWeights(source["model"]).table(f.name).shape[0]) for f in fields]
         search = self._search(ctx, source, steps, sizes)
         kept = search.kept
         remaps = id_remap(source["model"], fields)
@@ -209,8 +209,9 @@ class OptFSStage:
                     for k, old in zip(kept, remaps)]
         # retrain with the whole tables, removed ids masked by the remap; then cut the tables
         masked = (*steps, SelectRows(rows=sizes, removed_to=self.cfg.removed_to, by=ctx.stage_id))
-        start = {**search.snapshot, REMAP_KEY: masked_remap(remaps, kept, self.cfg.removed_to)}
-        retrained = self._retrain(ctx, masked, start)
+        start = ModelWeights(search.snapshot)
+        start.set_remap(masked_remap(remaps, kept, self.cfg.removed_to))
+        retrained = self._retrain(ctx, masked, start.state)
         state, rows = compact_rows(retrained, fields, kept)
         final = (*steps, SelectRows(rows=rows, removed_to=self.cfg.removed_to, by=ctx.stage_id))
         payload = stage_payload(source, state, final)

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from ctr.models.weights import ModelWeights
 from ctr.modules.sparse import prefix_columns
 from ctr.structure import Layout
 from features.feature_map import FieldInfo
-
-EMBEDDING_PREFIX = "embedding."
-REMAP_KEY = f"{EMBEDDING_PREFIX}remap"
-
-
-def table_key(field: str) -> str:
-    return f"{EMBEDDING_PREFIX}ebc.embedding_bags.emb_{field}.weight"
 
 
 def id_remap(state: dict[str, torch.Tensor], fields: list[FieldInfo]) -> list[torch.Tensor]:
     """Per field, the table row of every id (-1: removed); ids map one to one without a remap."""
     vocab = [int(f.num_embeddings or 0) for f in fields]
-    remap = state.get(REMAP_KEY, torch.cat([torch.arange(v, dtype=torch.int64) for v in vocab]))
+    remap = ModelWeights(state).remap
+    if remap is None:
+        remap = torch.cat([torch.arange(v, dtype=torch.int64) for v in vocab])
     return list(remap.split(vocab))
 
 
@@ -33,19 +29,19 @@ def compact_rows(state: dict[str, torch.Tensor], fields: list[FieldInfo],
     """Tables cut to the rows ``keep[f]`` marks (a mask over the table's current rows), and the id
     remap renumbered to the new rows; an id whose row is dropped reads a zero vector (remap -1).
     Without a remap in ``state`` the ids map to rows one to one."""
-    out = dict(state)
+    out = ModelWeights(state)
     remaps, rows = [], []
     for f, mask, old in zip(fields, keep, id_remap(state, fields)):
-        table = state[table_key(f.name)]
+        table = out.table(f.name)
         kept = mask.nonzero().flatten()
         # a field with no row left keeps one all-zero row that nothing reads (kernels need >= 1 row)
-        out[table_key(f.name)] = table[kept].clone() if kept.numel() else torch.zeros_like(table[:1])
+        out.set_table(f.name, table[kept].clone() if kept.numel() else torch.zeros_like(table[:1]))
         new_row = torch.full((table.shape[0] + 1,), -1, dtype=torch.int64)  # the last slot: old -1 stays -1
         new_row[kept] = torch.arange(kept.numel())
         remaps.append(new_row[torch.where(old >= 0, old, table.shape[0])])
         rows.append(max(1, int(kept.numel())))
-    out[REMAP_KEY] = torch.cat(remaps)
-    return out, rows
+    out.set_remap(torch.cat(remaps))
+    return out.state, rows
 
 
 def flat_columns(layout: Layout, num_keys: int, num_dense: int) -> torch.Tensor:
@@ -67,12 +63,14 @@ def narrow_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], 
     src = flat_columns(before, len(fields), num_dense)
     dst = flat_columns(after, len(fields), num_dense)
     positions = torch.searchsorted(src, dst)
-    tables = {table_key(f.name): w for f, w in zip(fields, after.stored_widths)}
+    widths = {f.name: w for f, w in zip(fields, after.stored_widths)}
+    weights = ModelWeights(state)
     out = {}
     for key, value in state.items():
         target = shapes[key]
-        if key in tables:
-            value = value[:, :tables[key]]
+        field = weights.table_of(key, list(widths))
+        if field is not None:
+            value = value[:, :widths[field]]
         else:
             for d, (have, want) in enumerate(zip(value.shape, target)):
                 if have != want:

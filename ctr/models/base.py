@@ -23,6 +23,8 @@ from common.strict import Strict
 from ctr.capabilities import DENSE_ARCH
 from ctr.embedding_config import EmbeddingConfig, PerFieldEmbedding
 
+# CTRModel's parts by attribute name, which is also their prefix in its state dict (ctr.models.weights)
+EMBEDDING, GATES, PROJECTION = "embedding", "gates", "projection"
 FIRST_ORDER_DIM = 4  # fbgemm's smallest width; the four values of a row are summed into one weight
 
 

@@ -24,11 +24,15 @@ from ctr.structure import Layout
 from features.feature_map import FieldInfo
 
 
+def table_name(prefix: str, field: str) -> str:
+    return f"{prefix}_{field}"
+
+
 def embedding_tables(names: list[str], widths: list[int], init_range: float, prefix: str,
                      rows: list[int]) -> list[EmbeddingBagConfig]:
     init = partial(nn.init.uniform_, a=-init_range, b=init_range)
     return [
-        EmbeddingBagConfig(name=f"{prefix}_{name}", embedding_dim=w, num_embeddings=n,
+        EmbeddingBagConfig(name=table_name(prefix, name), embedding_dim=w, num_embeddings=n,
                            feature_names=[name], pooling=PoolingType.SUM, init_fn=init)
         for name, n, w in zip(names, rows, widths)
     ]
@@ -55,6 +59,12 @@ class SparseArch(nn.Module):
     """
 
     CAPABILITIES: ClassVar[frozenset[str]] = PER_FIELD_TABLES
+    REMAP: ClassVar[str] = "remap"  # the buffer of the id -> row map, when rows were selected
+
+    @staticmethod
+    def table_weight(field: str, prefix: str = "emb") -> str:
+        """Where field ``field``'s table sits in this module's state dict (TorchRec's own naming)."""
+        return f"ebc.embedding_bags.{table_name(prefix, field)}.weight"
 
     def __init__(self, names: list[str], vocab: list[int], dim: int, init_range: float, prefix: str = "emb",
                  device: torch.device = META, rows: list[int] | None = None,
