@@ -15,7 +15,6 @@ from ctr.compress.quantize import allocate_bits
 from ctr.compress.recipe import run_recipe, run_sweep
 from ctr.compress.stage import model_size, plain_model
 from ctr.config import QuantizeConfig, QuantizeStep
-from ctr.loader import ParquetBatches
 from ctr.modules.quantized import fake_quantize, pack_codes, row_codes, unpack_codes
 from ctr.run_dir import RunDir
 from ctr.structure import FactorizeEmbedding, Layout, QuantizeRows, SelectRows

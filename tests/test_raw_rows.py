@@ -24,7 +24,7 @@ from features.prepare import PrepareResult
 from features.schema import ColumnSpec, DatasetConfig
 from pipelines.synthetic import generate
 
-from conftest import FRESH_LINES, STAGES, copy_run, raw_test_rows, recipe_experiment, run_prepare
+from conftest import FRESH_LINES, copy_run, raw_test_rows, recipe_experiment, run_prepare
 
 pytestmark = pytest.mark.slow
 

@@ -39,9 +39,8 @@ from ctr.config import AFMConfig, RankRule
 from ctr.edge.layout import DENSE_PARAM_BYTES
 from ctr.loader import Batch, ParquetBatches, head
 from ctr.models import MODELS
-from ctr.models.base import CTRModel, LowRankLinear
+from ctr.models.base import CTRModel, LowRankLinear, ModelSpec
 from ctr.models.weights import ModelWeights
-from ctr.modules.mlp import MLP
 from ctr.structure import FactorizeEmbedding, FactorizeLinear, FoldNorm, Layout, Step
 
 log = logging.getLogger("ctr.compress.afm")
@@ -138,9 +137,9 @@ def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], budget: in
         used += cost[best]
 
 
-def linear_targets(model: CTRModel) -> list[str]:
-    """The Linears the model says AFM may factorise, in forward order (never an output head)."""
-    return [f"arch.{p}" for p in model.arch.factorizable()]
+def linear_targets(spec: ModelSpec, model: CTRModel) -> list[str]:
+    """The Linears the model's spec says AFM may factorise, in forward order (never an output head)."""
+    return [f"arch.{p}" for p in spec.factorizable(model.arch)]
 
 
 def _moments(model: nn.Module, paths: list[str], batches: list[Any]) -> dict[str, Moments]:
@@ -208,17 +207,14 @@ class AFMStage:
             frozenset({FACTORIZE_LAYERS} if self.cfg.layers else ())
 
     def _fold_norms(self, ctx: StageContext, model: CTRModel) -> list[Step]:
-        """Every BatchNorm of the dense arch's MLPs folded into the Linear before it (exact in evaluation)."""
+        """Every BatchNorm the model's spec names folded into the Linear before it (exact in evaluation)."""
         steps: list[Step] = []
-        for name, mlp in model.arch.named_modules():
-            if not isinstance(mlp, MLP):
-                continue
-            layers = mlp.layers
-            for i, m in enumerate(layers):
-                if isinstance(m, nn.BatchNorm1d):
-                    layers[i - 1] = fold_batch_norm(layers[i - 1], m)
-                    layers[i] = nn.Identity()
-                    steps.append(FoldNorm(path=f"arch.{name}.layers.{i}", by=ctx.stage_id))
+        for path in MODELS[ctx.cfg.model.name].foldable_norms(model.arch):
+            parent, _, index = path.rpartition(".")
+            layers, i = model.arch.get_submodule(parent), int(index)
+            layers[i - 1] = fold_batch_norm(layers[i - 1], layers[i])
+            layers[i] = nn.Identity()
+            steps.append(FoldNorm(path=f"arch.{path}", by=ctx.stage_id))
         return steps
 
     def _compress_embeddings(self, ctx: StageContext, model: CTRModel, layout: Layout, batches: list[Batch],
@@ -276,7 +272,7 @@ class AFMStage:
 
     def _compress_layers(self, ctx: StageContext, model: CTRModel, batches: list[Batch],
                          found: Factorisation) -> list[Step]:
-        targets = linear_targets(model)
+        targets = linear_targets(MODELS[ctx.cfg.model.name], model)
         budget = self._layer_budget(ctx, model, targets)
         planned: dict[str, int] = {}
         if budget is not None:  # one pass over the uncompressed layers to share the budget out

@@ -62,7 +62,10 @@ class ModelSpec:
     """One model: its config class, how the config maps onto its dense arch, and which sparse
     parts it reads. ``folds_into``: the Linear (path inside the arch) that alone reads the
     embeddings, where AFM folds an embedding projection instead of keeping one. ``capabilities``:
-    what its dense arch allows (``ctr.capabilities``); its tables add their own."""
+    what its dense arch allows (``ctr.capabilities``); its tables add their own. ``mlps``: the
+    arch's MLP towers (``ctr.modules.mlp.MLP``, by attribute), whose hidden Linears AFM may
+    factorise and whose BatchNorms fold into the Linear before them; ``more_factorizable``: other
+    Linears it may factorise (DCNv2's cross projections), listed from a built arch."""
 
     config: type[ModelBase]
     arch: Callable[[Any, ArchShape], nn.Module]
@@ -70,6 +73,17 @@ class ModelSpec:
     embeddings: bool = True
     folds_into: str | None = None
     capabilities: frozenset[str] = DENSE_ARCH
+    mlps: tuple[str, ...] = ()
+    more_factorizable: Callable[[nn.Module], list[str]] | None = None
+
+    def factorizable(self, arch: nn.Module) -> list[str]:
+        """Paths (inside ``arch``) of the Linears AFM may factorise, in forward order; never an output head."""
+        more = self.more_factorizable(arch) if self.more_factorizable is not None else []
+        return more + [p for m in self.mlps for p in arch.get_submodule(m).linears(m)]
+
+    def foldable_norms(self, arch: nn.Module) -> list[str]:
+        """Paths (inside ``arch``) of the BatchNorms that fold into the Linear just before them."""
+        return [p for m in self.mlps for p in arch.get_submodule(m).norms(m)]
 
 
 def penalty(*embeddings: torch.Tensor) -> torch.Tensor:

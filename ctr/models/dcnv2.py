@@ -38,10 +38,10 @@ class DCNv2Arch(nn.Module):
             out = torch.cat([self.cross(x), self.mlp(x)], dim=1)
         return self.head(out).squeeze(1)
 
-    def factorizable(self) -> list[str]:
-        cross = [f"cross.layers.{i}.project" for i, layer in enumerate(self.cross.layers)
-                 if isinstance(layer.project, nn.Linear)]
-        return cross + self.mlp.linears("mlp")
+    def cross_projections(self) -> list[str]:
+        """The cross layers' full-rank projections (a low-rank cross layer is factorised already)."""
+        return [f"cross.layers.{i}.project" for i, layer in enumerate(self.cross.layers)
+                if isinstance(layer.project, nn.Linear)]
 
 
 def build(cfg: DCNv2Config, shape: ArchShape) -> DCNv2Arch:
@@ -49,4 +49,4 @@ def build(cfg: DCNv2Config, shape: ArchShape) -> DCNv2Arch:
                      list(cfg.hidden), cfg.dropout, cfg.batch_norm)
 
 
-SPEC = ModelSpec(DCNv2Config, build)
+SPEC = ModelSpec(DCNv2Config, build, mlps=("mlp",), more_factorizable=DCNv2Arch.cross_projections)

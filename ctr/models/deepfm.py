@@ -26,12 +26,10 @@ class DeepFMArch(nn.Module):
     def forward(self, emb: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
         return self.first_order(linear, dense) + factorization_machine(emb) + self.head(self.mlp(x)).squeeze(1)
 
-    def factorizable(self) -> list[str]:
-        return self.mlp.linears("mlp")
 
 
 def build(cfg: DeepFMConfig, shape: ArchShape) -> DeepFMArch:
     return DeepFMArch(shape.flat_width, shape.num_dense, list(cfg.hidden), cfg.dropout, cfg.batch_norm)
 
 
-SPEC = ModelSpec(DeepFMConfig, build, first_order=True)
+SPEC = ModelSpec(DeepFMConfig, build, mlps=("mlp",), first_order=True)

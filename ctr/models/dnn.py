@@ -24,12 +24,10 @@ class DNNArch(nn.Module):
     def forward(self, emb: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
         return self.head(self.mlp(x)).squeeze(1)
 
-    def factorizable(self) -> list[str]:
-        return self.mlp.linears("mlp")
 
 
 def build(cfg: DNNConfig, shape: ArchShape) -> DNNArch:
     return DNNArch(shape.flat_width, list(cfg.hidden), cfg.dropout, cfg.batch_norm)
 
 
-SPEC = ModelSpec(DNNConfig, build, folds_into="mlp.layers.0")
+SPEC = ModelSpec(DNNConfig, build, mlps=("mlp",), folds_into="mlp.layers.0")

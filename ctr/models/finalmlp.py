@@ -81,8 +81,6 @@ class FinalMLPArch(nn.Module):
     def forward(self, emb: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
         return self.fusion(self.mlp1(self.gate1(x)), self.mlp2(self.gate2(x)))
 
-    def factorizable(self) -> list[str]:
-        return self.mlp1.linears("mlp1") + self.mlp2.linears("mlp2")
 
 
 def build(cfg: FinalMLPConfig, shape: ArchShape) -> FinalMLPArch:
@@ -90,4 +88,4 @@ def build(cfg: FinalMLPConfig, shape: ArchShape) -> FinalMLPArch:
                         cfg.heads, cfg.dropout, cfg.batch_norm)
 
 
-SPEC = ModelSpec(FinalMLPConfig, build)
+SPEC = ModelSpec(FinalMLPConfig, build, mlps=("mlp1", "mlp2"))

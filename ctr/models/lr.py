@@ -22,8 +22,6 @@ class LRArch(nn.Module):
     def forward(self, emb: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
         return self.first_order(linear, dense)
 
-    def factorizable(self) -> list[str]:
-        return []
 
 
 def build(cfg: LRConfig, shape: ArchShape) -> LRArch:

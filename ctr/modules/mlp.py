@@ -27,6 +27,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
+    def norms(self, prefix: str) -> list[str]:
+        """Paths (under ``prefix``) of the BatchNorms, each right after the Linear it can fold into."""
+        return [f"{prefix}.layers.{i}" for i, m in enumerate(self.layers) if isinstance(m, nn.BatchNorm1d)]
+
     def linears(self, prefix: str) -> list[str]:
         """Paths (under ``prefix``) of the hidden Linears, in forward order."""
         return [f"{prefix}.layers.{i}" for i, m in enumerate(self.layers) if isinstance(m, nn.Linear)]
