@@ -25,7 +25,7 @@ from ctr.checkpoint import load_checkpoint
 from ctr.compress.stage import StageContext, model_size, plain_model
 from ctr.experiment import load_experiment
 from ctr.metrics import classification_metrics, delong_test
-from ctr.run_dir import STAGE_CHECKPOINT, RunDir
+from ctr.run_dir import RunDir, StageDir
 from ctr.train import predict
 from features.feature_map import FeatureMap
 from features.vocab import OOV_ID
@@ -108,14 +108,14 @@ def measure(config: Path, overrides: list[str]) -> tuple[list[tuple], list]:
     if not run.best.is_file():
         run_train(config, overrides)
     data_dir, fmap = prepared_data(cfg)
-    ctx = StageContext(cfg, fmap, data_dir, run.compress)
+    ctx = StageContext(cfg, fmap, data_dir, StageDir(run.compress))
     best = run.best
     lines = run_compress(config, overrides) if cfg.compress.stages else [trained_line(fmap, data_dir, best)]
     teacher = read_teacher(Path(fmap.sources[0].path))
     noise = set(teacher["noise"]) if teacher is not None else set()
     rows, details = [], []
     for line in lines:
-        path = best if line["stage"] == "baseline" else run.compress / line["stage_id"] / STAGE_CHECKPOINT
+        path = best if line["stage"] == "baseline" else StageDir(run.compress / line["stage_id"]).checkpoint
         labels, probs = predict(plain_model(fmap, load_checkpoint(path)), ctx.split("test"))
         rows.append((cfg, line, {**classification_metrics(labels, probs), "scores": (labels, probs)}))
         if line["stage"] == "optfs" and "kept_rows" in line:

@@ -20,6 +20,7 @@ from ctr.experiment import ExperimentConfig
 from ctr.loader import make_batch
 from ctr.models import build_model, model_config
 from ctr.modules.sparse import SparseArch
+from ctr.run_dir import StageDir
 from ctr.structure import SelectRows, step_to_dict
 from ctr.train import Trainer
 from features.feature_map import FieldInfo
@@ -189,7 +190,7 @@ def test_rewind_snapshot_is_the_weights_at_the_start_of_the_rewind_epoch(prepare
     cfg = experiment(prepared_criteo, tmp_path / "run", rewind_epoch=0, start_from="checkpoint")
     Trainer(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "run").fit()
     source = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, tmp_path / "stage")
+    ctx = StageContext(cfg, prepared_criteo.feature_map, prepared_criteo.output, StageDir(tmp_path / "stage"))
     sizes = [f.num_embeddings for f in prepared_criteo.feature_map.categorical]
     with local_process_group():
         search = OptFSStage(cfg.compress.stages[0].optfs)._search(ctx, source, (), sizes)

@@ -134,8 +134,8 @@ def test_a_budget_sweep_reuses_the_stages_before_the_sizing_one(baselines: dict[
     small, large = ((others + share * tables) / 2**20 for share in (0.34, 0.6))
     points = run_sweep(cfg, fmap, data, run_dir, [small, large])
     run = RunDir(run_dir)
-    first = [run.sweep_point(mb).stage(1, "afm") / "checkpoint.pt" for mb in (small, large)]
-    assert first[0].stat().st_ino == first[1].stat().st_ino == (run.stage(1, "afm") / "checkpoint.pt").stat().st_ino
+    first = [run.sweep_point(mb).stage(1, "afm").checkpoint for mb in (small, large)]
+    assert first[0].stat().st_ino == first[1].stat().st_ino == run.stage(1, "afm").checkpoint.stat().st_ino
     bits = [points[mb][-1]["bits"] for mb in (small, large)]
     assert 2 in bits[0] and bits[1] == [8] * len(bits[1])  # the small budget leaves big fields at 2 bits
     assert all(points[mb][-1]["bytes"] <= mb * 2**20 for mb in (small, large))
