@@ -35,15 +35,8 @@ from common.errors import ConfigError
 from common.json_lines import append_json_line, read_json_lines
 from ctr.capabilities import NARROW_WIDTHS, SELECT_ROWS
 from ctr.checkpoint import load_checkpoint, save_checkpoint
-from ctr.compress.stage import (
-    StageContext,
-    StageOutput,
-    max_difference,
-    plain_model,
-    source_layout,
-    stage_payload,
-    train_phase,
-)
+from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout
+from ctr.compress.stage import stage_payload, train_phase
 from ctr.compress.tables import compact_rows, narrow_state
 from ctr.config import OptEmbedConfig, sample_rows
 from ctr.distributed import load_plain_state_dict, plain_state_dict

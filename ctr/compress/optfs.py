@@ -25,15 +25,8 @@ from torchrec import KeyedJaggedTensor
 from ctr.capabilities import SELECT_ROWS
 from ctr.checkpoint import load_checkpoint, save_checkpoint
 from ctr.compress.field_significance import FieldTest, HeldOut, field_test
-from ctr.compress.stage import (
-    StageContext,
-    StageOutput,
-    max_difference,
-    plain_model,
-    source_layout,
-    stage_payload,
-    train_phase,
-)
+from ctr.compress.stage import StageContext, StageOutput, max_difference, plain_model, source_layout
+from ctr.compress.stage import stage_payload, train_phase
 from ctr.compress.tables import compact_rows, id_remap
 from ctr.config import OptFSConfig, sample_rows
 from ctr.distributed import plain_state_dict
