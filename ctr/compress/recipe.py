@@ -125,7 +125,7 @@ def adopt(folder: StageDir, wanted: dict[str, Any], run: RunDir) -> dict[str, An
         if other != folder and _recorded(other) == wanted and other.checkpoint.is_file():
             temp = folder.adopting
             shutil.rmtree(temp, ignore_errors=True)
-            shutil.copytree(other.root, temp, copy_function=os.link, ignore=shutil.ignore_patterns("superseded"))
+            shutil.copytree(other.root, temp, copy_function=os.link, ignore=shutil.ignore_patterns(run.superseded.name))
             os.replace(temp, folder.root)
             log.info("stage %s: the same stage of %s reused", folder.name, other.root.parent.name)
             lines = read_json_lines(other.recipe_report)
