@@ -128,8 +128,6 @@ class TrainHooks:
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
     sgd_lr: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> own plain SGD at this lr
     on_epoch_start: Callable[["Trainer"], None] | None = None
-    train_rows: int | None = None  # train on a seeded sample of whole row groups holding this many rows (a search phase)
-    disjoint_epochs: bool = False  # with train_rows: each epoch a new sample, no row read twice while the split lasts
 
 
 class TrainBatches(Protocol):
@@ -166,8 +164,7 @@ class Trainer:
         t = self.t
         split = lambda name: data_dir / fmap.splits[name].file  # noqa: E731
         self.train_data = self.runtime.train_data or ParquetBatches(split("train"), fmap, t.batch_size, shuffle=t.shuffle,
-                                                                    seed=t.seed, sample_rows=self.hooks.train_rows,
-                                                                    disjoint=self.hooks.disjoint_epochs)
+                                                                    seed=t.seed)
         self.valid_data = ParquetBatches(split("valid"), fmap, t.eval_batch_size)
         self.test_data = ParquetBatches(split("test"), fmap, t.eval_batch_size)
         # The training loop alone (loading + steps, no validation or checkpoints): what throughput means.

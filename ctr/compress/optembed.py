@@ -235,10 +235,10 @@ class OptEmbedStage:
         start = source["model"] if c.start_from == "checkpoint" else ModelWeights(source["model"]).only_remap()
         penalty = (lambda model: c.threshold_penalty * model.module.gates.penalty()) if c.rows else None
         hooks = TrainHooks(steps=steps, initial_state=start, attach=attach, extra_loss=penalty,
-                           sgd_lr={f"{GATES}.": c.threshold_lr}, on_epoch_start=snapshot,
-                           train_rows=sample_rows(c.supernet_rows, c.supernet_fraction, ctx.fmap.splits["train"].rows,
-                                                  c.supernet_epochs))
-        best = plain_state_dict(train_phase(ctx, "supernet", hooks, c.supernet_epochs, ctx.cfg.trainer.patience).model)
+                           sgd_lr={f"{GATES}.": c.threshold_lr}, on_epoch_start=snapshot)
+        sample = sample_rows(c.supernet_rows, c.supernet_fraction, ctx.fmap.splits["train"].rows, c.supernet_epochs)
+        best = plain_state_dict(train_phase(ctx, "supernet", hooks, c.supernet_epochs, ctx.cfg.trainer.patience,
+                                            sample=sample).model)
         return best, load_checkpoint(rewind)["model"]
 
     def _kept_rows(self, ctx: StageContext, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -173,9 +173,10 @@ class OptFSStage:
         # from init, the id remap of an earlier row selection still applies: it is data, not a weight
         start = source["model"] if c.start_from == "checkpoint" else ModelWeights(source["model"]).only_remap()
         rows, lr, lam = self.gate_settings(ctx.fmap.splits["train"].rows, ctx.cfg.trainer.batch_size)
-        hooks = TrainHooks(steps=steps, initial_state=start, on_epoch_start=on_epoch_start, train_rows=rows,
-                           disjoint_epochs=True, attach=lambda model: setattr(model, "gates", FeatureGates(sizes, lr, lam)))
-        trainer = train_phase(ctx, "search", hooks, c.search_epochs, c.search_epochs + 1, best=False, lr_decay=1.0)
+        hooks = TrainHooks(steps=steps, initial_state=start, on_epoch_start=on_epoch_start,
+                           attach=lambda model: setattr(model, "gates", FeatureGates(sizes, lr, lam)))
+        trainer = train_phase(ctx, "search", hooks, c.search_epochs, c.search_epochs + 1, best=False, sample=rows,
+                              disjoint=True, lr_decay=1.0)
         gates = trainer.model.module.gates
         searched = plain_model(ctx.fmap, stage_payload(source, weights(trainer), steps))
         searched.gates = gates

@@ -23,7 +23,7 @@ from ctr.models import build_model, model_config, model_layout
 from ctr.models.base import CTRModel
 from ctr.run_dir import StageDir
 from ctr.structure import Layout, Step, step_to_dict, steps_from_payload
-from ctr.train import Trainer, TrainHooks, predict
+from ctr.train import Runtime, Trainer, TrainHooks, predict
 from features.feature_map import FeatureMap
 
 CHECK_ROWS = 4096  # validation rows on which a stage checks that its reshaped model equals the claimed one
@@ -106,15 +106,20 @@ def validation_metrics(ctx: StageContext, model: CTRModel) -> dict[str, float]:
 
 
 def train_phase(ctx: StageContext, phase: str, hooks: TrainHooks, epochs: int, patience: int, best: bool = True,
-                **trainer: Any) -> Trainer:
+                sample: int | None = None, disjoint: bool = False, **trainer: Any) -> Trainer:
     """One training phase of a stage (a search, a retrain, a fine-tune): the experiment's trainer with
     these epochs, patience (early stopping on validation AUC) and ``trainer`` overrides, validating
-    once per epoch, in the phase's own folder of the stage. A phase that was killed resumes from its
+    once per epoch, in the phase's own folder of the stage. ``sample``: each epoch reads a seeded
+    sample of whole row groups holding this many train rows (a search), each a new one with
+    ``disjoint`` (no row read twice while the split lasts). A phase that was killed resumes from its
     last checkpoint, at the step where it stopped, whichever stage it belongs to. Returns the trainer
     holding its best-on-validation weights (``best``) or its last ones."""
     cfg = ctx.cfg.trainer.model_copy(update={"epochs": epochs, "patience": patience, "eval_every_steps": None, **trainer})
+    rows = ParquetBatches(ctx.data_dir / ctx.fmap.splits["train"].file, ctx.fmap, cfg.batch_size, shuffle=cfg.shuffle,
+                          seed=cfg.seed, sample_rows=sample, disjoint=disjoint)
     run = ctx.stage.phase(phase)
-    phase_trainer = Trainer(ctx.cfg.model_copy(update={"trainer": cfg}), ctx.fmap, ctx.data_dir, run.root, hooks)
+    phase_trainer = Trainer(ctx.cfg.model_copy(update={"trainer": cfg}), ctx.fmap, ctx.data_dir, run.root, hooks,
+                            Runtime(train_data=rows))
     phase_trainer.train(resume=run.last.is_file())
     if best:
         phase_trainer.load_best_weights()
