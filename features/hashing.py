@@ -119,6 +119,47 @@ def token_keys(tokens: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return h.view(np.int64)
 
 
+def _mixed_columns(frame: pl.LazyFrame, names: list[str]) -> pl.LazyFrame:
+    """splitmix64 on UInt64 columns in place, one ``with_columns`` per step: written as one nested
+    expression, each step would repeat its input's whole tree twice (``z ^ (z >> k)``)."""
+    col, u64 = pl.col, (lambda v: pl.lit(v, dtype=pl.UInt64))
+    frame = frame.with_columns((col(n) + u64(_GOLDEN)).alias(n) for n in names)
+    for shift, mul in ((30, _MUL1), (27, _MUL2)):
+        frame = frame.with_columns(((col(n) ^ (col(n) // u64(1 << shift))) * u64(mul)).alias(n) for n in names)
+    return frame.with_columns((col(n) ^ (col(n) // u64(1 << 31))).alias(n) for n in names)
+
+
+def with_token_keys(frame: pl.LazyFrame, strings: dict[str, int], integers: list[str]) -> pl.LazyFrame:
+    """Each token column replaced by its token key (Int64 bit pattern; null, a blank, stays null),
+    with the bits of ``token_keys`` / ``int_keys``, in whole-column Polars ops that run inside the
+    parse's streaming query. ``strings`` maps a String column to the 8-byte words its longest token
+    needs; a longer token would get the key of its first words (the caller checks the lengths).
+
+    Padding a token to whole words with NUL characters gives the zero-padded words even for
+    multi-byte characters: ``pad_end`` counts characters, so it adds at least the bytes missing."""
+    col, u64 = pl.col, (lambda v: pl.lit(v, dtype=pl.UInt64))
+    key, size, word = "__key_{}".format, "__len_{}".format, "__word_{}".format
+    names = [*strings, *integers]
+    frame = frame.with_columns(
+        *((col(n).str.len_bytes().cast(pl.UInt64) ^ u64(TOKEN_SEED)).alias(key(n)) for n in strings),
+        *((col(n).reinterpret(signed=False) ^ u64(INT_SEED)).alias(key(n)) for n in integers),
+        *(col(n).str.len_bytes().cast(pl.UInt64).alias(size(n)) for n in strings),
+        *(col(n).str.pad_end(8 * w, "\0").cast(pl.Binary).alias(n) for n, w in strings.items()),
+    )
+    frame = _mixed_columns(frame, [key(n) for n in names])
+    for k in range(max(strings.values(), default=0)):
+        step = [n for n, w in strings.items() if w > k]
+        frame = frame.with_columns(
+            (col(key(n)) ^ col(n).bin.slice(8 * k, 8).bin.reinterpret(dtype=pl.UInt64, endianness="little"))
+            .alias(word(n)) for n in step)
+        frame = _mixed_columns(frame, [word(n) for n in step])
+        frame = frame.with_columns(
+            (col(word(n)) if k == 0 else pl.when(col(size(n)) > 8 * k).then(col(word(n))).otherwise(col(key(n))))
+            .alias(key(n)) for n in step)
+    frame = frame.with_columns(col(key(n)).reinterpret(signed=True).alias(n) for n in names)
+    return frame.drop([key(n) for n in names] + [t(n) for n in strings for t in (size, word)], strict=False)
+
+
 BLANK_KEY = int(token_keys(pa.array([""]))[0])  # a blank value (empty token, NaN number) is known by this key
 
 

@@ -168,6 +168,21 @@ def scan_parquet_raw(path: Path, layout: Layout, row_offset: int) -> pl.LazyFram
     )
 
 
+def count_data_rows(path: Path, layout: Layout, fmt: str) -> int:
+    """Data rows of a raw file, as the parse numbers them (every line but a header), without parsing:
+    the order split needs the total before the parse to know the train rows while it counts."""
+    if fmt == "parquet":
+        try:
+            return pl.scan_parquet(path).select(pl.len()).collect().item()
+        except (pl.exceptions.ComputeError, OSError) as exc:
+            raise DataError(f"{path}: not a readable Parquet file: {exc} (give a Parquet file, or format: delimited)") from None
+    try:
+        lines = pl.scan_lines(path, name="text").select(pl.len()).collect(engine="streaming").item()
+    except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
+        raise explain_read_failure(path, exc) from None
+    return max(lines - (1 if layout.header else 0), 0)
+
+
 def explain_read_failure(path: Path, exc: Exception) -> DataError:
     """Turn a Polars read error into one that names the file and, for bad encoding, the line."""
     if "utf8" in str(exc).lower() or "utf-8" in str(exc).lower():

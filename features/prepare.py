@@ -1,15 +1,16 @@
 """``ctr prepare``: raw files -> validated Parquet splits, vocabularies and ``feature_map.json``.
 
-Four passes, each bounded in memory by a batch of rows, except the vocabulary pass, which holds one
-count per distinct value:
-  1. parse + validate + transform every raw file into a staged Parquet (rejected rows flagged),
-     Polars streaming;
+Three passes, each bounded in memory by a batch of rows, except the counts, which hold one entry per
+distinct value:
+  1. parse + validate + transform every raw file, hash each categorical token to its 64-bit token
+     key (``features.hashing``), write the staged rows (integers from here on, rejected rows
+     flagged) and, in the same streaming query, count each field's keys on the train rows;
   2. rejects -> ``rejects.csv``, and the reject-share check;
-  3. vocabularies on the train split, one streaming group-by per field;
-  4. the staged rows in fixed slices, each encoded to ids and appended to the Parquet file of its
-     split. The lookups run on materialised slices because inside the streaming engine (sink or
-     ``collect_batches``) the peak memory of 39 ``replace_strict`` lookups grew with the input
-     (2.3 GB at 4M rows against 0.87 GB at 1M).
+  3. vocabularies from the counts, then the staged rows in fixed slices, each encoded to ids by one
+     table lookup per field (``KeyIndex``) and appended to the Parquet file of its split.
+The train rows are known during the parse for the random split (a hash of the row position) and
+the order split (a line count first gives the number of rows); the time split's cut points need
+every row's time, so its counts are taken from the staged rows, which then carry the tokens too.
 Everything is written into a scratch directory beside the output, which replaces the output only
 when complete, so an interrupted prepare leaves the previous result (or nothing) in place.
 """
@@ -17,6 +18,7 @@ when complete, so an interrupted prepare leaves the previous result (or nothing)
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -32,27 +34,29 @@ from common.atomic import ensure_writable, publish_dir, scratch_dir_beside
 from common.errors import DataError
 from common.locks import exclusive
 from features.feature_map import FeatureMap, FieldInfo, SourceInfo, SplitInfo
-from features.hashing import HASH_VERSION
+from features.hashing import HASH_VERSION, with_token_keys
 from features.parse import (
     LINE,
     RAW,
     REASON,
     ROW,
     check_readable,
+    count_data_rows,
     explain_read_failure,
     scan_delimited,
     scan_parquet_raw,
 )
 from features.schema import DatasetConfig, Layout, config_fingerprint, resolve_layout
 from features.split import SPLIT_COLUMN, SPLITS, TIME_COLUMN, split_expr, time_cut_points
-from features.transforms import LABEL_COLUMN, FeatureSpec, feature_expr, feature_specs
-from features.vocab import SPECIAL_IDS, encode, fit_vocabularies
+from features.transforms import LABEL_COLUMN, TOKEN, FeatureSpec, feature_expr, feature_specs
+from features.vocab import SPECIAL_IDS, KeyIndex, count_query, fit_vocabulary, merged_counts
 
 log = logging.getLogger("ctr.prepare")
 FILE_COLUMN = "_file"
 REJECTS_FILE = "rejects.csv"
 SHOWN_REJECTS = 5
 CHUNK_ROWS = 262_144
+SAMPLE_ROWS = 10_000  # rows read ahead of the parse to size the token hash (its words per token)
 
 
 @dataclass(frozen=True)
@@ -63,23 +67,69 @@ class PrepareResult:
     passes: dict[str, float]  # seconds per pass: where a prepare spends its time
 
 
-def _stage_file(path: Path, cfg: DatasetConfig, layout: Layout, specs: list[FeatureSpec], row_offset: int,
-                target: Path) -> int:
-    """Pass 1 for one raw file; returns its number of data rows."""
-    scan = scan_parquet_raw if cfg.format == "parquet" else scan_delimited
-    rows = scan(path, layout, row_offset)
+def _token(field: str) -> str:
+    """The column that carries a categorical field's value beside its key, for the counts."""
+    return f"__token_{field}"
+
+
+@dataclass(frozen=True)
+class _Staging:
+    """What pass 1 needs besides the file: the features, the token hash's words per string field,
+    and the train rows' rule when it is known during the parse (None: the time split)."""
+
+    cfg: DatasetConfig
+    layout: Layout
+    specs: list[FeatureSpec]
+    words: dict[str, int]
+    train_split: pl.Expr | None
+
+    @property
+    def categorical(self) -> list[str]:
+        return [s.name for s in self.specs if s.type == "categorical"]
+
+    def scan(self, path: Path, row_offset: int) -> pl.LazyFrame:
+        scan = scan_parquet_raw if self.cfg.format == "parquet" else scan_delimited
+        return scan(path, self.layout, row_offset)
+
+
+def _words_needed(staging: _Staging, path: Path) -> dict[str, int]:
+    """8-byte words per string token field, from the longest token in the file's first rows; the
+    counts check the train tokens afterwards (``_longest_tokens``)."""
+    strings = [s for s in staging.specs if s.transform == TOKEN]
+    try:
+        sample = staging.scan(path, 0).head(SAMPLE_ROWS).select(
+            pl.col(s.source).str.len_bytes().max().alias(s.name) for s in strings).collect()
+    except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
+        raise explain_read_failure(path, exc) from None
+    return {s.name: max(1, math.ceil((sample[s.name].item() or 0) / 8)) for s in strings}
+
+
+def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, counts: Path) -> int:
+    """Pass 1 for one raw file: the staged rows and, when the split is known, each field's train
+    counts, from one streaming query (its sinks share the parse); returns the file's data rows."""
+    cfg, layout = staging.cfg, staging.layout
     time_col = []
     if cfg.split.method == "time":
         time_col = [pl.col(cfg.split.time_column).to_physical().cast(pl.Int64).alias(TIME_COLUMN)]
-    staged = rows.select(
+    categorical = staging.categorical
+    parsed = staging.scan(path, row_offset).select(
         pl.col(ROW), pl.col(LINE), pl.col(REASON), pl.col(RAW),
         pl.when(pl.col(REASON).is_not_null()).then(pl.lit(str(path))).alias(FILE_COLUMN),
         pl.col(layout.label).cast(pl.Float32).alias(LABEL_COLUMN),
-        *(feature_expr(s) for s in specs),
+        *(feature_expr(s) for s in staging.specs),
         *time_col,
-    )
+    ).with_columns(pl.col(f).alias(_token(f)) for f in categorical)
+    keyed = with_token_keys(parsed, staging.words, [f for f in categorical if f not in staging.words])
+    if staging.train_split is None:  # the time split: the counts come from the staged rows
+        sinks = [keyed.sink_parquet(target, compression="lz4", statistics=False, lazy=True)]
+    else:
+        train = keyed.filter(pl.col(REASON).is_null() & (staging.train_split == 0))
+        sinks = [keyed.drop([_token(f) for f in categorical])
+                 .sink_parquet(target, compression="lz4", statistics=False, lazy=True)]
+        sinks += [count_query(train, f, _token(f)).sink_parquet(counts / f"{f}.parquet", lazy=True)
+                  for f in categorical]
     try:
-        staged.sink_parquet(target, compression="lz4", statistics=False, engine="streaming")  # scratch: read whole
+        pl.collect_all(sinks, engine="streaming")
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
         raise explain_read_failure(path, exc) from None
     n = pq.ParquetFile(target).metadata.num_rows
@@ -87,6 +137,51 @@ def _stage_file(path: Path, cfg: DatasetConfig, layout: Layout, specs: list[Feat
         raise DataError(f"{path}: no data rows" + (" after the header line" if layout.header else "") +
                         " (give the file with its rows)")
     return n
+
+
+def _stage_and_count(paths: list[Path], staging: _Staging, work: Path
+                     ) -> tuple[list[SourceInfo], int, tuple[int, int] | None]:
+    """Pass 1 over every file, into ``work/staged`` and ``work/counts/<file>``; returns the sources,
+    the number of data rows and, for the time split, its cut points (after which its counts are
+    taken from the staged train rows)."""
+    for sub in ("staged", "counts"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+        (work / sub).mkdir()
+    sources, offset = [], 0
+    for k, path in enumerate(paths):
+        counts = work / "counts" / f"part-{k:05d}"
+        counts.mkdir()
+        n = _stage_file(path, staging, offset, work / "staged" / f"part-{k:05d}.parquet", counts)
+        sources.append(SourceInfo(path=str(path.resolve()), bytes=path.stat().st_size, rows=n))
+        offset += n
+        log.info("parsed %s: %d rows", path, n)
+    if staging.train_split is not None:
+        return sources, offset, None
+    good = pl.scan_parquet(work / "staged" / "*.parquet").filter(pl.col(REASON).is_null())
+    cuts = time_cut_points(good, staging.cfg.split)
+    train = good.filter(split_expr(staging.cfg.split, offset, cuts) == 0)
+    shutil.rmtree(work / "counts")
+    (work / "counts" / "all").mkdir(parents=True)
+    for f in staging.categorical:
+        count_query(train, f, _token(f)).sink_parquet(work / "counts" / "all" / f"{f}.parquet")
+    return sources, offset, cuts
+
+
+def _field_counts(work: Path, field: str) -> pl.LazyFrame:
+    """One field's train counts, summed over the files' parts."""
+    parts = sorted((work / "counts").glob(f"*/{field}.parquet"))
+    return pl.scan_parquet(parts[0]) if len(parts) == 1 else merged_counts(pl.scan_parquet(parts))
+
+
+def _longest_tokens(work: Path, words: dict[str, int]) -> dict[str, int]:
+    """The string fields whose longest train token needs more words than the parse hashed, with
+    the words it needs (empty: every key is exact)."""
+    longer = {}
+    for field, w in words.items():
+        longest = _field_counts(work, field).select(pl.col("token").str.len_bytes().max()).collect().item()
+        if longest is not None and longest > 8 * w:
+            longer[field] = math.ceil(longest / 8)
+    return longer
 
 
 def _check_rejects(staged: pl.LazyFrame, total: int, limit: float, rejects_path: Path, keep_at: Path) -> int:
@@ -113,12 +208,12 @@ def _check_rejects(staged: pl.LazyFrame, total: int, limit: float, rejects_path:
     return n_rejected
 
 
-def _write_splits(staged: pl.LazyFrame, n_rows: int, split: pl.Expr, needed: list[str], encoded: list[pl.Expr],
+def _write_splits(staged: pl.LazyFrame, n_rows: int, split: pl.Expr, dense: list[str], index: dict[str, KeyIndex],
                   work: Path, row_group_size: int) -> dict[str, int]:
-    """Pass 4: staged rows -> one Parquet per split, in fixed slices of rows; returns rows per split.
+    """Pass 3: staged rows -> one Parquet per split, in fixed slices of rows; returns rows per split.
 
     A writer thread compresses and writes one slice while the next is read and encoded (pyarrow
-    releases the GIL); at most one slice waits for it, so memory stays at about two slices."""
+    and NumPy release the GIL); at most one slice waits for it, so memory stays at about two slices."""
     writers: dict[str, pq.ParquetWriter] = {}
     counts = dict.fromkeys(SPLITS, 0)
 
@@ -134,8 +229,8 @@ def _write_splits(staged: pl.LazyFrame, n_rows: int, split: pl.Expr, needed: lis
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-writer") as pool:
             for start in range(0, n_rows, CHUNK_ROWS):
                 chunk = (staged.slice(start, CHUNK_ROWS).filter(pl.col(REASON).is_null())
-                         .select(split.alias(SPLIT_COLUMN), *needed).collect())
-                chunk = chunk.select(pl.col(SPLIT_COLUMN), *encoded)
+                         .select(split.alias(SPLIT_COLUMN), LABEL_COLUMN, *dense, *index).collect())
+                chunk = chunk.with_columns(pl.Series(f, idx.lookup(chunk[f]), dtype=pl.Int32) for f, idx in index.items())
                 tables = [(name, chunk.filter(pl.col(SPLIT_COLUMN) == s_id).drop(SPLIT_COLUMN).to_arrow())
                           for s_id, name in enumerate(SPLITS)]
                 for name, table in tables:
@@ -190,30 +285,34 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
         mark = time.perf_counter()
 
     try:
-        (work / "staged").mkdir()
-        sources, offset = [], 0
-        for k, path in enumerate(paths):
-            n = _stage_file(path, cfg, layout, specs, offset, work / "staged" / f"part-{k:05d}.parquet")
-            sources.append(SourceInfo(path=str(path.resolve()), bytes=path.stat().st_size, rows=n))
-            offset += n
-            log.info("parsed %s: %d rows", path, n)
-        done("parse + stage")
+        train_split = None
+        if cfg.split.method == "random":
+            train_split = split_expr(cfg.split, 0)
+        elif cfg.split.method == "order":
+            train_split = split_expr(cfg.split, sum(count_data_rows(p, layout, cfg.format) for p in paths))
+        staging = _Staging(cfg, layout, specs, {}, train_split)
+        staging = _Staging(cfg, layout, specs, _words_needed(staging, paths[0]), train_split)
+        sources, offset, cuts = _stage_and_count(paths, staging, work)
+        longer = _longest_tokens(work, staging.words)
+        if longer:
+            log.info("tokens longer than the first rows' in %s: parsing again with more words", sorted(longer))
+            staging = _Staging(cfg, layout, specs, {**staging.words, **longer}, train_split)
+            sources, offset, cuts = _stage_and_count(paths, staging, work)
         staged = pl.scan_parquet(work / "staged" / "*.parquet")
+        done("parse + stage + count")
         n_rejected = _check_rejects(staged, offset, cfg.max_reject_fraction, work / REJECTS_FILE,
                                     out.parent / f"{out.name}.{REJECTS_FILE}")
         done("rejects")
-        good = staged.filter(pl.col(REASON).is_null())
-        cuts = time_cut_points(good, cfg.split) if cfg.split.method == "time" else None
         min_counts = {f: cfg.min_count_per_field.get(f, cfg.min_count) for f in categorical}
-        train = good.filter(split_expr(cfg.split, offset, cuts) == 0)
-        vocabs = fit_vocabularies(train, min_counts)
         (work / "vocab").mkdir()
-        for field, vocab in vocabs.items():
+        index, sizes = {}, {}
+        for field, min_count in min_counts.items():
+            vocab = fit_vocabulary(_field_counts(work, field), min_count)
             vocab.write_parquet(work / "vocab" / f"{field}.parquet", compression="zstd")
+            index[field], sizes[field] = KeyIndex.of(vocab), vocab.height
+        shutil.rmtree(work / "counts")
         done("vocabularies")
-        encoded = [pl.col(LABEL_COLUMN), *(pl.col(d) for d in dense), *(encode(c, vocabs[c]) for c in categorical)]
-        needed = [LABEL_COLUMN, *dense, *categorical]
-        counts = _write_splits(staged, offset, split_expr(cfg.split, offset, cuts), needed, encoded, work,
+        counts = _write_splits(staged, offset, split_expr(cfg.split, offset, cuts), dense, index, work,
                                cfg.row_group_size)
         done("encode + write splits")
         splits = {name: SplitInfo(file=f"{name}.parquet", rows=counts[name]) for name in SPLITS}
@@ -223,7 +322,7 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
         shutil.rmtree(work / "staged")
         fields = [
             FieldInfo(name=s.name, type=s.type, source=s.source, transform=s.transform,
-                      num_embeddings=len(vocabs[s.name]) + len(SPECIAL_IDS) if s.type == "categorical" else None,
+                      num_embeddings=sizes[s.name] + len(SPECIAL_IDS) if s.type == "categorical" else None,
                       min_count=min_counts.get(s.name), vocab_file=f"vocab/{s.name}.parquet" if s.type == "categorical" else None)
             for s in specs
         ]

@@ -108,7 +108,7 @@ def test_interrupted_prepare_keeps_the_previous_output(tmp_path: Path, monkeypat
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_module, "fit_vocabularies", interrupted)
+    monkeypatch.setattr(prepare_module, "fit_vocabulary", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(raw, out, min_count=3)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

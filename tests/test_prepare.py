@@ -87,3 +87,25 @@ def test_parquet_raw_input_matches_delimited(synthetic_criteo: Path, tmp_path: P
     assert json.loads((tmp_path / "p" / "feature_map.json").read_text())["fields"] == \
         json.loads((tmp_path / "t" / "feature_map.json").read_text())["fields"]
     assert from_parquet.feature_map.rows_read == from_text.feature_map.rows_read
+
+
+def test_tokens_longer_than_the_first_rows_are_hashed_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parse sizes the token hash on the first rows; a longer train token later in the file makes
+    it parse again with the words it needs, so values that differ only past their 8th byte keep
+    apart, and every vocabulary key is the value's token key."""
+    import pyarrow as pa
+
+    from features import prepare as prepare_module
+    from features.hashing import token_keys
+    from features.schema import ColumnSpec
+
+    monkeypatch.setattr(prepare_module, "SAMPLE_ROWS", 5)
+    raw = tmp_path / "long.csv"
+    rows = [f"{i % 2},s{i % 7}" for i in range(40)] + [f"{i % 2},{'long-token-' * 3}{i % 3}" for i in range(60)]
+    raw.write_text("\n".join(rows) + "\n")
+    columns = [ColumnSpec(name="label", kind="label"), ColumnSpec(name="c", kind="categorical")]
+    result = run_prepare(raw, tmp_path / "out", layout="generic", columns=columns, separator=",", header=False,
+                         split={"method": "order"})
+    vocab = pl.read_parquet(tmp_path / "out" / "vocab" / "c.parquet")
+    assert vocab.height == 7 + 3 and result.feature_map.splits["train"].rows == 80
+    assert vocab["key"].to_list() == token_keys(pa.array(vocab["token"].to_list())).tolist()

@@ -2,12 +2,14 @@ import math
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from features.schema import SplitConfig
 from features.split import SPLIT_COLUMN, split_expr
 from features.transforms import criteo_bucket, feature_expr, FeatureSpec, signed_log1p, HOUR_OF_DAY, WEEKDAY, IS_WEEKEND
-from features.vocab import BLANK_ID, OOV_ID, encode, fit_vocabularies
+from features.hashing import int_keys, token_keys, with_token_keys
+from features.vocab import BLANK_ID, OOV_ID, KeyIndex, count_query, fit_vocabulary, merged_counts
 from features.parse import ROW
 
 
@@ -33,19 +35,43 @@ def test_hour_expansion() -> None:
     assert out == [(0, 2, 0), (17, 6, 1)]
 
 
+def _vocabulary(values: list[object], min_count: int, strings: bool = True) -> pl.DataFrame:
+    frame = pl.LazyFrame({"c": values, "t": values})
+    keyed = with_token_keys(frame, {"c": 1} if strings else {}, [] if strings else ["c"])
+    return fit_vocabulary(count_query(keyed, "c", "t"), min_count)
+
+
+def _ids(vocab: pl.DataFrame, values: list[object], strings: bool = True) -> list[int]:
+    keyed = with_token_keys(pl.LazyFrame({"c": values}), {"c": 1} if strings else {}, [] if strings else ["c"])
+    return KeyIndex.of(vocab).lookup(keyed.collect()["c"]).tolist()
+
+
 def test_vocabulary_min_count_order_and_specials() -> None:
-    train = pl.LazyFrame({"c": ["b", "a", "b", "c", "a", "b", None, "d"]})
-    vocab = fit_vocabularies(train, {"c": 2})["c"]
+    vocab = _vocabulary(["b", "a", "b", "c", "a", "b", None, "d"], 2)
     # counts: b=3, a=2 kept (ids from 3, by count desc); c, d below min_count
-    assert vocab.rows() == [("b", 3, 3), ("a", 2, 4)]
-    ids = pl.DataFrame({"c": ["a", "b", "c", None, "zzz"]}).select(encode("c", vocab)).to_series().to_list()
-    assert ids == [4, 3, OOV_ID, BLANK_ID, OOV_ID]
-    # a vocabulary not in id order takes the lookup path, with the same ids
-    shuffled = pl.DataFrame({"c": ["a", "b", "c", None, "zzz"]}).select(encode("c", vocab.reverse())).to_series()
-    assert shuffled.to_list() == ids
-    # integer tokens (bucketed Criteo integers) too
-    ints = fit_vocabularies(pl.LazyFrame({"i": [7, 7, 5, 5, 5, 9]}), {"i": 2})["i"]
-    assert pl.DataFrame({"i": [5, 7, 9, None]}).select(encode("i", ints)).to_series().to_list() == [3, 4, OOV_ID, BLANK_ID]
+    assert vocab.select("token", "count", "id").rows() == [("b", 3, 3), ("a", 2, 4)]
+    assert vocab["key"].to_list() == token_keys(pa.array(["b", "a"])).tolist()
+    assert _ids(vocab, ["a", "b", "c", None, "zzz"]) == [4, 3, OOV_ID, BLANK_ID, OOV_ID]
+    # equal counts: ordered by the value, as a person would sort them
+    assert _vocabulary(["y", "x", "z", "x", "y", "z"], 1)["token"].to_list() == ["x", "y", "z"]
+    # integer tokens (bucketed Criteo integers) too, keyed by int_keys
+    ints = _vocabulary([7, 7, 5, 5, 5, 9], 2, strings=False)
+    assert ints["key"].to_list() == int_keys(np.array([5, 7])).tolist()
+    assert _ids(ints, [5, 7, 9, None], strings=False) == [3, 4, OOV_ID, BLANK_ID]
+
+
+def test_counts_of_parts_merge_per_key() -> None:
+    parts = pl.LazyFrame({"key": [10, 11, 10], "token": ["a", "b", "a"], "count": [2, 1, 3]})
+    assert merged_counts(parts).sort("key").collect().rows() == [(10, "a", 5), (11, "b", 1)]
+
+
+def test_key_index_finds_every_key_of_a_crowded_table() -> None:
+    """Keys that share their home slot (equal low bits) probe on to the next ones, found or not."""
+    keys = np.array([k << 20 for k in range(1, 3000)] + [5, 7], dtype=np.int64)  # low 20 bits all zero, bar two
+    ids = np.arange(3, 3 + keys.size, dtype=np.int32)
+    index = KeyIndex(keys, ids)
+    probe = pl.Series(np.concatenate([keys[::-1], [3 << 40, 6]]))
+    assert index.lookup(probe).tolist() == ids[::-1].tolist() + [OOV_ID, OOV_ID]
 
 
 def test_random_split_shares_and_determinism() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import torch
 
 from ctr.models.base import CTRModel
@@ -57,6 +58,9 @@ def fingerprint_bits(keys: np.ndarray, known: np.ndarray | None = None) -> int:
 
 @lru_cache(maxsize=8)
 def _keys_of_file(path: str, mtime_ns: int) -> np.ndarray:
+    """The vocabulary's ``key`` column; a vocabulary prepared before keys were stored has its tokens hashed."""
+    if "key" in pq.read_schema(path).names:
+        return pl.read_parquet(path, columns=["key"])["key"].to_numpy()
     tokens = pl.read_parquet(path, columns=["token"])["token"]
     return token_keys(tokens.to_arrow()) if tokens.dtype == pl.String else int_keys(tokens.to_numpy())
 
