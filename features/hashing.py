@@ -160,7 +160,9 @@ def with_token_keys(frame: pl.LazyFrame, strings: dict[str, int], integers: list
     return frame.drop([key(n) for n in names] + [t(n) for n in strings for t in (size, word)], strict=False)
 
 
-BLANK_KEY = int(token_keys(pa.array([""]))[0])  # a blank value (empty token, NaN number) is known by this key
+# a blank value (empty token, NaN number) is known by the empty token's key: its length 0, no words
+# (written out, not ``token_keys(pa.array([""]))``: ``pa.array`` imports pandas, half a second of start-up)
+BLANK_KEY = int(hash_numpy(np.zeros(1, np.uint64), TOKEN_SEED).view(np.int64)[0])
 
 
 def bucket_torch(hashed: torch.Tensor, num_buckets: torch.Tensor | int) -> torch.Tensor:

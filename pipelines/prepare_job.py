@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 from common.yaml_config import read_config, validate_tree
-from ctr.config import ExperimentSections
 from features.prepare import PrepareResult, prepare
 from features.schema import DatasetConfig, DatasetFile
 from pipelines.synthetic import generate
@@ -33,6 +32,8 @@ def load_dataset(config: Path, overrides: list[str]) -> DatasetConfig:
     tree, origins = read_config(config, overrides)
     if "model" not in tree:
         return validate_tree(DatasetFile, tree, origins, str(config)).dataset
+    from ctr.config import ExperimentSections  # the experiment's sections: only for an experiment file
+
     sections = {k: v for k, v in tree.items() if k != "model"}
     return validate_tree(ExperimentSections, sections, origins, str(config)).dataset
 

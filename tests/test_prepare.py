@@ -109,3 +109,18 @@ def test_tokens_longer_than_the_first_rows_are_hashed_whole(tmp_path: Path, monk
     vocab = pl.read_parquet(tmp_path / "out" / "vocab" / "c.parquet")
     assert vocab.height == 7 + 3 and result.feature_map.splits["train"].rows == 80
     assert vocab["key"].to_list() == token_keys(pa.array(vocab["token"].to_list())).tolist()
+
+
+def test_ctr_prepare_starts_without_torch_ray_or_pandas(synthetic_criteo: Path, tmp_path: Path) -> None:
+    """A prepare imports what it uses: torch, Ray, pandas and the models' configs would double its
+    start-up. The per-pass line reports the start-up."""
+    import subprocess
+    import sys
+
+    config = Path(__file__).parents[1] / "configs" / "datasets" / "criteo.yaml"
+    code = ("import sys; from pipelines.cli import main; "
+            f"main(['prepare', {str(config)!r}, '--raw', {str(synthetic_criteo)!r}, '--output', {str(tmp_path / 'out')!r}]); "
+            "print(sorted({'torch', 'ray', 'pandas', 'ctr.config'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-1] == "[]"
+    assert out[-2].startswith("seconds per pass: start-up ")
