@@ -20,6 +20,8 @@ The section is written into benchmarks/RESULTS.md under "## Scale" (replacing an
 
 Usage: python benchmarks/bench_scale.py [--criteo-rows 45840617] [--avazu-rows 40428967] [--models dnn dcnv2]
            [--datasets criteo avazu] [--recipe-rows 12500000] [--skip-small] [--skip-fuxictr] [--add]
+       python benchmarks/bench_scale.py --models --skip-small --recipe-rows 0 --skip-fuxictr --add
+           (generate, read_csv and prepare only, added after the section's earlier runs)
        python benchmarks/bench_scale.py checkpoint RUN_DIR   (internal: prints save/restore seconds as JSON)
 """
 
@@ -137,6 +139,8 @@ def dataset(sec: Section, kind: str, rows: int, models: list[str], args: argpars
     else:
         sec.timed(f"{kind}_generate", f"{kind}: `ctr generate --profile` {rows:,} rows",
                   [CTR, "generate", "--profile", kind, "--rows", str(rows), "--out", str(raw)], logs / "generate.log")
+        sec.notes.append(f"{kind}: generated {rows / sec.numbers[f'{kind}_generate']['seconds']:,.0f} rows/s "
+                         f"({raw.stat().st_size / 1e9:.1f} GB).")
     seen = distinct_values(raw, kind)
     sec.numbers[f"{kind}_distinct"] = seen
     if rows == {"criteo": 45_840_617, "avazu": 40_428_967}[kind]:
@@ -307,7 +311,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--criteo-rows", type=int, default=45_840_617)
     parser.add_argument("--avazu-rows", type=int, default=40_428_967)
-    parser.add_argument("--models", nargs="+", default=["dnn", "dcnv2"], choices=["dnn", "dcnv2"])
+    parser.add_argument("--models", nargs="*", default=["dnn", "dcnv2"], choices=["dnn", "dcnv2"],
+                        help="the models trained one epoch on Criteo (Avazu: dnn if named); none: generate and prepare only")
     parser.add_argument("--read-csv-rows", type=int, default=4_000_000)
     parser.add_argument("--skip-fuxictr", action="store_true")
     parser.add_argument("--datasets", nargs="*", default=["criteo", "avazu"], choices=["criteo", "avazu"])
@@ -332,7 +337,7 @@ def main() -> None:
         small_vocabulary(sec, model)
     for kind in args.datasets:
         dataset(sec, kind, {"criteo": args.criteo_rows, "avazu": args.avazu_rows}[kind],
-                args.models if kind == "criteo" else ["dnn"], args)
+                args.models if kind == "criteo" else [m for m in args.models if m == "dnn"], args)
         write_section(sec, started, args.out, numbers, earlier)
     if args.recipe_rows:
         recipe(sec, args.recipe_rows)
