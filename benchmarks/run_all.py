@@ -88,6 +88,24 @@ class Report:
     def target(self, what: str, measured: str, met: bool) -> None:
         self.targets.append((what, measured, met))
 
+    def splice(self, note: str) -> None:
+        """Put this run's sections and targets in place of their namesakes in the results file,
+        keeping every other section and target as it was (a run of one section, e.g. ``--only-prepare``)."""
+        text = self.out.read_text()
+        for section in self.sections:
+            title = section.split("\n", 1)[0]
+            start = text.index(title + "\n")
+            end = text.find("\n## ", start + 1)
+            text = text[:start] + section.replace("\n\n", f"\n\n{note}\n\n", 1) + "\n" + (text[end:] if end >= 0 else "")
+        kinds = {what.split(":", 1)[0] for what, _, _ in self.targets}
+        lines = text.split("\n")
+        stale = [i for i, line in enumerate(lines) if any(line.startswith(f"| {k}:") for k in kinds)]
+        fresh = [f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in self.targets]
+        at = stale[0] if stale else lines.index("|---|---|---|") + 1
+        lines = [line for i, line in enumerate(lines) if i not in stale]
+        text = "\n".join(lines[:at] + fresh + lines[at:])
+        atomic_write_text(self.out, text)
+
     def write(self, header: str) -> None:
         table = ["| target | measured | met |", "|---|---|---|"] + [
             f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in self.targets]
@@ -150,7 +168,7 @@ def prepare_section(rep: Report, args: argparse.Namespace, raw: Path, dirs: dict
     rep.numbers["prepare"] = {"ours": {"seconds": ours_s, "peak_mb": ours_mb}, "fuxictr": {"seconds": peer_s, "peak_mb": peer_mb}}
     speed, memory = peer_s / ours_s, ours_mb / peer_mb
     rep.target("prepare: >= 20x FuxiCTR's rows/s", f"{speed:.1f}x", speed >= 20)
-    rep.target("prepare: <= 1/4 of FuxiCTR's peak memory", f"{memory:.3f} of it (1/{1 / memory:.0f})", memory <= 0.25)
+    rep.target("prepare: <= 1/8 of FuxiCTR's peak memory", f"{memory:.3f} of it (1/{1 / memory:.1f})", memory <= 0.125)
     rep.add("Prepare", "\n".join([
         f"Raw Criteo TSV, {rows:,} rows ({raw.stat().st_size / 1e6:.0f} MB), min count {cfg.dataset.min_count}, "
         "I1-I13 log-squared buckets, order split 8:1:1, to Parquet splits + vocabularies. Peak memory: the "
@@ -361,6 +379,8 @@ def main() -> None:
     parser.add_argument("--peer-steps", type=int, default=30, help="FuxiCTR steps timed at the large vocabulary")
     parser.add_argument("--steps", type=int, default=40, help="steps timed for the recipe's training rate")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--only-prepare", action="store_true",
+                        help="measure the Prepare section alone and put it in place of the one in --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -382,6 +402,13 @@ def main() -> None:
         f"- data: {args.rows:,} generated Criteo-format rows (pipelines/synthetic.py, seed 2024), min count 10, "
         "split by order 8:1:1", ""])
     rep = Report(args.out, root / "results.json")
+    if args.only_prepare:
+        prepare_section(rep, args, raw, dirs, python)
+        when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+        rep.splice(f"_Measured alone by `python benchmarks/run_all.py --only-prepare` on {when} ({machine()}); the "
+                   "other sections are from the run named at the top._")
+        print(f"\nwrote the Prepare section of {args.out}")
+        return
     sections = [lambda: prepare_section(rep, args, raw, dirs, python), lambda: dense_parameters(rep, args),
                 lambda: training_section(rep, args, dirs, python), lambda: time_to_auc_section(rep, args, dirs, python),
                 lambda: large_vocab_section(rep, args, dirs, python),
