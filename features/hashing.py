@@ -67,6 +67,23 @@ def hash_numpy(values: np.ndarray, key: int) -> np.ndarray:
         return _splitmix64(x, np.uint64, lambda z, k: z >> np.uint64(k))  # a shift: 3x faster than // 2^k
 
 
+def unhash_numpy(hashed: np.ndarray, key: int) -> np.ndarray:
+    """The values whose ``hash_numpy(values, key)`` is ``hashed`` (uint64): splitmix64 is a bijection,
+    undone step by step (``y = z ^ (z >> s)`` by ``z = y ^ (y >> s) ^ (y >> 2s) ^ ...``, a multiply by
+    the constant's inverse mod 2^64)."""
+
+    def unshift(y: np.ndarray, s: int) -> np.ndarray:
+        z = y.copy()
+        for k in range(s, 64, s):
+            z ^= y >> np.uint64(k)
+        return z
+
+    with np.errstate(over="ignore"):
+        z = unshift(hashed.astype(np.uint64), 31) * np.uint64(pow(_MUL2, -1, 1 << 64))
+        z = unshift(z, 27) * np.uint64(pow(_MUL1, -1, 1 << 64))
+        return (unshift(z, 30) - np.uint64(_GOLDEN)) ^ np.uint64(key & 0xFFFFFFFFFFFFFFFF)
+
+
 def hash_expr(expr: pl.Expr, key: int) -> pl.Expr:
     """The same hash as :func:`hash_numpy`, as a lazy Polars expression (UInt64 result)."""
 
@@ -91,6 +108,21 @@ def mix_torch(x):  # type: ignore[no-untyped-def]
 def hash_torch(values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """The same hash on int64 tensors (keys broadcast against values, as int64 bit patterns)."""
     return mix_torch(values.long() ^ keys)
+
+
+def short_tokens(keys: np.ndarray, lengths: np.ndarray) -> pa.StringArray:
+    """The string tokens of at most 8 bytes behind their keys (int64), given their byte lengths: such
+    a key is ``mix(mix(len ^ TOKEN_SEED) ^ word)``, so the word, and the token, come back exactly.
+    This is how a vocabulary gets its values' text without strings in the counting."""
+    words = unhash_numpy(keys.view(np.uint64), 0) ^ hash_numpy(lengths.astype(np.uint64), TOKEN_SEED)
+    data = words.astype("<u8").view(np.uint8).reshape(-1, 8)[np.arange(8) < lengths[:, None]]
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int32)]).astype(np.int32)
+    return pa.StringArray.from_buffers(len(keys), pa.py_buffer(offsets), pa.py_buffer(data.tobytes()))
+
+
+def int_tokens(keys: np.ndarray) -> np.ndarray:
+    """The integer tokens behind their keys (int64): the inverse of ``int_keys``."""
+    return unhash_numpy(keys.view(np.uint64), INT_SEED).view(np.int64)
 
 
 def int_keys(values: np.ndarray) -> np.ndarray:

@@ -67,9 +67,9 @@ class PrepareResult:
     passes: dict[str, float]  # seconds per pass: where a prepare spends its time
 
 
-def _token(field: str) -> str:
-    """The column that carries a categorical field's value beside its key, for the counts."""
-    return f"__token_{field}"
+def _side(field: str) -> str:
+    """The column beside a field's key that lets its vocabulary name the value (``count_query``)."""
+    return f"__side_{field}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,12 @@ class _Staging:
     @property
     def categorical(self) -> list[str]:
         return [s.name for s in self.specs if s.type == "categorical"]
+
+    def sides(self) -> dict[str, tuple[pl.Expr, str]]:
+        """Per string field, its side column for the counts: the byte length of a token the key
+        gives back (at most one word), else the token."""
+        return {f: (pl.col(f).str.len_bytes().cast(pl.UInt32), "length") if w == 1 else (pl.col(f), "token")
+                for f, w in self.words.items()}
 
     def scan(self, path: Path, row_offset: int) -> pl.LazyFrame:
         scan = scan_parquet_raw if self.cfg.format == "parquet" else scan_delimited
@@ -118,16 +124,15 @@ def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, co
         pl.col(layout.label).cast(pl.Float32).alias(LABEL_COLUMN),
         *(feature_expr(s) for s in staging.specs),
         *time_col,
-    ).with_columns(pl.col(f).alias(_token(f)) for f in categorical)
+    ).with_columns(expr.alias(_side(f)) for f, (expr, _) in staging.sides().items())
     keyed = with_token_keys(parsed, staging.words, [f for f in categorical if f not in staging.words])
     if staging.train_split is None:  # the time split: the counts come from the staged rows
         sinks = [keyed.sink_parquet(target, compression="lz4", statistics=False, lazy=True)]
     else:
         train = keyed.filter(pl.col(REASON).is_null() & (staging.train_split == 0))
-        sinks = [keyed.drop([_token(f) for f in categorical])
+        sinks = [keyed.drop([_side(f) for f in staging.words])
                  .sink_parquet(target, compression="lz4", statistics=False, lazy=True)]
-        sinks += [count_query(train, f, _token(f)).sink_parquet(counts / f"{f}.parquet", lazy=True)
-                  for f in categorical]
+        sinks += [_count(train, f, staging).sink_parquet(counts / f"{f}.parquet", lazy=True) for f in categorical]
     try:
         pl.collect_all(sinks, engine="streaming")
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
@@ -137,6 +142,11 @@ def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, co
         raise DataError(f"{path}: no data rows" + (" after the header line" if layout.header else "") +
                         " (give the file with its rows)")
     return n
+
+
+def _count(rows: pl.LazyFrame, field: str, staging: _Staging) -> pl.LazyFrame:
+    side = staging.sides().get(field)
+    return count_query(rows, field, (_side(field), side[1]) if side else None)
 
 
 def _stage_and_count(paths: list[Path], staging: _Staging, work: Path
@@ -163,7 +173,7 @@ def _stage_and_count(paths: list[Path], staging: _Staging, work: Path
     shutil.rmtree(work / "counts")
     (work / "counts" / "all").mkdir(parents=True)
     for f in staging.categorical:
-        count_query(train, f, _token(f)).sink_parquet(work / "counts" / "all" / f"{f}.parquet")
+        _count(train, f, staging).sink_parquet(work / "counts" / "all" / f"{f}.parquet")
     return sources, offset, cuts
 
 
@@ -178,7 +188,9 @@ def _longest_tokens(work: Path, words: dict[str, int]) -> dict[str, int]:
     the words it needs (empty: every key is exact)."""
     longer = {}
     for field, w in words.items():
-        longest = _field_counts(work, field).select(pl.col("token").str.len_bytes().max()).collect().item()
+        counts = _field_counts(work, field)
+        length = pl.col("length") if "length" in counts.collect_schema().names() else pl.col("token").str.len_bytes()
+        longest = counts.select(length.max()).collect().item()
         if longest is not None and longest > 8 * w:
             longer[field] = math.ceil(longest / 8)
     return longer

@@ -5,8 +5,10 @@ multi-valued bags), 1 = out-of-vocabulary (rare or unseen values), 2 = blank, 3.
 descending train count, ties by value, so ids are deterministic.
 
 A value is counted and looked up by its token key (``features.hashing``), an integer, from the
-parse on; the value itself rides along once per distinct key, so a vocabulary file names what a
-person reads (``token``) beside what the pipeline and the edge file match (``key``).
+parse on. The vocabulary file names what a person reads (``token``) beside what the pipeline and
+the edge file match (``key``); the text comes back from the key itself (the hash is invertible for
+integers and for tokens of up to 8 bytes, given their length), so no string is counted, except the
+tokens of fields whose values are longer.
 """
 
 from __future__ import annotations
@@ -14,36 +16,52 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from features.hashing import int_tokens, short_tokens
+
 PADDING_ID, OOV_ID, BLANK_ID = 0, 1, 2
 FIRST_VALUE_ID = 3
 SPECIAL_IDS = {"padding": PADDING_ID, "oov": OOV_ID, "blank": BLANK_ID}
-COUNT_COLUMNS = ("key", "token", "count")
 
 
-def count_query(rows: pl.LazyFrame, field: str, token: str) -> pl.LazyFrame:
-    """(key, token, count) of one field's non-blank values in ``rows``: a streaming group-by whose
-    memory grows with the distinct values, not the rows. ``field`` holds the keys, ``token`` the values."""
+def count_query(rows: pl.LazyFrame, field: str, side: tuple[str, str] | None) -> pl.LazyFrame:
+    """(key, count[, length or token]) of one field's non-blank values in ``rows``: a streaming
+    group-by whose memory grows with the distinct values, not the rows. ``field`` holds the keys;
+    ``side`` names a column and what it holds: the tokens' byte lengths ("length", for tokens of at
+    most 8 bytes, whose text their key gives back) or the tokens ("token", longer ones); None for
+    integer tokens, which their key gives back."""
+    kept = [pl.col(side[0]).alias(side[1])] if side else []
     return (
-        rows.select(pl.col(field).alias("key"), pl.col(token).alias("token"))
+        rows.select(pl.col(field).alias("key"), *kept)
         .drop_nulls("key")
         .group_by("key")
-        .agg(pl.col("token").first(), pl.len().cast(pl.Int64).alias("count"))
+        .agg(pl.len().cast(pl.Int64).alias("count"), *(pl.col(side[1]).first() for _ in kept))
     )
 
 
 def merged_counts(parts: pl.LazyFrame) -> pl.LazyFrame:
     """Counts of several files (or chunks) of one field summed per key."""
-    return parts.group_by("key").agg(pl.col("token").first(), pl.col("count").sum())
+    side = [pl.col(c).first() for c in parts.collect_schema().names() if c not in ("key", "count")]
+    return parts.group_by("key").agg(pl.col("count").sum(), *side)
+
+
+def _tokens(kept: pl.DataFrame) -> pl.Series:
+    """The values behind a vocabulary's keys: from the counts' side column, or from the keys."""
+    keys = kept["key"].to_numpy()
+    if "token" in kept.columns:
+        return kept["token"]
+    if "length" in kept.columns:
+        return pl.Series("token", short_tokens(keys, kept["length"].to_numpy()))
+    return pl.Series("token", int_tokens(keys))
 
 
 def fit_vocabulary(counts: pl.LazyFrame, min_count: int) -> pl.DataFrame:
     """The (token, key, count, id) table of one field from its train counts."""
+    kept = counts.filter(pl.col("count") >= min_count).collect(engine="streaming")
     return (
-        counts.filter(pl.col("count") >= min_count)
+        kept.with_columns(_tokens(kept).alias("token"))
         .sort(["count", "token"], descending=[True, False])
         .with_row_index("id", offset=FIRST_VALUE_ID)
         .select("token", "key", "count", pl.col("id").cast(pl.Int32))
-        .collect(engine="streaming")
     )
 
 

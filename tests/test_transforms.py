@@ -36,9 +36,10 @@ def test_hour_expansion() -> None:
 
 
 def _vocabulary(values: list[object], min_count: int, strings: bool = True) -> pl.DataFrame:
-    frame = pl.LazyFrame({"c": values, "t": values})
+    """Counted as prepare counts: keys, and for strings their byte lengths (the text comes back from both)."""
+    frame = pl.LazyFrame({"c": values}).with_columns(pl.col("c").str.len_bytes().alias("n") if strings else pl.lit(0))
     keyed = with_token_keys(frame, {"c": 1} if strings else {}, [] if strings else ["c"])
-    return fit_vocabulary(count_query(keyed, "c", "t"), min_count)
+    return fit_vocabulary(count_query(keyed, "c", ("n", "length") if strings else None), min_count)
 
 
 def _ids(vocab: pl.DataFrame, values: list[object], strings: bool = True) -> list[int]:
@@ -60,9 +61,16 @@ def test_vocabulary_min_count_order_and_specials() -> None:
     assert _ids(ints, [5, 7, 9, None], strings=False) == [3, 4, OOV_ID, BLANK_ID]
 
 
+def test_longer_tokens_are_counted_with_their_text() -> None:
+    long = ["a-token-of-many-bytes", "another-long-one", "a-token-of-many-bytes"]
+    keyed = with_token_keys(pl.LazyFrame({"c": long, "t": long}), {"c": 3}, [])
+    vocab = fit_vocabulary(count_query(keyed, "c", ("t", "token")), 1)
+    assert vocab.select("token", "count", "id").rows() == [("a-token-of-many-bytes", 2, 3), ("another-long-one", 1, 4)]
+
+
 def test_counts_of_parts_merge_per_key() -> None:
     parts = pl.LazyFrame({"key": [10, 11, 10], "token": ["a", "b", "a"], "count": [2, 1, 3]})
-    assert merged_counts(parts).sort("key").collect().rows() == [(10, "a", 5), (11, "b", 1)]
+    assert merged_counts(parts).sort("key").select("key", "token", "count").collect().rows() == [(10, "a", 5), (11, "b", 1)]
 
 
 def test_key_index_finds_every_key_of_a_crowded_table() -> None:
