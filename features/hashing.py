@@ -162,29 +162,43 @@ def _mixed_columns(frame: pl.LazyFrame, names: list[str]) -> pl.LazyFrame:
     return frame.with_columns((col(n) ^ (col(n) // u64(1 << 31))).alias(n) for n in names)
 
 
+def _word(token: pl.Expr, size: pl.Expr, k: int, words: int) -> pl.Expr:
+    """The ``k``-th 8-byte word of each token, zero-padded, as UInt64 (little end first). A token of
+    exactly 8 bytes is read as it is; only the others are padded (NUL characters: ``pad_end``
+    counts characters, so it adds at least the bytes missing, multi-byte characters too), which
+    keeps the common fixed-width hex tokens of Criteo and Avazu off the slow path."""
+    as_word = {"dtype": pl.UInt64, "endianness": "little"}
+    padded = token.str.pad_end(8 * words, "\0").cast(pl.Binary).bin.slice(8 * k, 8).bin.reinterpret(**as_word)
+    if k > 0:
+        return padded
+    exact = token.cast(pl.Binary).bin.reinterpret(**as_word)
+    return pl.coalesce(exact, pl.when(size != 8).then(token).str.pad_end(8 * words, "\0").cast(pl.Binary)
+                       .bin.slice(0, 8).bin.reinterpret(**as_word))
+
+
 def with_token_keys(frame: pl.LazyFrame, strings: dict[str, int], integers: list[str]) -> pl.LazyFrame:
     """Each token column replaced by its token key (Int64 bit pattern; null, a blank, stays null),
     with the bits of ``token_keys`` / ``int_keys``, in whole-column Polars ops that run inside the
     parse's streaming query. ``strings`` maps a String column to the 8-byte words its longest token
-    needs; a longer token would get the key of its first words (the caller checks the lengths).
-
-    Padding a token to whole words with NUL characters gives the zero-padded words even for
-    multi-byte characters: ``pad_end`` counts characters, so it adds at least the bytes missing."""
+    needs; a longer token gets a key from its first words and its length clipped (the caller checks
+    the lengths; such a key matches no value the vocabulary holds). A string token's first step,
+    ``mix(len ^ TOKEN_SEED)``, is read from a table of the lengths instead of computed."""
     col, u64 = pl.col, (lambda v: pl.lit(v, dtype=pl.UInt64))
     key, size, word = "__key_{}".format, "__len_{}".format, "__word_{}".format
     names = [*strings, *integers]
+    longest = 8 * max(strings.values(), default=0) + 1
+    first = pl.Series(hash_numpy(np.arange(longest + 1, dtype=np.uint64), TOKEN_SEED))
     frame = frame.with_columns(
-        *((col(n).str.len_bytes().cast(pl.UInt64) ^ u64(TOKEN_SEED)).alias(key(n)) for n in strings),
+        *(col(n).str.len_bytes().alias(size(n)) for n in strings),
         *((col(n).reinterpret(signed=False) ^ u64(INT_SEED)).alias(key(n)) for n in integers),
-        *(col(n).str.len_bytes().cast(pl.UInt64).alias(size(n)) for n in strings),
-        *(col(n).str.pad_end(8 * w, "\0").cast(pl.Binary).alias(n) for n, w in strings.items()),
     )
-    frame = _mixed_columns(frame, [key(n) for n in names])
+    frame = _mixed_columns(frame, [key(n) for n in integers])
+    frame = frame.with_columns(
+        pl.lit(first).gather(col(size(n)).clip(upper_bound=longest)).alias(key(n)) for n in strings)
     for k in range(max(strings.values(), default=0)):
         step = [n for n, w in strings.items() if w > k]
         frame = frame.with_columns(
-            (col(key(n)) ^ col(n).bin.slice(8 * k, 8).bin.reinterpret(dtype=pl.UInt64, endianness="little"))
-            .alias(word(n)) for n in step)
+            (col(key(n)) ^ _word(col(n), col(size(n)), k, strings[n])).alias(word(n)) for n in step)
         frame = _mixed_columns(frame, [word(n) for n in step])
         frame = frame.with_columns(
             (col(word(n)) if k == 0 else pl.when(col(size(n)) > 8 * k).then(col(word(n))).otherwise(col(key(n))))

@@ -75,13 +75,13 @@ def _side(field: str) -> str:
 @dataclass(frozen=True)
 class _Staging:
     """What pass 1 needs besides the file: the features, the token hash's words per string field,
-    and the train rows' rule when it is known during the parse (None: the time split)."""
+    and the split rule when it is known during the parse (None: the time split)."""
 
     cfg: DatasetConfig
     layout: Layout
     specs: list[FeatureSpec]
     words: dict[str, int]
-    train_split: pl.Expr | None
+    split: pl.Expr | None
 
     @property
     def categorical(self) -> list[str]:
@@ -125,18 +125,16 @@ def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, co
         *(feature_expr(s) for s in staging.specs),
         *time_col,
     ).with_columns(expr.alias(_side(f)) for f, (expr, _) in staging.sides().items())
+    if staging.split is not None:  # each good row's split, staged: the counts and the encode read it
+        parsed = parsed.with_columns(pl.when(pl.col(REASON).is_null()).then(staging.split).alias(SPLIT_COLUMN))
     keyed = with_token_keys(parsed, staging.words, [f for f in categorical if f not in staging.words])
-    if staging.train_split is None:  # the time split: the counts come from the staged rows
-        sinks = [keyed.sink_parquet(target, compression="lz4", statistics=False, lazy=True)]
-    else:
-        train = keyed.filter(pl.col(REASON).is_null() & (staging.train_split == 0))
-        sinks = [keyed.drop([_side(f) for f in staging.words])
-                 .sink_parquet(target, compression="lz4", statistics=False, lazy=True)]
-        sinks += [_count(train, f, staging).sink_parquet(counts / f"{f}.parquet", lazy=True) for f in categorical]
     try:
-        pl.collect_all(sinks, engine="streaming")
+        keyed.sink_parquet(target, compression="lz4", statistics=False)
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
         raise explain_read_failure(path, exc) from None
+    if staging.split is not None:
+        train = pl.scan_parquet(target).filter(pl.col(SPLIT_COLUMN) == 0)
+        _count_all(train, staging, counts)
     n = pq.ParquetFile(target).metadata.num_rows
     if n == 0:
         raise DataError(f"{path}: no data rows" + (" after the header line" if layout.header else "") +
@@ -147,6 +145,13 @@ def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, co
 def _count(rows: pl.LazyFrame, field: str, staging: _Staging) -> pl.LazyFrame:
     side = staging.sides().get(field)
     return count_query(rows, field, (_side(field), side[1]) if side else None)
+
+
+def _count_all(train: pl.LazyFrame, staging: _Staging, counts: Path) -> None:
+    """Every field's train counts from the staged rows (keys, and the side columns), into ``counts``:
+    one field at a time, so memory holds one field's distinct values."""
+    for f in staging.categorical:
+        _count(train, f, staging).collect(engine="streaming").write_parquet(counts / f"{f}.parquet", compression="lz4")
 
 
 def _stage_and_count(paths: list[Path], staging: _Staging, work: Path
@@ -165,15 +170,14 @@ def _stage_and_count(paths: list[Path], staging: _Staging, work: Path
         sources.append(SourceInfo(path=str(path.resolve()), bytes=path.stat().st_size, rows=n))
         offset += n
         log.info("parsed %s: %d rows", path, n)
-    if staging.train_split is not None:
+    if staging.split is not None:
         return sources, offset, None
     good = pl.scan_parquet(work / "staged" / "*.parquet").filter(pl.col(REASON).is_null())
     cuts = time_cut_points(good, staging.cfg.split)
     train = good.filter(split_expr(staging.cfg.split, offset, cuts) == 0)
     shutil.rmtree(work / "counts")
     (work / "counts" / "all").mkdir(parents=True)
-    for f in staging.categorical:
-        _count(train, f, staging).sink_parquet(work / "counts" / "all" / f"{f}.parquet")
+    _count_all(train, staging, work / "counts" / "all")
     return sources, offset, cuts
 
 
@@ -224,8 +228,9 @@ def _write_splits(staged: pl.LazyFrame, n_rows: int, split: pl.Expr, dense: list
                   work: Path, row_group_size: int) -> dict[str, int]:
     """Pass 3: staged rows -> one Parquet per split, in fixed slices of rows; returns rows per split.
 
-    A writer thread compresses and writes one slice while the next is read and encoded (pyarrow
-    and NumPy release the GIL); at most one slice waits for it, so memory stays at about two slices."""
+    A writer thread compresses and writes one slice while the next is read and encoded, the fields'
+    lookups on a thread per core (pyarrow and NumPy release the GIL); at most one slice waits for
+    the writer, so memory stays at about two slices."""
     writers: dict[str, pq.ParquetWriter] = {}
     counts = dict.fromkeys(SPLITS, 0)
 
@@ -238,11 +243,13 @@ def _write_splits(staged: pl.LazyFrame, n_rows: int, split: pl.Expr, dense: list
 
     pending: Future[None] | None = None
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-writer") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="split-writer") as pool, \
+                ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lookup") as lookups:
             for start in range(0, n_rows, CHUNK_ROWS):
                 chunk = (staged.slice(start, CHUNK_ROWS).filter(pl.col(REASON).is_null())
                          .select(split.alias(SPLIT_COLUMN), LABEL_COLUMN, *dense, *index).collect())
-                chunk = chunk.with_columns(pl.Series(f, idx.lookup(chunk[f]), dtype=pl.Int32) for f, idx in index.items())
+                ids = lookups.map(lambda f: pl.Series(f, index[f].lookup(chunk[f]), dtype=pl.Int32), index)
+                chunk = chunk.with_columns(ids)
                 tables = [(name, chunk.filter(pl.col(SPLIT_COLUMN) == s_id).drop(SPLIT_COLUMN).to_arrow())
                           for s_id, name in enumerate(SPLITS)]
                 for name, table in tables:
@@ -297,18 +304,18 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
         mark = time.perf_counter()
 
     try:
-        train_split = None
+        split = None
         if cfg.split.method == "random":
-            train_split = split_expr(cfg.split, 0)
+            split = split_expr(cfg.split, 0)
         elif cfg.split.method == "order":
-            train_split = split_expr(cfg.split, sum(count_data_rows(p, layout, cfg.format) for p in paths))
-        staging = _Staging(cfg, layout, specs, {}, train_split)
-        staging = _Staging(cfg, layout, specs, _words_needed(staging, paths[0]), train_split)
+            split = split_expr(cfg.split, sum(count_data_rows(p, layout, cfg.format) for p in paths))
+        staging = _Staging(cfg, layout, specs, {}, split)
+        staging = _Staging(cfg, layout, specs, _words_needed(staging, paths[0]), split)
         sources, offset, cuts = _stage_and_count(paths, staging, work)
         longer = _longest_tokens(work, staging.words)
         if longer:
             log.info("tokens longer than the first rows' in %s: parsing again with more words", sorted(longer))
-            staging = _Staging(cfg, layout, specs, {**staging.words, **longer}, train_split)
+            staging = _Staging(cfg, layout, specs, {**staging.words, **longer}, split)
             sources, offset, cuts = _stage_and_count(paths, staging, work)
         staged = pl.scan_parquet(work / "staged" / "*.parquet")
         done("parse + stage + count")
@@ -324,7 +331,8 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
             index[field], sizes[field] = KeyIndex.of(vocab), vocab.height
         shutil.rmtree(work / "counts")
         done("vocabularies")
-        counts = _write_splits(staged, offset, split_expr(cfg.split, offset, cuts), dense, index, work,
+        split = pl.col(SPLIT_COLUMN) if cuts is None else split_expr(cfg.split, offset, cuts)
+        counts = _write_splits(staged, offset, split, dense, index, work,
                                cfg.row_group_size)
         done("encode + write splits")
         splits = {name: SplitInfo(file=f"{name}.parquet", rows=counts[name]) for name in SPLITS}

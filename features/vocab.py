@@ -94,17 +94,23 @@ class KeyIndex:
         return cls(vocab["key"].to_numpy(), vocab["id"].to_numpy())
 
     def lookup(self, keys: pl.Series) -> np.ndarray:
-        """Ids (int32) of a column of keys: known values their id, others OOV, blank (null) the blank id."""
+        """Ids (int32) of a column of keys: known values their id, others OOV, blank (null) the blank id.
+
+        Every key reads its home slot in whole-column steps; only the few whose slot holds another
+        key probe on, one slot per round."""
         values = keys.fill_null(0).to_numpy()
-        out = np.full(values.size, OOV_ID, np.int32)
-        pending = np.arange(values.size)
+        blank = keys.is_null().to_numpy() if keys.null_count() else np.zeros(values.size, bool)
         slots = values & self.mask
+        ids = self.ids[slots]
+        found = (self.keys[slots] == values) & (ids != 0)
+        out = np.where(found, ids, np.int32(OOV_ID))
+        out[blank] = BLANK_ID
+        pending = np.flatnonzero(~found & (ids != 0) & ~blank)  # a blank probes no further
+        slots = (slots[pending] + 1) & self.mask
         while pending.size:
             ids = self.ids[slots]
-            hit = self.keys[slots] == values[pending]
-            out[pending[hit & (ids != 0)]] = ids[hit & (ids != 0)]
+            hit = (self.keys[slots] == values[pending]) & (ids != 0)
+            out[pending[hit]] = ids[hit]
             more = (ids != 0) & ~hit
             pending, slots = pending[more], (slots[more] + 1) & self.mask
-        if keys.null_count():
-            out[keys.is_null().to_numpy()] = BLANK_ID
         return out
