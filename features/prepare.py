@@ -1,16 +1,20 @@
 """``ctr prepare``: raw files -> validated Parquet splits, vocabularies and ``feature_map.json``.
 
-Three passes, each bounded in memory by a batch of rows, except the counts, which hold one entry per
-distinct value:
-  1. parse + validate + transform every raw file, hash each categorical token to its 64-bit token
-     key (``features.hashing``), write the staged rows (integers from here on, rejected rows
-     flagged) and, in the same streaming query, count each field's keys on the train rows;
-  2. rejects -> ``rejects.csv``, and the reject-share check;
-  3. vocabularies from the counts, then the staged rows in fixed slices, each encoded to ids by one
-     table lookup per field (``KeyIndex``) and appended to the Parquet file of its split.
-The train rows are known during the parse for the random split (a hash of the row position) and
-the order split (a line count first gives the number of rows); the time split's cut points need
-every row's time, so its counts are taken from the staged rows, which then carry the tokens too.
+The passes, each bounded in memory by a batch of rows, except the counts, which hold one entry per
+distinct value of one field:
+  1. parse + stage: parse, validate and transform every raw file, hash each categorical token to
+     its 64-bit token key (``features.hashing``) and write the staged rows (integers from here on,
+     rejected rows flagged), Polars streaming;
+  2. count: each field's keys on the staged train rows, one streaming group-by per field over two
+     integer columns. (Counting inside the parse's query, as extra sinks of ``collect_all``, made
+     Polars run the parse once per sink: ten times slower.)
+  3. rejects -> ``rejects.csv``, and the reject-share check;
+  4. vocabularies from the counts, their text read back from the keys;
+  5. the staged rows in fixed slices, each encoded to ids by one table lookup per field
+     (``KeyIndex``) and appended to the Parquet file of its split.
+The split of each row is known during the parse for the random split (a hash of the row position)
+and the order split (a line count first gives the number of rows), and staged with it; the time
+split's cut points need every row's time, so they are found on the staged rows.
 Everything is written into a scratch directory beside the output, which replaces the output only
 when complete, so an interrupted prepare leaves the previous result (or nothing) in place.
 """
@@ -110,9 +114,9 @@ def _words_needed(staging: _Staging, path: Path) -> dict[str, int]:
     return {s.name: max(1, math.ceil((sample[s.name].item() or 0) / 8)) for s in strings}
 
 
-def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, counts: Path) -> int:
+def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, counts: Path) -> tuple[int, float]:
     """Pass 1 for one raw file: the staged rows and, when the split is known, each field's train
-    counts, from one streaming query (its sinks share the parse); returns the file's data rows."""
+    counts from them; returns the file's data rows and the seconds the counts took."""
     cfg, layout = staging.cfg, staging.layout
     time_col = []
     if cfg.split.method == "time":
@@ -132,14 +136,14 @@ def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, co
         keyed.sink_parquet(target, compression="lz4", statistics=False)
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
         raise explain_read_failure(path, exc) from None
+    counted = 0.0
     if staging.split is not None:
-        train = pl.scan_parquet(target).filter(pl.col(SPLIT_COLUMN) == 0)
-        _count_all(train, staging, counts)
+        counted = _count_all(pl.scan_parquet(target).filter(pl.col(SPLIT_COLUMN) == 0), staging, counts)
     n = pq.ParquetFile(target).metadata.num_rows
     if n == 0:
         raise DataError(f"{path}: no data rows" + (" after the header line" if layout.header else "") +
                         " (give the file with its rows)")
-    return n
+    return n, counted
 
 
 def _count(rows: pl.LazyFrame, field: str, staging: _Staging) -> pl.LazyFrame:
@@ -147,38 +151,47 @@ def _count(rows: pl.LazyFrame, field: str, staging: _Staging) -> pl.LazyFrame:
     return count_query(rows, field, (_side(field), side[1]) if side else None)
 
 
-def _count_all(train: pl.LazyFrame, staging: _Staging, counts: Path) -> None:
+def _count_all(train: pl.LazyFrame, staging: _Staging, counts: Path) -> float:
     """Every field's train counts from the staged rows (keys, and the side columns), into ``counts``:
     one field at a time, so memory holds one field's distinct values."""
+    started = time.perf_counter()
     for f in staging.categorical:
         _count(train, f, staging).collect(engine="streaming").write_parquet(counts / f"{f}.parquet", compression="lz4")
+    return time.perf_counter() - started
 
 
-def _stage_and_count(paths: list[Path], staging: _Staging, work: Path
-                     ) -> tuple[list[SourceInfo], int, tuple[int, int] | None]:
-    """Pass 1 over every file, into ``work/staged`` and ``work/counts/<file>``; returns the sources,
-    the number of data rows and, for the time split, its cut points (after which its counts are
-    taken from the staged train rows)."""
+@dataclass(frozen=True)
+class _Staged:
+    sources: list[SourceInfo]
+    rows: int
+    cuts: tuple[int, int] | None  # the time split's cut points
+    count_seconds: float
+
+
+def _stage_and_count(paths: list[Path], staging: _Staging, work: Path) -> _Staged:
+    """Pass 1 over every file, into ``work/staged`` and ``work/counts/<file>``; for the time split,
+    its cut points, after which its counts are taken from the staged train rows."""
     for sub in ("staged", "counts"):
         shutil.rmtree(work / sub, ignore_errors=True)
         (work / sub).mkdir()
-    sources, offset = [], 0
+    sources, offset, counted = [], 0, 0.0
     for k, path in enumerate(paths):
         counts = work / "counts" / f"part-{k:05d}"
         counts.mkdir()
-        n = _stage_file(path, staging, offset, work / "staged" / f"part-{k:05d}.parquet", counts)
+        n, seconds = _stage_file(path, staging, offset, work / "staged" / f"part-{k:05d}.parquet", counts)
+        counted += seconds
         sources.append(SourceInfo(path=str(path.resolve()), bytes=path.stat().st_size, rows=n))
         offset += n
         log.info("parsed %s: %d rows", path, n)
     if staging.split is not None:
-        return sources, offset, None
+        return _Staged(sources, offset, None, counted)
     good = pl.scan_parquet(work / "staged" / "*.parquet").filter(pl.col(REASON).is_null())
     cuts = time_cut_points(good, staging.cfg.split)
     train = good.filter(split_expr(staging.cfg.split, offset, cuts) == 0)
     shutil.rmtree(work / "counts")
     (work / "counts" / "all").mkdir(parents=True)
-    _count_all(train, staging, work / "counts" / "all")
-    return sources, offset, cuts
+    counted = _count_all(train, staging, work / "counts" / "all")
+    return _Staged(sources, offset, cuts, counted)
 
 
 def _field_counts(work: Path, field: str) -> pl.LazyFrame:
@@ -311,14 +324,17 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
             split = split_expr(cfg.split, sum(count_data_rows(p, layout, cfg.format) for p in paths))
         staging = _Staging(cfg, layout, specs, {}, split)
         staging = _Staging(cfg, layout, specs, _words_needed(staging, paths[0]), split)
-        sources, offset, cuts = _stage_and_count(paths, staging, work)
+        result = _stage_and_count(paths, staging, work)
         longer = _longest_tokens(work, staging.words)
         if longer:
             log.info("tokens longer than the first rows' in %s: parsing again with more words", sorted(longer))
             staging = _Staging(cfg, layout, specs, {**staging.words, **longer}, split)
-            sources, offset, cuts = _stage_and_count(paths, staging, work)
+            result = _stage_and_count(paths, staging, work)
+        sources, offset, cuts = result.sources, result.rows, result.cuts
         staged = pl.scan_parquet(work / "staged" / "*.parquet")
-        done("parse + stage + count")
+        done("parse + stage")
+        passes["parse + stage"] -= result.count_seconds
+        passes["count"] = result.count_seconds
         n_rejected = _check_rejects(staged, offset, cfg.max_reject_fraction, work / REJECTS_FILE,
                                     out.parent / f"{out.name}.{REJECTS_FILE}")
         done("rejects")
