@@ -17,6 +17,7 @@ scenario's normal ones) from a hash of (field, value), so memory stays flat at a
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
+import pyarrow as pa
 
 from common.atomic import atomic_write_text
 from common.errors import ConfigError
@@ -42,7 +45,6 @@ log = logging.getLogger("ctr.generate")
 CHUNK_ROWS = 200_000
 INTERACTION_RANK = 4
 _HEX_PAIRS = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2").view(np.uint16)  # byte -> 2 hex chars
-_DECIMAL_PAIRS = np.array([f"{i:02d}".encode() for i in range(100)], dtype="S2").view(np.uint16)  # 0..99 -> 2 digits
 TEACHER_FORMAT = "ctr-teacher-v1"  # what marks a <raw>.teacher.json as written by this generator
 
 
@@ -121,67 +123,21 @@ def _hex8(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pairs).view("S8").ravel()
 
 
-@dataclass(frozen=True)
-class Cells:
-    """One column of a chunk rendered as fixed-width byte cells [rows, width]: the text right-aligned,
-    NUL bytes where it is shorter (and in a blank's whole cell). NUL never occurs in the log, so the
-    row text is the cells joined by separators with every NUL taken out."""
-
-    data: np.ndarray  # uint8 [rows, width]
-
-    @classmethod
-    def hex8(cls, token: np.ndarray, blank: np.ndarray) -> "Cells":
-        data = _hex8(token).view(np.uint8).reshape(-1, 8).copy()
-        data[blank] = 0
-        return cls(data)
-
-    @classmethod
-    def decimal(cls, values: np.ndarray, blank: np.ndarray | None = None) -> "Cells":
-        """Integers in base 10 as Polars' CSV writer prints them (a minus sign, no leading zeros),
-        two digits per table lookup, in 32-bit arithmetic when the values allow (NumPy divides
-        those several times faster)."""
-        negative = values < 0 if values.dtype.kind == "i" else np.zeros(values.size, bool)
-        magnitude = np.where(negative, -values, values).astype(np.uint64)
-        most = int(magnitude.max(initial=0))
-        if most < 2**32:
-            magnitude = magnitude.astype(np.uint32)
-        digits = np.ones(values.size, np.int8)
-        for k in range(1, len(str(most))):
-            digits += magnitude >= 10**k
-        width = (len(str(most)) + int(negative.any()) + 1) // 2 * 2
-        pairs = np.empty((values.size, width // 2), np.uint16)
-        for k in range(width // 2 - 1, -1, -1):
-            pairs[:, k] = _DECIMAL_PAIRS[magnitude % magnitude.dtype.type(100)]
-            magnitude = magnitude // magnitude.dtype.type(100)
-        data = pairs.view(np.uint8)
-        data[np.arange(width - 1, -1, -1) >= digits[:, None]] = 0
-        data[np.flatnonzero(negative), width - 1 - digits[negative]] = ord("-")
-        if blank is not None:
-            data[blank] = 0
-        return cls(data)
+def _hex_column(name: str, token: np.ndarray, blank: np.ndarray) -> pl.Series:
+    """8-character hex strings, null where ``blank``: an Arrow string array over the rendered bytes
+    (fixed offsets, a validity bitmap), handed to Polars without a per-value conversion."""
+    data = _hex8(token)
+    offsets = np.arange(0, 8 * len(data) + 1, 8, dtype=np.int32)
+    valid = np.packbits(~blank, bitorder="little")
+    array = pa.StringArray.from_buffers(len(data), pa.py_buffer(offsets), pa.py_buffer(data), pa.py_buffer(valid),
+                                        null_count=int(blank.sum()))
+    return pl.Series(name, array)
 
 
-def _text(cells: list[Cells], separator: str) -> bytes:
-    """The chunk's lines: every row's cells side by side with a separator (a newline after the
-    last), as one byte buffer without the NUL padding. Each cell is copied as one opaque item of its
-    width (a structured view of the row buffer), not byte by byte."""
-    widths = [c.data.shape[1] for c in cells]
-    offsets = np.cumsum([0, *(w + 1 for w in widths[:-1])]).tolist()
-    row = np.dtype({"names": [f"c{k}" for k in range(len(cells))], "formats": [f"V{w}" for w in widths],
-                    "offsets": offsets, "itemsize": sum(widths) + len(widths)})
-    rows = np.full((cells[0].data.shape[0], row.itemsize), ord(separator), np.uint8)
-    items = rows.view(row).ravel()
-    for k, c in enumerate(cells):
-        items[f"c{k}"] = np.ascontiguousarray(c.data).view(f"V{c.data.shape[1]}").ravel()
-    rows[:, -1] = ord("\n")
-    flat = rows.ravel()
-    return flat[flat != 0].tobytes()
-
-
-def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> tuple[dict[str, Cells], np.ndarray]:
-    """One chunk of rendered columns and the teacher's logits."""
+def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> tuple[dict[str, pl.Series], np.ndarray]:
+    """One chunk of rendered columns and the teacher's click probabilities."""
     logit = np.full(n, t.bias)
-    cols: dict[str, Cells] = {}
+    cols: dict[str, pl.Series] = {}
     picked: dict[str, np.ndarray] = {}
     for f in sc.fields:
         blank = rng.random(n) < f.blank
@@ -191,7 +147,7 @@ def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> t
                 v = np.where(rng.random(n) < 0.1, -rng.integers(1, 3, size=n), v)
             w_log, w_blank = t.first[f.name]
             logit += np.where(blank, w_blank, w_log * (np.log1p(np.maximum(v, 0)) - 1.8))
-            cols[f.name] = Cells.decimal(v, blank)
+            cols[f.name] = pl.Series(f.name, v).set(pl.Series(blank), None)
             continue
         if f.support:
             idx = power_law_index(rng.random(n), f.support, f.zipf)
@@ -201,9 +157,9 @@ def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> t
         logit += np.where(blank, 0.0, _first_weight(f, t, idx))
         if f.render == "hex":
             token = ((idx.astype(np.uint64) + np.uint64(0x9E37)) * np.uint64(t.salt[f.name])) & np.uint64(0xFFFFFFFF)
-            cols[f.name] = Cells.hex8(token, blank)
+            cols[f.name] = _hex_column(f.name, token, blank)
         else:
-            cols[f.name] = Cells.decimal(idx + f.int_offset, blank)
+            cols[f.name] = pl.Series(f.name, idx + f.int_offset).set(pl.Series(blank), None)
     by_name = {f.name: f for f in sc.fields}
     for a, b in sc.pairs:
         ia, ib = picked[a], picked[b]
@@ -213,6 +169,22 @@ def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> t
     return cols, logit
 
 
+def _avazu_frame(cols: dict[str, pl.Series], labels: np.ndarray, rng: np.random.Generator, t: Teacher,
+                 logit: np.ndarray) -> tuple[pl.DataFrame, np.ndarray]:
+    n = labels.size
+    day = rng.integers(21, 31, size=n)
+    hour = rng.integers(0, 24, size=n)
+    logit = logit + t.hour[hour]
+    ids = rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True)
+    frame = pl.DataFrame([
+        pl.Series("id", ids).cast(pl.String),
+        pl.Series("click", labels),
+        pl.Series("hour", 14_10_00_00 + day * 100 + hour),
+        *cols.values(),
+    ])
+    return frame, logit
+
+
 def _render_chunk(sc: Scenario, teacher: Teacher, seed: int, chunk: int, n: int) -> tuple[bytes, np.ndarray, np.ndarray]:
     """Chunk ``chunk`` of the file: its text, the teacher's click probabilities and the labels. Each
     chunk has its own seeded generator, so chunks can be drawn in any order, on any thread."""
@@ -220,17 +192,17 @@ def _render_chunk(sc: Scenario, teacher: Teacher, seed: int, chunk: int, n: int)
     cols, logit = _draw_chunk(sc, teacher, rng, n)
     u = rng.random(n)
     if sc.kind == "avazu":
-        day = rng.integers(21, 31, size=n)
-        hour = rng.integers(0, 24, size=n)
-        logit = logit + teacher.hour[hour]
-        ids = rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True)
+        frame, logit = _avazu_frame(cols, np.zeros(n, dtype=np.int8), rng, teacher, logit)
     p = 1.0 / (1.0 + np.exp(-logit))
     y = (u < p).astype(np.int8)
     if sc.kind == "avazu":
-        cells = [Cells.decimal(ids), Cells.decimal(y), Cells.decimal(14_10_00_00 + day * 100 + hour), *cols.values()]
+        frame = frame.with_columns(pl.Series("click", y))
     else:
-        cells = [Cells.decimal(y), *cols.values()]
-    return _text(cells, "\t" if sc.kind == "criteo" else ","), p.astype(np.float32), y
+        frame = pl.DataFrame([pl.Series("label", y), *cols.values()])
+    text = io.BytesIO()
+    frame.write_csv(text, separator="\t" if sc.kind == "criteo" else ",", include_header=False, null_value="",
+                    quote_style="never")
+    return text.getvalue(), p.astype(np.float32), y
 
 
 def generate(kind: Kind, rows: int, out: Path, seed: int = 2024, profile: bool = False,

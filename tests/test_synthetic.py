@@ -7,22 +7,11 @@ import pytest
 
 from common.errors import ConfigError
 from pipelines.scenarios import scenario
-from pipelines.synthetic import Cells, _hex8, _text, generate
+from pipelines.synthetic import _hex8, generate
 
 
 def test_hex_rendering() -> None:
     assert _hex8(np.array([0, 0xDEADBEEF, 0x1F], dtype=np.uint32)).tolist() == [b"00000000", b"deadbeef", b"0000001f"]
-
-
-def test_cells_and_lines_render_as_a_csv_writer_would() -> None:
-    """Right-aligned cells with NUL padding, joined by the separator, the padding taken out."""
-    numbers = np.array([0, 7, -7, 10, -99, 2**63 - 1, 5], dtype=np.int64)
-    blank = np.array([0, 0, 0, 0, 0, 0, 1], dtype=bool)
-    tokens = np.array([0xDEADBEEF, 1, 2, 3, 4, 5, 6], dtype=np.uint32)
-    text = _text([Cells.decimal(numbers, blank), Cells.hex8(tokens, ~blank), Cells.decimal(np.array([2**64 - 1] * 7, np.uint64))], ",")
-    big = "18446744073709551615"
-    assert text.decode().splitlines() == [f"0,,{big}", f"7,,{big}", f"-7,,{big}", f"10,,{big}", f"-99,,{big}",
-                                          f"9223372036854775807,,{big}", f",00000006,{big}"]
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
