@@ -90,7 +90,7 @@ class Report:
 
     def splice(self, note: str) -> None:
         """Put this run's sections and targets in place of their namesakes in the results file,
-        keeping every other section and target as it was (a run of one section, e.g. ``--only-prepare``)."""
+        keeping every other section and target as it was (a run of some sections: ``--only``)."""
         text = self.out.read_text()
         for section in self.sections:
             title = section.split("\n", 1)[0]
@@ -328,6 +328,10 @@ def limit_section(rep: Report, args: argparse.Namespace) -> None:
         "the DCNv2 training loop, which reads its batches between steps."]))
 
 
+def recipe_target(args: argparse.Namespace) -> float | None:
+    return load_experiment(EXPERIMENTS / f"{MODELS['dcnv2']}.yaml", args.overrides).compress.target_mb
+
+
 def recipe_section(rep: Report, args: argparse.Namespace) -> None:
     rows: list[tuple] = []
     for name in (MODELS["dcnv2"], "synthetic_dcnv2_unified"):
@@ -336,7 +340,7 @@ def recipe_section(rep: Report, args: argparse.Namespace) -> None:
     rep.numbers["compression"] = [{"experiment": cfg.name, "line": line,
                                    "test": {k: v for k, v in test.items() if k != "scores"}} for cfg, line, test in rows]
     rep.add("Compression", "\n".join([
-        "The DCNv2 full recipe (its config: OptFS -> OptEmbed -> AFM, target 1.1 MB) from the baseline trained "
+        f"The DCNv2 full recipe (its config: OptFS -> OptEmbed -> AFM, target {recipe_target(args)} MB) from the baseline trained "
         "above, and DCNv2 with Unified Embedding trained from scratch; test split, bytes as the edge file stores them.",
         "", size_auc_table(rows)]))
 
@@ -379,16 +383,18 @@ def main() -> None:
     parser.add_argument("--peer-steps", type=int, default=30, help="FuxiCTR steps timed at the large vocabulary")
     parser.add_argument("--steps", type=int, default=40, help="steps timed for the recipe's training rate")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--only-prepare", action="store_true",
-                        help="measure the Prepare section alone and put it in place of the one in --out")
+    parser.add_argument("--only", choices=["prepare", "compression"],
+                        help="measure these sections alone and put them in place of their namesakes in --out: "
+                             "prepare; or compression (and the recipe's speed) from the baselines of the last full run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
     root = WORK / f"results_{args.rows}"
-    shutil.rmtree(root, ignore_errors=True)  # every number from this run
+    if args.only != "compression":
+        shutil.rmtree(root, ignore_errors=True)  # every number from this run
     dirs = {"logs": root / "logs", "csv": root / "fuxictr_csv", "fuxictr": root / "fuxictr"}
-    dirs["logs"].mkdir(parents=True)
+    dirs["logs"].mkdir(parents=True, exist_ok=True)
     args.runs = root / "runs"
     raw = criteo_raw(args.rows)
     args.overrides = [f"dataset.raw=[{raw}]", f"dataset.synthetic.rows={args.rows}", f"dataset.output={root / 'prepared'}",
@@ -402,12 +408,17 @@ def main() -> None:
         f"- data: {args.rows:,} generated Criteo-format rows (pipelines/synthetic.py, seed 2024), min count 10, "
         "split by order 8:1:1", ""])
     rep = Report(args.out, root / "results.json")
-    if args.only_prepare:
-        prepare_section(rep, args, raw, dirs, python)
+    if args.only:
+        if args.only == "prepare":
+            prepare_section(rep, args, raw, dirs, python)
+        else:
+            dense_parameters(rep, args)
+            recipe_section(rep, args)
+            recipe_speed_section(rep, args)
         when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-        rep.splice(f"_Measured alone by `python benchmarks/run_all.py --only-prepare` on {when} ({machine()}); the "
+        rep.splice(f"_Measured alone by `python benchmarks/run_all.py --only {args.only}` on {when} ({machine()}); the "
                    "other sections are from the run named at the top._")
-        print(f"\nwrote the Prepare section of {args.out}")
+        print(f"\nwrote the {args.only} sections of {args.out}")
         return
     sections = [lambda: prepare_section(rep, args, raw, dirs, python), lambda: dense_parameters(rep, args),
                 lambda: training_section(rep, args, dirs, python), lambda: time_to_auc_section(rep, args, dirs, python),
