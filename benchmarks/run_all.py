@@ -94,9 +94,14 @@ class Report:
         text = self.out.read_text()
         for section in self.sections:
             title = section.split("\n", 1)[0]
-            start = text.index(title + "\n")
+            body = section.replace("\n\n", f"\n\n{note}\n\n", 1) + "\n"
+            start = text.find(title + "\n")
+            if start < 0:  # a section the last full run did not reach: before the Scale section
+                at = text.find(SCALE_TITLE)
+                text = text[:at] + body + "\n" + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + body
+                continue
             end = text.find("\n## ", start + 1)
-            text = text[:start] + section.replace("\n\n", f"\n\n{note}\n\n", 1) + "\n" + (text[end:] if end >= 0 else "")
+            text = text[:start] + body + (text[end:] if end >= 0 else "")
         kinds = {what.split(":", 1)[0] for what, _, _ in self.targets}
         lines = text.split("\n")
         stale = [i for i, line in enumerate(lines) if any(line.startswith(f"| {k}:") for k in kinds)]
