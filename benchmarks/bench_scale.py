@@ -331,8 +331,8 @@ def main() -> None:
     earlier = text[start:end] if args.add and start >= 0 else ""
     sec = Section()
     if args.datasets:
-        sec.notes.append(f"datasets: {', '.join(args.datasets)}; models trained: {', '.join(args.models)} on Criteo, "
-                         "dnn on Avazu.")
+        trained = f"{', '.join(args.models)} on Criteo" + (", dnn on Avazu" if "dnn" in args.models else "")
+        sec.notes.append(f"datasets: {', '.join(args.datasets)}; models trained: {trained if args.models else 'none'}.")
     for model in [] if args.skip_small else args.models:
         small_vocabulary(sec, model)
     for kind in args.datasets:
