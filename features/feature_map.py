@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.atomic import atomic_write_text
+from common.digest import sha256_file
 from common.errors import DataError
 from features.schema import Layout, SplitConfig
 
@@ -47,6 +48,23 @@ class SourceInfo(_Frozen):
     rows: int
 
 
+class DayFile(_Frozen):
+    path: str
+    sha256: str
+
+
+class Lineage(_Frozen):
+    """Where an extended dataset comes from (``ctr prepare --extend``): its parent, every earlier
+    feature map by digest (oldest first, the parent last: what a warm start checks its run against),
+    the rows all of them read (where this day's row positions start) and the day's files."""
+
+    parent: str
+    parent_sha256: str
+    ancestors: list[str]
+    rows_before: int
+    files: list[DayFile]
+
+
 class FeatureMap(_Frozen):
     format_version: int = FORMAT_VERSION
     dataset: str
@@ -63,6 +81,7 @@ class FeatureMap(_Frozen):
     sources: list[SourceInfo]
     config_fingerprint: str  # of the dataset config that made it: a changed config means stale data
     raw_layout: Layout | None = None  # the raw rows' columns and separator (None: a map written before it was recorded)
+    extends: Lineage | None = None  # an extended dataset's parent (None: prepared from scratch)
 
     @property
     def categorical(self) -> list[FieldInfo]:
@@ -71,6 +90,16 @@ class FeatureMap(_Frozen):
     @property
     def dense(self) -> list[FieldInfo]:
         return [f for f in self.fields if f.type == "dense"]
+
+    @property
+    def rows_through(self) -> int:
+        """Rows read by this dataset and every one it extends: where the next day's row positions start."""
+        return self.rows_read + (self.extends.rows_before if self.extends else 0)
+
+    @property
+    def ancestry(self) -> list[str]:
+        """The digests of the feature maps this one grew from, oldest first."""
+        return list(self.extends.ancestors) if self.extends else []
 
     def save(self, directory: Path) -> Path:
         path = directory / FILE_NAME
@@ -91,3 +120,8 @@ class FeatureMap(_Frozen):
             raise DataError(f"{path}: feature map format {fmap.format_version}, this code reads {FORMAT_VERSION} "
                             "(prepare the data again with this version's ctr prepare)")
         return fmap
+
+
+def feature_map_sha256(directory: Path) -> str:
+    """The digest by which a feature map is named in its children's lineage and in warm starts."""
+    return sha256_file(directory / FILE_NAME if directory.is_dir() else directory)

@@ -9,7 +9,9 @@ distinct value of one field:
      integer columns. (Counting inside the parse's query, as extra sinks of ``collect_all``, made
      Polars run the parse once per sink: ten times slower.)
   3. rejects -> ``rejects.csv``, and the reject-share check;
-  4. vocabularies from the counts, their text read back from the keys;
+  4. vocabularies from the counts, their text read back from the keys (or a parent's vocabularies
+     extended, ``features.extend``); the counts of the values under min count are kept in
+     ``pending/`` for the next day's extension;
   5. the staged rows in fixed slices, each encoded to ids by one table lookup per field
      (``KeyIndex``) and appended to the Parquet file of its split.
 The split of each row is known during the parse for the random split (a hash of the row position)
@@ -37,6 +39,7 @@ import pyarrow.parquet as pq
 from common.atomic import ensure_writable, publish_dir, scratch_dir_beside
 from common.errors import DataError
 from common.locks import exclusive
+from features.extend import PENDING_DIR, check_parent, extend_vocabulary, lineage, pending_file
 from features.feature_map import FeatureMap, FieldInfo, SourceInfo, SplitInfo
 from features.hashing import HASH_VERSION, with_token_keys
 from features.parse import (
@@ -168,13 +171,14 @@ class _Staged:
     count_seconds: float
 
 
-def _stage_and_count(paths: list[Path], staging: _Staging, work: Path) -> _Staged:
-    """Pass 1 over every file, into ``work/staged`` and ``work/counts/<file>``; for the time split,
-    its cut points, after which its counts are taken from the staged train rows."""
+def _stage_and_count(paths: list[Path], staging: _Staging, work: Path, first_row: int) -> _Staged:
+    """Pass 1 over every file, into ``work/staged`` and ``work/counts/<file>``, row positions from
+    ``first_row``; for the time split, its cut points, after which its counts are taken from the
+    staged train rows."""
     for sub in ("staged", "counts"):
         shutil.rmtree(work / sub, ignore_errors=True)
         (work / sub).mkdir()
-    sources, offset, counted = [], 0, 0.0
+    sources, offset, counted = [], first_row, 0.0
     for k, path in enumerate(paths):
         counts = work / "counts" / f"part-{k:05d}"
         counts.mkdir()
@@ -184,14 +188,14 @@ def _stage_and_count(paths: list[Path], staging: _Staging, work: Path) -> _Stage
         offset += n
         log.info("parsed %s: %d rows", path, n)
     if staging.split is not None:
-        return _Staged(sources, offset, None, counted)
+        return _Staged(sources, offset - first_row, None, counted)
     good = pl.scan_parquet(work / "staged" / "*.parquet").filter(pl.col(REASON).is_null())
     cuts = time_cut_points(good, staging.cfg.split)
     train = good.filter(split_expr(staging.cfg.split, offset, cuts) == 0)
     shutil.rmtree(work / "counts")
     (work / "counts" / "all").mkdir(parents=True)
     counted = _count_all(train, staging, work / "counts" / "all")
-    return _Staged(sources, offset, cuts, counted)
+    return _Staged(sources, offset - first_row, cuts, counted)
 
 
 def _field_counts(work: Path, field: str) -> pl.LazyFrame:
@@ -278,16 +282,43 @@ def _write_splits(staged: pl.LazyFrame, n_rows: int, split: pl.Expr, dense: list
     return counts
 
 
-def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | None = None) -> PrepareResult:
+def prepare(cfg: DatasetConfig, raw: list[Path] | None = None, output: Path | None = None,
+            extend: Path | None = None) -> PrepareResult:
     """Raw files -> splits, vocabularies and feature map in ``output`` (or ``dataset.output``); one
-    prepare at a time per output, the result published whole or not at all."""
+    prepare at a time per output, the result published whole or not at all. ``extend``: a prepared
+    dataset whose ids the new rows keep (``features.extend``)."""
     out = Path(output or cfg.output)
     ensure_writable(out.parent)
+    if extend is not None and Path(extend).resolve() == out.resolve():
+        raise DataError(f"{out}: an extension is written beside its parent, not over it (give --output a new directory)")
     with exclusive(out, "ctr prepare"):
-        return _prepare(cfg, raw, out)
+        return _prepare(cfg, raw, out, Path(extend) if extend is not None else None)
 
 
-def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareResult:
+@dataclass(frozen=True)
+class _Parent:
+    """The dataset an extension grows: its folder and feature map."""
+
+    root: Path
+    fmap: FeatureMap
+
+    def vocabulary(self, field: str) -> pl.DataFrame:
+        return pl.read_parquet(self.root / "vocab" / f"{field}.parquet")
+
+    def pending(self, field: str) -> pl.DataFrame:
+        return pl.read_parquet(pending_file(self.root, field))
+
+
+def _vocabulary(counts: pl.LazyFrame, min_count: int, field: str, parent: _Parent | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(vocabulary, counts of the values under min count) of one field, fitted or extended."""
+    if parent is None:
+        rare = counts.filter(pl.col("count") < min_count).collect(engine="streaming")
+        return fit_vocabulary(counts, min_count), rare
+    return extend_vocabulary(parent.vocabulary(field), parent.pending(field), counts.collect(engine="streaming"),
+                             min_count)
+
+
+def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path, extend: Path | None) -> PrepareResult:
     started = time.perf_counter()
     layout = resolve_layout(cfg)
     paths = list(raw) if raw else [Path(p) for p in cfg.raw]
@@ -307,6 +338,12 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
     if unknown:
         raise DataError(f"dataset '{cfg.name}': min_count_per_field names unknown field(s) {unknown} "
                         f"(categorical fields are {categorical})")
+    min_counts = {f: cfg.min_count_per_field.get(f, cfg.min_count) for f in categorical}
+    parent = None
+    if extend is not None:
+        parent = _Parent(extend, FeatureMap.load(extend))
+        check_parent(extend, parent.fmap, layout, specs, min_counts)
+    first_row = parent.fmap.rows_through if parent else 0
     work = scratch_dir_beside(out)
     passes: dict[str, float] = {}
     mark = time.perf_counter()
@@ -321,15 +358,15 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
         if cfg.split.method == "random":
             split = split_expr(cfg.split, 0)
         elif cfg.split.method == "order":
-            split = split_expr(cfg.split, sum(count_data_rows(p, layout, cfg.format) for p in paths))
+            split = split_expr(cfg.split, sum(count_data_rows(p, layout, cfg.format) for p in paths), first_row=first_row)
         staging = _Staging(cfg, layout, specs, {}, split)
         staging = _Staging(cfg, layout, specs, _words_needed(staging, paths[0]), split)
-        result = _stage_and_count(paths, staging, work)
+        result = _stage_and_count(paths, staging, work, first_row)
         longer = _longest_tokens(work, staging.words)
         if longer:
             log.info("tokens longer than the first rows' in %s: parsing again with more words", sorted(longer))
             staging = _Staging(cfg, layout, specs, {**staging.words, **longer}, split)
-            result = _stage_and_count(paths, staging, work)
+            result = _stage_and_count(paths, staging, work, first_row)
         sources, offset, cuts = result.sources, result.rows, result.cuts
         staged = pl.scan_parquet(work / "staged" / "*.parquet")
         done("parse + stage")
@@ -338,12 +375,13 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
         n_rejected = _check_rejects(staged, offset, cfg.max_reject_fraction, work / REJECTS_FILE,
                                     out.parent / f"{out.name}.{REJECTS_FILE}")
         done("rejects")
-        min_counts = {f: cfg.min_count_per_field.get(f, cfg.min_count) for f in categorical}
         (work / "vocab").mkdir()
+        (work / PENDING_DIR).mkdir()
         index, sizes = {}, {}
         for field, min_count in min_counts.items():
-            vocab = fit_vocabulary(_field_counts(work, field), min_count)
+            vocab, rare = _vocabulary(_field_counts(work, field), min_count, field, parent)
             vocab.write_parquet(work / "vocab" / f"{field}.parquet", compression="zstd")
+            rare.write_parquet(pending_file(work, field), compression="zstd")
             index[field], sizes[field] = KeyIndex.of(vocab), vocab.height
         shutil.rmtree(work / "counts")
         done("vocabularies")
@@ -367,6 +405,7 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path) -> PrepareRe
             special_ids=SPECIAL_IDS, splits=splits, split_rule=cfg.split, hash_version=HASH_VERSION,
             rows_read=offset, rows_rejected=n_rejected, sources=sources,
             config_fingerprint=config_fingerprint(cfg, [str(p) for p in paths]), raw_layout=layout,
+            extends=lineage(extend, parent.fmap, paths) if parent else None,
         )
         fmap.save(work)
         publish_dir(work, out)

@@ -21,8 +21,10 @@ def _assign(position: pl.Expr, cut1: float | int, cut2: float | int) -> pl.Expr:
     )
 
 
-def split_expr(cfg: SplitConfig, n_rows: int, time_cuts: tuple[int, int] | None = None) -> pl.Expr:
+def split_expr(cfg: SplitConfig, n_rows: int, time_cuts: tuple[int, int] | None = None, first_row: int = 0) -> pl.Expr:
     """Split of each row from its global position (random, order) or its ``_time`` value (time).
+    ``first_row``: the position of the first of the ``n_rows`` the order split divides (an extension's
+    day starts where its parents' rows end).
 
     random: the top 53 bits of a seeded hash of the row position, as a uniform draw in [0, 1),
     so a row's split depends only on (seed, position) and not on chunking or thread count.
@@ -33,7 +35,8 @@ def split_expr(cfg: SplitConfig, n_rows: int, time_cuts: tuple[int, int] | None 
         scale = float(1 << 53)
         return _assign(draw.cast(pl.Float64), r_train * scale, (r_train + r_valid) * scale)
     if cfg.method == "order":
-        return _assign(pl.col(ROW).cast(pl.Float64), r_train * n_rows, (r_train + r_valid) * n_rows)
+        position = (pl.col(ROW) - pl.lit(first_row, pl.UInt64)).cast(pl.Float64)
+        return _assign(position, r_train * n_rows, (r_train + r_valid) * n_rows)
     assert time_cuts is not None, "time split needs cut points"
     return _assign(pl.col(TIME_COLUMN), time_cuts[0], time_cuts[1])
 

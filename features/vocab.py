@@ -54,13 +54,22 @@ def _tokens(kept: pl.DataFrame) -> pl.Series:
     return pl.Series("token", int_tokens(keys))
 
 
-def fit_vocabulary(counts: pl.LazyFrame, min_count: int) -> pl.DataFrame:
-    """The (token, key, count, id) table of one field from its train counts."""
+def token_side(counts: pl.DataFrame) -> pl.DataFrame:
+    """Counts whose side column is the byte length, with the token there instead (the text the key
+    and the length give back); other counts as they are."""
+    if "length" not in counts.columns:
+        return counts
+    return counts.with_columns(_tokens(counts).alias("token")).select("key", "count", "token")
+
+
+def fit_vocabulary(counts: pl.LazyFrame, min_count: int, first_id: int = FIRST_VALUE_ID) -> pl.DataFrame:
+    """The (token, key, count, id) table of one field from its train counts, ids from ``first_id``
+    (an extension appends after the ids it keeps)."""
     kept = counts.filter(pl.col("count") >= min_count).collect(engine="streaming")
     return (
         kept.with_columns(_tokens(kept).alias("token"))
         .sort(["count", "token"], descending=[True, False])
-        .with_row_index("id", offset=FIRST_VALUE_ID)
+        .with_row_index("id", offset=first_id)
         .select("token", "key", "count", pl.col("id").cast(pl.Int32))
     )
 

@@ -29,7 +29,7 @@ def _prepare(args: argparse.Namespace) -> None:
     from pipelines.prepare_job import run_prepare
 
     startup = time.perf_counter() - STARTED  # the imports a prepare needs: no torch, Ray or model configs
-    result = run_prepare(args.config, args.overrides, args.raw, args.output)
+    result = run_prepare(args.config, args.overrides, args.raw, args.output, args.extend)
     fmap = result.feature_map
     rows = ", ".join(f"{name} {info.rows}" for name, info in fmap.splits.items())
     print(f"prepared {fmap.dataset}: {fmap.rows_read} rows read, {fmap.rows_rejected} rejected; {rows}; "
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. dataset.min_count=5")
     prep.add_argument("--raw", type=Path, nargs="+", help="raw files to read instead of dataset.raw")
     prep.add_argument("--output", type=Path, help="output directory instead of dataset.output")
+    prep.add_argument("--extend", type=Path, metavar="PREPARED_DIR",
+                      help="encode the raw files (a new day) against this prepared dataset: its values keep their ids, "
+                           "new ones are appended")
     prep.set_defaults(func=_prepare)
 
     train = sub.add_parser("train", help="train a model from an experiment config")

@@ -38,8 +38,9 @@ def load_dataset(config: Path, overrides: list[str]) -> DatasetConfig:
     return validate_tree(ExperimentSections, sections, origins, str(config)).dataset
 
 
-def run_prepare(config: Path, overrides: list[str], raw: list[Path] | None, output: Path | None) -> PrepareResult:
+def run_prepare(config: Path, overrides: list[str], raw: list[Path] | None, output: Path | None,
+                extend: Path | None = None) -> PrepareResult:
     cfg = load_dataset(config, overrides)
     if not raw:
         ensure_synthetic_raw(cfg)
-    return prepare(cfg, raw=raw, output=output)
+    return prepare(cfg, raw=raw, output=output, extend=extend)

@@ -1,0 +1,86 @@
+"""``ctr prepare --extend``: a new day keeps the parent's ids and appends values that reach min count
+over the summed counts; the same values as a one-go prepare of both days."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from common.errors import DataError
+from features.feature_map import FeatureMap, feature_map_sha256
+from features.prepare import PrepareResult, prepare
+from features.schema import DatasetConfig
+from conftest import run_prepare
+
+ALL_TRAIN = {"method": "order", "ratios": [1.0, 0.0, 0.0]}
+
+
+def _day(path: Path, c1: list[str]) -> Path:
+    """Criteo TSV rows whose C1 takes the given values; every other field is constant."""
+    path.write_text("".join(f"{i % 2}\t" + "\t".join(["1"] * 13 + [v] + ["x"] * 25) + "\n" for i, v in enumerate(c1)))
+    return path
+
+
+def _extend(raw: Path, parent: Path, out: Path, **options: object) -> PrepareResult:
+    cfg = DatasetConfig(name="test", layout="criteo_tsv", output=str(out), **{"min_count": 2, "split": ALL_TRAIN, **options})
+    return prepare(cfg, raw=[raw], extend=parent)
+
+
+def _vocab(result: PrepareResult, field: str = "C1") -> dict[str, tuple[int, int]]:
+    frame = pl.read_parquet(result.output / "vocab" / f"{field}.parquet")
+    return {t: (c, i) for t, c, i in frame.select("token", "count", "id").iter_rows()}
+
+
+def test_old_ids_stay_and_new_values_append_once_their_summed_count_reaches_min_count(tmp_path: Path) -> None:
+    day1 = run_prepare(_day(tmp_path / "d1.txt", ["a", "a", "a", "b", "z"]), tmp_path / "p1", min_count=2, split=ALL_TRAIN)
+    assert _vocab(day1) == {"a": (3, 3)}  # b and z are under min count 2: kept as pending counts
+    day2 = _extend(_day(tmp_path / "d2.txt", ["c", "b", "c", "a", "y"]), day1.output, tmp_path / "p2")
+    # a keeps id 3 (count 3 + 1); b reaches 2 over both days, c has 2 today: ids 4, 5 (count, then token)
+    assert _vocab(day2) == {"a": (4, 3), "b": (2, 4), "c": (2, 5)}
+    assert day2.feature_map.categorical[13].num_embeddings == 6
+    assert pl.read_parquet(day2.output / "train.parquet")["C1"].to_list() == [5, 4, 5, 3, 1]  # y: OOV
+    pending = pl.read_parquet(day2.output / "pending" / "C1.parquet")
+    assert pending.height == 2 and pending["count"].to_list() == [1, 1]  # y and z
+    lineage = day2.feature_map.extends
+    assert lineage is not None and lineage.parent_sha256 == feature_map_sha256(day1.output)
+    assert lineage.ancestors == [lineage.parent_sha256] and lineage.rows_before == 5
+    assert Path(lineage.files[0].path).name == "d2.txt" and len(lineage.files[0].sha256) == 64
+    day3 = _extend(_day(tmp_path / "d3.txt", ["z", "d"]), day2.output, tmp_path / "p3")
+    assert _vocab(day3)["z"] == (2, 6) and "d" not in _vocab(day3)  # z: one on day 1, one on day 3
+    assert day3.feature_map.extends.ancestors == [lineage.parent_sha256, feature_map_sha256(day2.output)]
+    assert day3.feature_map.rows_through == 12
+
+
+def test_extended_days_keep_the_values_and_counts_of_a_one_go_prepare(synthetic_criteo: Path, tmp_path: Path) -> None:
+    lines = synthetic_criteo.read_text().splitlines(keepends=True)
+    first, second = tmp_path / "one.txt", tmp_path / "two.txt"
+    first.write_text("".join(lines[:6000]))
+    second.write_text("".join(lines[6000:10000]))
+    split = {"method": "random", "seed": 5}
+    day1 = run_prepare(first, tmp_path / "d1", min_count=3, split=split)
+    day2 = _extend(second, day1.output, tmp_path / "d2", min_count=3, split=split)
+    whole = run_prepare([first, second], tmp_path / "whole", min_count=3, split=split)
+    for field in ("C1", "C3", "C12", "I5"):
+        extended, once = _vocab(day2, field), _vocab(whole, field)
+        assert {t: c for t, (c, _) in extended.items()} == {t: c for t, (c, _) in once.items()}
+        old = _vocab(day1, field)
+        assert all(extended[t][1] == i for t, (_, i) in old.items())  # ids of day 1 unchanged
+    # the random split continues the row positions: day 2's rows land in the same splits as in the one-go prepare
+    assert sum(s.rows for s in day1.feature_map.splits.values()) + day2.feature_map.splits["test"].rows + \
+        day2.feature_map.splits["train"].rows + day2.feature_map.splits["valid"].rows == whole.feature_map.rows_read
+    assert day1.feature_map.splits["test"].rows + day2.feature_map.splits["test"].rows == whole.feature_map.splits["test"].rows
+
+
+def test_a_parent_of_other_fields_or_min_count_is_refused(tmp_path: Path) -> None:
+    day1 = run_prepare(_day(tmp_path / "d1.txt", ["a", "a"]), tmp_path / "p1", min_count=2, split=ALL_TRAIN)
+    raw = _day(tmp_path / "d2.txt", ["a"])
+    with pytest.raises(DataError, match="min count"):
+        _extend(raw, day1.output, tmp_path / "p2", min_count=3)
+    with pytest.raises(DataError, match="fields"):
+        _extend(raw, day1.output, tmp_path / "p2", integer_mode="numeric")
+    with pytest.raises(DataError, match="not over it"):
+        _extend(raw, day1.output, day1.output)
+    assert not (tmp_path / "p2").exists()
+    assert FeatureMap.load(day1.output).extends is None
