@@ -53,6 +53,8 @@ class TrainerConfig(Strict):
     threads: int | None = Field(default=None, ge=1)  # None: every core (or OMP_NUM_THREADS)
     progress: bool = True
     run_dir: str | None = None  # None: runs/<experiment name>
+    # a trained run whose final model this run starts from, on data extended from that run's (ctr.warm_start)
+    init_from: str | None = None
     num_workers: int = Field(default=1, ge=1)  # > 1: Ray Train workers, batch_size split among them
     ray: RayConfig = RayConfig()
 

@@ -4,7 +4,7 @@
 prepared data is, stored relative to the run directory so the pair can move together or be read
 from any working directory), ``checkpoints/{last,best}.pt``, ``metrics.jsonl``, ``result.json``,
 ``compress/NN_<stage>/`` (a ``StageDir``) with ``compress/report.jsonl`` (and per budget of a sweep
-the same under ``compress/target_<MB>MB/``), ``compress/superseded/``, ``export/`` and ``evaluation/``.
+the same under ``compress/target_<MB>MB/``), ``compress/superseded/``, ``export/``, ``evaluation/`` and, for a warm-started run, ``parent.json``.
 A run without ``trainer.run_dir`` lives in ``runs/<experiment name>``.
 """
 
@@ -99,6 +99,11 @@ class RunDir:
         return self.root / "data.json"
 
     @property
+    def parent(self) -> Path:
+        """A warm-started run's record of the run it grew from (``ctr.warm_start``)."""
+        return self.root / "parent.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -168,6 +173,11 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.root / "export"
+
+    @property
+    def exported(self) -> Path:
+        """Which edge file ``ctr export`` last wrote from this run (its path, digest and bytes)."""
+        return self.root / "exported.json"
 
     @property
     def evaluation(self) -> Path:

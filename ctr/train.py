@@ -51,6 +51,7 @@ from ctr.metrics import classification_metrics
 from ctr.models import build_model
 from ctr.run_dir import BEST, LAST, RunDir
 from ctr.structure import Step, step_to_dict
+from ctr.warm_start import WarmStart, warm_start
 from features.feature_map import FeatureMap
 
 log = logging.getLogger("ctr.train")
@@ -154,6 +155,10 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path,
                  hooks: TrainHooks | None = None, runtime: Runtime | None = None) -> None:
         self.cfg, self.t = cfg, cfg.trainer
+        self.warm: WarmStart | None = None
+        if hooks is None and self.t.init_from:  # a plain run grown from a parent (a stage's phases never are)
+            self.warm = warm_start(Path(self.t.init_from), fmap, data_dir, cfg.model.model_dump(mode="json"))
+            hooks = TrainHooks(steps=self.warm.steps)
         self.hooks = hooks or TrainHooks()
         self.runtime = runtime or Runtime()
         self.fmap = fmap
@@ -193,6 +198,11 @@ class Trainer:
         opt = torch.optim.Adam if self.t.optimizer == "adam" else torch.optim.Adagrad
         self.optimizer = opt(self.dense_params, lr=self.t.lr, fused=True)
         self.state = LoopState(lr=self.t.lr, sparse_lr=self.t.sparse_lr)
+        if self.warm is not None:  # a resumed run's own checkpoint replaces this afterwards
+            self.warm.load_into(self.model, self.optimizer)
+            self._set_lr()
+            if self.main:
+                self.warm.record(self.paths)
 
     def _set_lr(self) -> None:
         for group in self.optimizer.param_groups:

@@ -74,6 +74,16 @@ def resolve_source(source: Path, stage: str | None) -> tuple[RunDir, Path]:
     return run, stages[name]
 
 
+def parent_file(run: RunDir) -> dict[str, Any] | None:
+    """What a warm-started run's edge file grew from: the parent run, and the edge file last exported
+    from it (None where it never was); None for a run trained from scratch."""
+    if not run.parent.is_file():
+        return None
+    parent = RunDir(Path(json.loads(run.parent.read_text(encoding="utf-8"))["run"]))
+    exported = json.loads(parent.exported.read_text(encoding="utf-8")) if parent.exported.is_file() else None
+    return {"run": str(parent.root), "file": exported}
+
+
 def manifest_relative(path: Path, manifest_dir: Path) -> str:
     """A path as a manifest stores it: relative to the manifest's folder, so both can move together."""
     return os.path.relpath(path.resolve(), manifest_dir.resolve())
@@ -142,8 +152,11 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
             "source": {"checkpoint": manifest_relative(checkpoint, out.parent), "sha256": sha256_file(checkpoint),
                        "run_dir": manifest_relative(run.root, out.parent)},
             "parity": parity, "torch": torch.__version__, "python": platform.python_version(),
+            "parent": parent_file(run),
         }
         publish(temp, out, manifest)
+        atomic_write_text(run.exported, json.dumps({"file": str(out.resolve()), "sha256": manifest["file_sha256"],
+                                                    "bytes": manifest["file_bytes"]}, indent=2) + "\n")
         return manifest
     finally:
         temp.unlink(missing_ok=True)

@@ -18,11 +18,18 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, Export
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from pipelines.synthetic import generate
+    from pipelines.synthetic import generate, generate_days
 
-    report = generate(args.profile or args.kind, args.rows, args.out, seed=args.seed, profile=args.profile is not None,
-                      noise=args.noise)
-    print(json.dumps(asdict(report), indent=2))
+    kind, profile = args.profile or args.kind, args.profile is not None
+    if args.days is None and args.drift:
+        raise ConfigError("--drift: give --days too (a drifting log is written one file per day)")
+    if args.days is None:
+        reports = [generate(kind, args.rows, args.out, seed=args.seed, profile=profile, noise=args.noise)]
+    else:
+        reports = generate_days(kind, args.rows, args.out, args.days, args.drift, seed=args.seed, profile=profile,
+                                noise=args.noise)
+    for report in reports:
+        print(json.dumps(asdict(report), indent=2))
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -42,7 +49,7 @@ def _prepare(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from pipelines.train_job import run_train
 
-    result = run_train(args.config, args.overrides, args.resume, use_ray=args.ray)
+    result = run_train(args.config, args.overrides, args.resume, use_ray=args.ray, init_from=args.init_from)
     print(json.dumps(result, indent=2))
 
 
@@ -118,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, required=True)
     gen.add_argument("--noise", type=lambda text: [n for n in text.split(",") if n], default=None,
                      help="comma-separated categorical fields to make pure noise, instead of the scenario's own")
+    gen.add_argument("--days", type=int, help="write this many day files (day01, day02, ...) into the folder --out, "
+                                               "each of --rows rows, under one teacher")
+    gen.add_argument("--drift", type=float, default=0.0,
+                     help="with --days and --profile: the share of each field's values replaced by new ones per day")
     gen.set_defaults(func=_generate)
 
     prep = sub.add_parser("prepare", help="raw files -> Parquet splits + feature_map.json")
@@ -134,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, nargs="?", help="experiment YAML (configs/experiments/*.yaml)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.epochs=2")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument("--init-from", type=Path, metavar="RUN_DIR",
+                       help="start from this run's final model, on a day prepared with ctr prepare --extend from its data")
     train.add_argument("--ray", action="store_true",
                        help="train on Ray Train (implied by trainer.num_workers > 1); see trainer.ray for where")
     train.set_defaults(func=_train)

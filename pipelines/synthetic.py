@@ -17,6 +17,7 @@ scenario's normal ones) from a hash of (field, value), so memory stays flat at a
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -60,7 +61,35 @@ class GenerateReport:
     informative: list[str] = field(default_factory=list)
     noise: list[str] = field(default_factory=list)
     profile: bool = False
+    day: int | None = None
+    drift: float = 0.0
     format: str = TEACHER_FORMAT
+
+
+@dataclass(frozen=True)
+class Day:
+    """One file of a daily log (``ctr generate --days N --drift R``): its number, from 1, and the share
+    of each profile field's ranks whose value is replaced by a new one per day.
+
+    Rank k (drawn from the field's power law as always) shows value ``k + support * g`` on day d,
+    where its generation ``g = floor(d * drift + phase_k)`` and ``phase_k`` is uniform in [0, 1) from a
+    hash of (field, k). So each day a share ``drift`` of the ranks, at every level of popularity,
+    passes to a value never drawn before, and the value it leaves is drawn no more. A new value's
+    teacher weights come from the hash of (field, value), the rule every profile value follows, so
+    a model that keeps up with the new values can be as good on day d as on day 1."""
+
+    number: int
+    drift: float = 0.0
+
+    def values(self, f: FieldSim, t: Teacher, rank: np.ndarray) -> np.ndarray:
+        if not self.drift or not f.support:
+            return rank
+        phase = (hashed_uniforms(rank, t.salt[f.name] + 4)[:, 0] + np.sqrt(3.0)) / (2.0 * np.sqrt(3.0))
+        return rank + f.support * np.floor(self.number * self.drift + phase).astype(np.int64)
+
+    def date(self) -> int:
+        """Avazu's yymmdd of this day: the real log's first day, 2014-10-21, is day 1."""
+        return int((datetime.date(2014, 10, 21) + datetime.timedelta(days=self.number - 1)).strftime("%y%m%d"))
 
 
 @dataclass(frozen=True)
@@ -134,7 +163,8 @@ def _hex_column(name: str, token: np.ndarray, blank: np.ndarray) -> pl.Series:
     return pl.Series(name, array)
 
 
-def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> tuple[dict[str, pl.Series], np.ndarray]:
+def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int,
+                day: Day | None) -> tuple[dict[str, pl.Series], np.ndarray]:
     """One chunk of rendered columns and the teacher's click probabilities."""
     logit = np.full(n, t.bias)
     cols: dict[str, pl.Series] = {}
@@ -151,6 +181,7 @@ def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> t
             continue
         if f.support:
             idx = power_law_index(rng.random(n), f.support, f.zipf)
+            idx = day.values(f, t, idx) if day is not None else idx
         else:
             idx = np.minimum(np.searchsorted(t.cdf[f.name], rng.random(n)), f.cardinality - 1)
         picked[f.name] = np.where(blank, -1, idx)
@@ -170,29 +201,34 @@ def _draw_chunk(sc: Scenario, t: Teacher, rng: np.random.Generator, n: int) -> t
 
 
 def _avazu_frame(cols: dict[str, pl.Series], labels: np.ndarray, rng: np.random.Generator, t: Teacher,
-                 logit: np.ndarray) -> tuple[pl.DataFrame, np.ndarray]:
+                 logit: np.ndarray, day: Day | None) -> tuple[pl.DataFrame, np.ndarray]:
+    """Avazu's columns around the drawn ones: an id, the click, and the hour (any of the real log's
+    ten days, or the day's own date, in hour order within a day file)."""
     n = labels.size
-    day = rng.integers(21, 31, size=n)
+    date = 14_10_00 + rng.integers(21, 31, size=n) if day is None else np.full(n, day.date())
     hour = rng.integers(0, 24, size=n)
+    hour = hour if day is None else np.sort(hour)
     logit = logit + t.hour[hour]
     ids = rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True)
     frame = pl.DataFrame([
         pl.Series("id", ids).cast(pl.String),
         pl.Series("click", labels),
-        pl.Series("hour", 14_10_00_00 + day * 100 + hour),
+        pl.Series("hour", date * 100 + hour),
         *cols.values(),
     ])
     return frame, logit
 
 
-def _render_chunk(sc: Scenario, teacher: Teacher, seed: int, chunk: int, n: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+def _render_chunk(sc: Scenario, teacher: Teacher, seed: int, chunk: int, n: int,
+                  day: Day | None) -> tuple[bytes, np.ndarray, np.ndarray]:
     """Chunk ``chunk`` of the file: its text, the teacher's click probabilities and the labels. Each
-    chunk has its own seeded generator, so chunks can be drawn in any order, on any thread."""
-    rng = np.random.default_rng([seed, 1, chunk])
-    cols, logit = _draw_chunk(sc, teacher, rng, n)
+    chunk has its own seeded generator, so chunks can be drawn in any order, on any thread; a day
+    file's are its own, under the same teacher."""
+    rng = np.random.default_rng([seed, 1, chunk] if day is None else [seed, 2, day.number, chunk])
+    cols, logit = _draw_chunk(sc, teacher, rng, n, day)
     u = rng.random(n)
     if sc.kind == "avazu":
-        frame, logit = _avazu_frame(cols, np.zeros(n, dtype=np.int8), rng, teacher, logit)
+        frame, logit = _avazu_frame(cols, np.zeros(n, dtype=np.int8), rng, teacher, logit, day)
     p = 1.0 / (1.0 + np.exp(-logit))
     y = (u < p).astype(np.int8)
     if sc.kind == "avazu":
@@ -206,10 +242,11 @@ def _render_chunk(sc: Scenario, teacher: Teacher, seed: int, chunk: int, n: int)
 
 
 def generate(kind: Kind, rows: int, out: Path, seed: int = 2024, profile: bool = False,
-             noise: list[str] | None = None) -> GenerateReport:
+             noise: list[str] | None = None, day: Day | None = None) -> GenerateReport:
     """Write ``rows`` synthetic rows to ``out`` (atomically) and a ``<out>.teacher.json`` report;
     ``profile``: the full-size profile of ``kind`` (see the module docstring); ``noise``: the pure-noise
-    categorical fields instead of the scenario's own (``with_noise``).
+    categorical fields instead of the scenario's own (``with_noise``); ``day``: one day of a daily
+    log under the seed's teacher (``Day``).
 
     Chunks are drawn on a pool of threads, one per core, and written in order (NumPy and Polars
     release the GIL in their loops; a pool of processes was slower on 2 cores, shipping 50 MB of text
@@ -238,7 +275,7 @@ def generate(kind: Kind, rows: int, out: Path, seed: int = 2024, profile: bool =
                 probs[start:start + len(y)], labels[start:start + len(y)] = p, y
 
             for chunk, start in enumerate(range(0, rows, CHUNK_ROWS)):
-                pending.append((start, pool.submit(_render_chunk, sc, teacher, seed, chunk, min(CHUNK_ROWS, rows - start))))
+                pending.append((start, pool.submit(_render_chunk, sc, teacher, seed, chunk, min(CHUNK_ROWS, rows - start), day)))
                 if len(pending) > 2 * workers:
                     write_oldest()
             while pending:
@@ -251,10 +288,29 @@ def generate(kind: Kind, rows: int, out: Path, seed: int = 2024, profile: bool =
         kind=kind, rows=rows, seed=seed, path=str(out), teacher_auc=auc(labels, probs),
         positive_rate=float(labels.mean()), seconds=time.perf_counter() - started,
         informative=[f.name for f in sc.fields if f.weight > 0], noise=[f.name for f in sc.fields if f.weight == 0],
-        profile=profile,
+        profile=profile, day=day.number if day else None, drift=day.drift if day else 0.0,
     )
     atomic_write_text(out.with_name(out.name + ".teacher.json"), json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def generate_days(kind: Kind, rows: int, folder: Path, days: int, drift: float, seed: int = 2024,
+                  profile: bool = False, noise: list[str] | None = None) -> list[GenerateReport]:
+    """``days`` files of ``rows`` rows each, ``day01.txt`` (or ``.csv``) onwards, under one teacher, a
+    share ``drift`` of the values replaced per day (``Day``); drift needs a profile, whose values'
+    weights are hashed (the default scenarios' are a table of fixed size)."""
+    if days < 1 or not 0.0 <= drift <= 1.0:
+        raise ConfigError(f"{COMMAND_LINE}: --days {days} --drift {drift}: give at least one day and a drift in [0, 1]")
+    if drift and not profile:
+        raise ConfigError(f"{COMMAND_LINE}: --drift needs --profile (the default scenarios' values are a fixed table)")
+    wide = [f.name for f in scenario(kind, profile, noise).fields
+            if f.render == "hex" and f.support * (1 + int(days * drift + 1)) > 1 << 32]
+    if wide:
+        raise ConfigError(f"{COMMAND_LINE}: --days {days} --drift {drift}: fields {wide} would run out of distinct 8-hex "
+                          "tokens (fewer days, or a lower drift)")
+    suffix = "txt" if kind == "criteo" else "csv"
+    return [generate(kind, rows, folder / f"day{d:02d}.{suffix}", seed, profile, noise, Day(d, drift))
+            for d in range(1, days + 1)]
 
 
 def read_teacher(raw: Path) -> dict[str, Any] | None:

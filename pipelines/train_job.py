@@ -35,6 +35,10 @@ def prepared_data(cfg: ExperimentConfig) -> tuple[Path, FeatureMap]:
         fmap = FeatureMap.load(out)
         if fmap.config_fingerprint == wanted:
             return out, fmap
+        if fmap.extends is not None:  # preparing it again from the config would drop the ids it kept
+            raise ConfigError(f"{out / FILE_NAME}: this day was prepared with --extend from other raw files or settings "
+                              f"than the experiment's dataset section (give the day's files: dataset.raw=[...], "
+                              "and the settings it was prepared with)")
     log.info("preparing dataset '%s' into %s (none there, or made by another dataset config)", cfg.dataset.name, out)
     ensure_synthetic_raw(cfg.dataset)
     return out, prepare(cfg.dataset).feature_map
@@ -46,10 +50,11 @@ def run_dir_of(cfg: ExperimentConfig) -> Path:
 
 
 def run_train(config: Path | None, overrides: list[str], resume: Path | None = None,
-              use_ray: bool = False) -> dict[str, Any]:
-    """Train locally, or on Ray Train when ``trainer.num_workers > 1`` or ``use_ray``."""
+              use_ray: bool = False, init_from: Path | None = None) -> dict[str, Any]:
+    """Train locally, or on Ray Train when ``trainer.num_workers > 1`` or ``use_ray``; ``init_from``
+    (or ``trainer.init_from``): start from that run's final model (``ctr.warm_start``)."""
     if resume is not None:
-        if config is not None or overrides:
+        if config is not None or overrides or init_from is not None:
             raise ConfigError("--resume continues a run with its saved config: give no config file or overrides")
         cfg = load_experiment(RunDir(resume).config)
         run_dir = resume
@@ -57,6 +62,9 @@ def run_train(config: Path | None, overrides: list[str], resume: Path | None = N
         if config is None:
             raise ConfigError("ctr train needs an experiment config (or --resume RUN_DIR)")
         cfg = load_experiment(config, overrides)
+        start = init_from or (Path(cfg.trainer.init_from) if cfg.trainer.init_from else None)
+        if start is not None:  # absolute, as Ray workers and a later --resume read it from config.yaml
+            cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"init_from": str(start.resolve())})})
         run_dir = run_dir_of(cfg)
         if RunDir(run_dir).metrics.exists():
             raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "

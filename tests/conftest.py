@@ -135,7 +135,9 @@ def raw_test_rows(raw: Path, prepared: PrepareResult, rows: int) -> tuple[list[s
     fmap = prepared.feature_map
     lines = raw.read_text(encoding="utf-8").splitlines()
     lines = lines[1:] if fmap.raw_layout is not None and fmap.raw_layout.header else lines
-    split = pl.DataFrame({ROW: np.arange(len(lines), dtype=np.uint64)}).select(split_expr(fmap.split_rule, len(lines)))
+    first = fmap.extends.rows_before if fmap.extends else 0  # an extended day's positions continue its parent's
+    split = pl.DataFrame({ROW: np.arange(first, first + len(lines), dtype=np.uint64)}).select(
+        split_expr(fmap.split_rule, len(lines), first_row=first))
     test_lines = [lines[i] for i in np.flatnonzero(split[SPLIT_COLUMN].to_numpy() == 2)[:rows]]
     batch = next(iter(ParquetBatches(prepared.output / fmap.splits["test"].file, fmap, rows)))
     return test_lines, batch.dense, batch.ids()
