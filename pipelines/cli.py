@@ -18,11 +18,12 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingDiverged, Export
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from common.yaml_config import COMMAND_LINE
     from pipelines.synthetic import generate, generate_days
 
     kind, profile = args.profile or args.kind, args.profile is not None
     if args.days is None and args.drift:
-        raise ConfigError("--drift: give --days too (a drifting log is written one file per day)")
+        raise ConfigError(f"{COMMAND_LINE}: --drift: give --days too (a drifting log is written one file per day)")
     if args.days is None:
         reports = [generate(kind, args.rows, args.out, seed=args.seed, profile=profile, noise=args.noise)]
     else:

@@ -126,3 +126,26 @@ def test_noise_choice_zeroes_exactly_the_named_fields(tmp_path: Path) -> None:
     assert {"C1", "C9"} <= set(report.noise) and "C5" in report.informative
     with pytest.raises(ConfigError, match="I1"):
         scenario("criteo", noise=["I1"])
+
+
+def test_drift_moves_the_stated_share_of_ranks_to_new_values_each_day(tmp_path: Path) -> None:
+    """Day d shows rank k's value k + support * floor(d * drift + phase_k): a share ``drift`` of the
+    ranks get a value never drawn before from one day to the next; without drift the days share values."""
+    from pipelines.synthetic import Day, draw_teacher, generate_days
+
+    sc = scenario("avazu", profile=True)
+    f = next(x for x in sc.fields if x.name == "site_id")
+    teacher = draw_teacher(sc, 4)
+    ranks = np.arange(20_000)
+    one, two = Day(1, 0.25).values(f, teacher, ranks), Day(2, 0.25).values(f, teacher, ranks)
+    moved = one != two
+    assert moved.mean() == pytest.approx(0.25, abs=0.015)
+    assert np.array_equal(two[moved] - one[moved], np.full(moved.sum(), f.support))  # the next generation
+    assert np.array_equal(Day(2, 0.0).values(f, teacher, ranks), ranks)
+    reports = generate_days("avazu", 3000, tmp_path / "days", 3, 0.2, seed=4, profile=True)
+    assert [r.day for r in reports] == [1, 2, 3] and all(0.6 < r.teacher_auc < 0.95 for r in reports)
+    frames = [pl.read_csv(tmp_path / "days" / f"day{d:02d}.csv", infer_schema=False) for d in (1, 2, 3)]
+    assert [sorted(set(df["hour"].str.slice(0, 6))) for df in frames] == [["141021"], ["141022"], ["141023"]]
+    assert frames[1]["hour"].to_list() == sorted(frames[1]["hour"].to_list())  # hours in order within a day
+    with pytest.raises(ConfigError, match="--profile"):
+        generate_days("criteo", 10, tmp_path / "x", 2, 0.1)
