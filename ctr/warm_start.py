@@ -98,16 +98,23 @@ def final_checkpoint(parent: RunDir) -> Path:
     return stages[-1] if stages else parent.best
 
 
-def warm_start(init_from: Path, fmap: FeatureMap, data_dir: Path, model_config: dict[str, Any]) -> WarmStart:
-    """The warm start of a run on ``data_dir`` from the run ``init_from``, checked: the data must be the
-    parent's or grown from it, and the model the same."""
+def check_parent_run(init_from: Path, fmap: FeatureMap, data_dir: Path) -> RunDir:
+    """The parent run, if ``data_dir`` is its data or grown from it (before any work is done)."""
     parent = RunDir(init_from)
-    if not parent.is_run():
-        raise ConfigError(f"{init_from}: trainer.init_from is not a run directory (no feature_map.json); give a trained run")
+    if not parent.is_run() or not final_checkpoint(parent).is_file():
+        raise ConfigError(f"{init_from}: trainer.init_from is not a trained run directory, with feature_map.json and "
+                          "checkpoints/best.pt (give the run directory of yesterday's model)")
     digest = feature_map_sha256(parent.feature_map)
     if digest not in [*fmap.ancestry, feature_map_sha256(data_dir)]:
         raise ConfigError(f"{parent.feature_map}: the run was trained on data that {data_dir} does not extend (prepare the "
                           f"new day with: ctr prepare CONFIG --raw DAY --extend {parent.prepared_data()})")
+    return parent
+
+
+def warm_start(init_from: Path, fmap: FeatureMap, data_dir: Path, model_config: dict[str, Any]) -> WarmStart:
+    """The warm start of a run on ``data_dir`` from the run ``init_from``, checked: the data must be the
+    parent's or grown from it, and the model the same."""
+    parent = check_parent_run(init_from, fmap, data_dir)
     checkpoint = final_checkpoint(parent)
     payload = load_checkpoint(checkpoint)
     if payload["model_config"] != model_config:

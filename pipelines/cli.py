@@ -23,7 +23,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     kind, profile = args.profile or args.kind, args.profile is not None
     if args.days is None and args.drift:
-        raise ConfigError(f"{COMMAND_LINE}: --drift: give --days too (a drifting log is written one file per day)")
+        raise ConfigError(f"{COMMAND_LINE}: --drift without --days (give --days N: a drifting log is written one file per day)")
     if args.days is None:
         reports = [generate(kind, args.rows, args.out, seed=args.seed, profile=profile, noise=args.noise)]
     else:

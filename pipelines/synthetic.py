@@ -300,7 +300,8 @@ def generate_days(kind: Kind, rows: int, folder: Path, days: int, drift: float, 
     share ``drift`` of the values replaced per day (``Day``); drift needs a profile, whose values'
     weights are hashed (the default scenarios' are a table of fixed size)."""
     if days < 1 or not 0.0 <= drift <= 1.0:
-        raise ConfigError(f"{COMMAND_LINE}: --days {days} --drift {drift}: give at least one day and a drift in [0, 1]")
+        raise ConfigError(f"{COMMAND_LINE}: --days {days} --drift {drift}: out of range (give at least one day and a "
+                          "drift in [0, 1])")
     if drift and not profile:
         raise ConfigError(f"{COMMAND_LINE}: --drift needs --profile (the default scenarios' values are a fixed table)")
     wide = [f.name for f in scenario(kind, profile, noise).fields

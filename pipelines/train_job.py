@@ -19,6 +19,7 @@ from common.errors import ConfigError
 from ctr.experiment import ExperimentConfig, load_experiment
 from ctr.run_dir import RunDir
 from ctr.train import Trainer
+from ctr.warm_start import check_parent_run
 from features.feature_map import FILE_NAME, FeatureMap
 from features.prepare import prepare
 from features.schema import config_fingerprint
@@ -74,10 +75,15 @@ def run_train(config: Path | None, overrides: list[str], resume: Path | None = N
         fmap = FeatureMap.load(data_dir)
     else:
         data_dir, fmap = prepared_data(cfg)
+        if cfg.trainer.init_from:  # before the run directory is made
+            check_parent_run(Path(cfg.trainer.init_from), fmap, data_dir)
         run = RunDir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         run.link_data(data_dir)
+    if (use_ray or cfg.trainer.num_workers > 1) and cfg.trainer.init_from:
+        raise ConfigError(f"{cfg.trainer.init_from}: a warm start runs in one process (set trainer.num_workers=1 "
+                          "and leave out --ray)")
     if use_ray or cfg.trainer.num_workers > 1:
         from pipelines.ray_train import run_ray_train  # Ray starts only when asked for
 

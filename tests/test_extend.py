@@ -84,3 +84,21 @@ def test_a_parent_of_other_fields_or_min_count_is_refused(tmp_path: Path) -> Non
         _extend(raw, day1.output, day1.output)
     assert not (tmp_path / "p2").exists()
     assert FeatureMap.load(day1.output).extends is None
+
+
+def test_day_after_day_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.cli import main
+    from test_user_errors import fails
+
+    raw = _day(tmp_path / "d1.txt", ["a", "a", "b"])
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: t\ndataset: {{name: t, layout: criteo_tsv, raw: [{raw}], output: {tmp_path / 'p1'}, "
+                      "min_count: 2, split: {method: order, ratios: [0.5, 0.25, 0.25]}}\nmodel: {name: lr}\n")
+    assert main(["prepare", str(config)]) == 0
+    out = ["--output", str(tmp_path / "p2")]
+    fails(["prepare", str(config), "--extend", str(tmp_path / "nowhere"), *out], capsys, "feature map not found")
+    fails(["prepare", str(config), "dataset.min_count=3", "--extend", str(tmp_path / "p1"), *out], capsys, "min count")
+    fails(["train", str(config), f"trainer.run_dir={tmp_path / 'run'}", "--init-from", str(tmp_path / "p1")], capsys,
+          "not a trained run directory")
+    fails(["generate", "--profile", "avazu", "--rows", "10", "--days", "0", "--out", str(tmp_path / "g")], capsys, "--days 0")
+    assert not (tmp_path / "p2").exists() and not (tmp_path / "run").exists()
