@@ -310,12 +310,14 @@ class _Parent:
 
 
 def _vocabulary(counts: pl.LazyFrame, min_count: int, field: str, parent: _Parent | None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(vocabulary, counts of the values under min count) of one field, fitted or extended."""
+    """(vocabulary, counts of the values under min count, by key: the same bytes every time) of one
+    field, fitted or extended."""
     if parent is None:
-        rare = counts.filter(pl.col("count") < min_count).collect(engine="streaming")
-        return fit_vocabulary(counts, min_count), rare
-    return extend_vocabulary(parent.vocabulary(field), parent.pending(field), counts.collect(engine="streaming"),
-                             min_count)
+        vocab, rare = fit_vocabulary(counts, min_count), counts.filter(pl.col("count") < min_count).collect(engine="streaming")
+    else:
+        vocab, rare = extend_vocabulary(parent.vocabulary(field), parent.pending(field),
+                                        counts.collect(engine="streaming"), min_count)
+    return vocab, rare.sort("key")
 
 
 def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path, extend: Path | None) -> PrepareResult:
