@@ -102,3 +102,25 @@ def test_day_after_day_mistakes_are_one_line(tmp_path: Path, capsys: pytest.Capt
           "not a trained run directory")
     fails(["generate", "--profile", "avazu", "--rows", "10", "--days", "0", "--out", str(tmp_path / "g")], capsys, "--days 0")
     assert not (tmp_path / "p2").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_day_with_longer_tokens_merges_with_counts_named_by_length() -> None:
+    """Yesterday's pending counts name short tokens by byte length; a day whose field has tokens over 8
+    bytes names them by text: both are compared as text, and the kept values keep their ids."""
+    import numpy as np
+    import pyarrow as pa
+
+    from features.extend import extend_vocabulary
+    from features.hashing import token_keys
+
+    def keys(*tokens: str) -> list[int]:
+        return token_keys(pa.array(list(tokens))).tolist()
+
+    old = pl.DataFrame({"token": ["a"], "key": keys("a"), "count": [5], "id": [3]},
+                       schema_overrides={"id": pl.Int32})
+    pending = pl.DataFrame({"key": keys("bb"), "count": [1], "length": np.array([2], np.uint32)})
+    day = pl.DataFrame({"key": keys("bb", "a-very-long-token", "a"), "count": [1, 2, 1],
+                        "token": ["bb", "a-very-long-token", "a"]})
+    vocab, rest = extend_vocabulary(old, pending, day, min_count=2)
+    assert vocab.select("token", "count", "id").rows() == [("a", 6, 3), ("a-very-long-token", 2, 4), ("bb", 2, 5)]
+    assert vocab["key"].to_list() == keys("a", "a-very-long-token", "bb") and rest.height == 0
