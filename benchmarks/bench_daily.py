@@ -60,12 +60,21 @@ class Daily:
     def edge(self, name: str) -> Path:
         return self.root / "edges" / f"{name}.pt"
 
+    @property
+    def measured(self) -> Path:
+        """Every step's table row as it was measured, kept so that a rerun that skips it still shows it."""
+        return self.root / "steps.md"
+
     def step(self, key: str, label: str, argv: list[str], done: Path) -> None:
         if done.exists():
-            self.sec.rows.append(f"| {label} | (done earlier) | | |")
+            earlier = self.measured.read_text().splitlines() if self.measured.is_file() else []
+            self.sec.rows.append(next((row for row in earlier if row.startswith(f"| {label} |")),
+                                      f"| {label} | (done earlier) | | |"))
             return
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self.sec.timed(key, label, argv, self.root / "logs" / f"{key}.log")
+        with self.measured.open("a") as fh:
+            fh.write(self.sec.rows[-1] + "\n")
 
     def prepare(self, name: str, days: list[int], parent: str | None = None) -> Path:
         out = self.data(name)
@@ -77,6 +86,8 @@ class Daily:
 
     def train(self, name: str, data: str, days: list[int], config: str = CONFIG, parent: str | None = None) -> Path:
         run = self.run(name)
+        if run.exists() and not RunDir(run).result.is_file():  # killed part-way by an earlier run of this script
+            shutil.rmtree(run)
         warm = ["trainer.epochs=1", "trainer.shuffle=false", "--init-from", str(self.run(parent))] if parent else []
         raw = ",".join(str(self.raw(d)) for d in days)
         self.step(f"train_{name}", f"`ctr train{' --init-from' if parent else ''}` {name}",
@@ -103,7 +114,7 @@ def seconds_of(run: Path) -> float:
     return json.loads(RunDir(run).result.read_text())["train_seconds"]
 
 
-def simulate(d: Daily) -> dict[str, Any]:
+def simulate(d: Daily, started: float) -> dict[str, Any]:
     args = d.args
     d.step("generate", f"`ctr generate --profile avazu --days {args.days} --drift {args.drift:g}` {args.rows:,} rows a day",
            [CTR, "generate", "--profile", "avazu", "--rows", str(args.rows), "--days", str(args.days), "--drift",
@@ -138,7 +149,15 @@ def simulate(d: Daily) -> dict[str, Any]:
             "train_seconds": {s: seconds_of(d.run(run)) for s, run in runs.items() if s != "c"},
             "vocabulary": sum(int(f.num_embeddings or 0) for f in fmap.categorical),
         })
+        publish(d, {"days": days, "steps": d.sec.numbers}, started)  # each day as it ends: a long run shows progress
     return {"days": days, "steps": d.sec.numbers}
+
+
+def publish(d: Daily, numbers: dict[str, Any], started: float) -> None:
+    """The raw numbers, the plot and the results section for the days done so far."""
+    (d.root / "results.json").write_text(json.dumps(numbers, indent=2))
+    plot(numbers["days"])
+    replace_section(d.args.out, TITLE, section(d, numbers, started))
 
 
 def plot(days: list[dict[str, Any]]) -> None:
@@ -183,8 +202,9 @@ def section(d: Daily, numbers: dict[str, Any], started: float) -> str:
         f"(c), the day-1 model, loses {-stale[0]:+.5f} AUC on day 2 and {-stale[-1]:+.5f} on day {days[-1]['tested_on']} "
         "against (b): what staleness costs.",
     ]
+    partial = "" if days[-1]["tested_on"] == args.days else f" **Partial: the run has reached day {days[-1]['tested_on']}.**"
     return "\n".join([
-        TITLE, "", f"Written by `make bench-daily` on {when}; machine: {machine()}. {args.days} days of {args.rows:,} "
+        TITLE, "", f"Written by `make bench-daily` on {when}; machine: {machine()}.{partial} {args.days} days of {args.rows:,} "
         f"generated Avazu-profile rows, drift {args.drift:g} (that share of each field's values replaced per day); the "
         "model trained through day k is scored on every raw row of day k+1 through its edge file; DeLong p against (b).",
         "", *rows, "", *(f"- {c}" for c in checks), "", f"![next-day AUC by day]({PLOT.name})", "",
@@ -200,11 +220,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     started = time.perf_counter()
-    d = Daily(args)
-    numbers = simulate(d)
-    (d.root / "results.json").write_text(json.dumps(numbers, indent=2))
-    plot(numbers["days"])
-    replace_section(args.out, TITLE, section(d, numbers, started))
+    simulate(Daily(args), started)
     print(f"wrote the {TITLE.lstrip('# ')} section of {args.out}")
 
 
