@@ -9,6 +9,7 @@ before loading, so a truncated or altered file is refused with the reason.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -35,6 +36,7 @@ from deploy.raw_rows import raw_batches
 from features.feature_map import FeatureMap
 from features.hashing import BLANK_KEY, TOKEN_KEY_VERSION
 
+log = logging.getLogger("ctr.export")
 MANIFEST_SUFFIX = ".manifest.json"
 FORMATS = ("torchscript", "onnx")
 FP32_TOLERANCE = 1e-5  # max |exported - in-memory| probability
@@ -82,6 +84,16 @@ def parent_file(run: RunDir) -> dict[str, Any] | None:
     parent = RunDir(Path(json.loads(run.parent.read_text(encoding="utf-8"))["run"]))
     exported = json.loads(parent.exported.read_text(encoding="utf-8")) if parent.exported.is_file() else None
     return {"run": str(parent.root), "file": exported}
+
+
+def record_export(run: RunDir, out: Path, manifest: dict[str, Any]) -> None:
+    """Note in the run which edge file it last exported (a child's manifest names it as its parent's).
+    A run folder that cannot be written loses only that note: the file itself is in place."""
+    try:
+        atomic_write_text(run.exported, json.dumps({"file": str(out.resolve()), "sha256": manifest["file_sha256"],
+                                                    "bytes": manifest["file_bytes"]}, indent=2) + "\n")
+    except OSError as exc:
+        log.warning("%s: not written (%s); a warm-started child's manifest will not name %s", run.exported, exc, out)
 
 
 def manifest_relative(path: Path, manifest_dir: Path) -> str:
@@ -155,8 +167,7 @@ def export_model(source: Path, out: Path, stage: str | None = None, embeddings: 
             "parent": parent_file(run),
         }
         publish(temp, out, manifest)
-        atomic_write_text(run.exported, json.dumps({"file": str(out.resolve()), "sha256": manifest["file_sha256"],
-                                                    "bytes": manifest["file_bytes"]}, indent=2) + "\n")
+        record_export(run, out, manifest)
         return manifest
     finally:
         temp.unlink(missing_ok=True)

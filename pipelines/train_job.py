@@ -56,7 +56,7 @@ def run_train(config: Path | None, overrides: list[str], resume: Path | None = N
     (or ``trainer.init_from``): start from that run's final model (``ctr.warm_start``)."""
     if resume is not None:
         if config is not None or overrides or init_from is not None:
-            raise ConfigError("--resume continues a run with its saved config: give no config file or overrides")
+            raise ConfigError("--resume continues a run with its saved config: give no config file, overrides or --init-from")
         cfg = load_experiment(RunDir(resume).config)
         run_dir = resume
     else:
@@ -70,6 +70,9 @@ def run_train(config: Path | None, overrides: list[str], resume: Path | None = N
         if RunDir(run_dir).metrics.exists():
             raise ConfigError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                               f"or set trainer.run_dir to a new directory")
+    if (use_ray or cfg.trainer.num_workers > 1) and cfg.trainer.init_from:
+        raise ConfigError(f"{cfg.trainer.init_from}: a warm start runs in one process (set trainer.num_workers=1 "
+                          "and leave out --ray)")
     if resume is not None:  # the data the run was trained on, wherever the command runs from
         data_dir = RunDir(resume).prepared_data()
         fmap = FeatureMap.load(data_dir)
@@ -81,9 +84,6 @@ def run_train(config: Path | None, overrides: list[str], resume: Path | None = N
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         run.link_data(data_dir)
-    if (use_ray or cfg.trainer.num_workers > 1) and cfg.trainer.init_from:
-        raise ConfigError(f"{cfg.trainer.init_from}: a warm start runs in one process (set trainer.num_workers=1 "
-                          "and leave out --ray)")
     if use_ray or cfg.trainer.num_workers > 1:
         from pipelines.ray_train import run_ray_train  # Ray starts only when asked for
 
