@@ -56,7 +56,7 @@ bench-frontier: $(STAMP)
 
 # Day after day: 7 generated Avazu-profile days of 2M rows (a tenth of the values new each day); warm start
 # every day against retraining from scratch on all days so far and against the day-1 model, each scored on
-# the next day's raw rows; the DNN recipe's model warm-started too. About 1.5 hours on 2 cores. Writes the
+# the next day's raw rows; the DNN recipe's model warm-started too. About 2 hours on 2 cores. Writes the
 # "Day after day" section of benchmarks/RESULTS.md and benchmarks/daily_auc.png. Not part of CI.
 bench-daily: $(STAMP)
 	$(BIN)/python benchmarks/bench_daily.py
