@@ -176,23 +176,19 @@ def _word(token: pl.Expr, size: pl.Expr, k: int, words: int) -> pl.Expr:
                        .bin.slice(0, 8).bin.reinterpret(**as_word))
 
 
-def with_token_keys(frame: pl.LazyFrame, strings: dict[str, int], integers: list[str]) -> pl.LazyFrame:
-    """Each token column replaced by its token key (Int64 bit pattern; null, a blank, stays null),
-    with the bits of ``token_keys`` / ``int_keys``, in whole-column Polars ops that run inside the
-    parse's streaming query. ``strings`` maps a String column to the 8-byte words its longest token
-    needs; a longer token gets a key from its first words and its length clipped (the caller checks
-    the lengths; such a key matches no value the vocabulary holds). A string token's first step,
+def with_token_keys(frame: pl.LazyFrame, strings: dict[str, int]) -> pl.LazyFrame:
+    """Each String column of ``strings`` replaced by its token key (Int64 bit pattern; null, a blank,
+    stays null), with the bits of ``token_keys``, in whole-column Polars ops that run inside the
+    parse's streaming query: how a prepare keys the fields whose tokens are longer than one word
+    (``features.codes``). ``strings`` maps a column to the 8-byte words its longest token needs; a
+    longer token gets a key from its first words and its length clipped (the caller checks the
+    lengths; such a key matches no value the vocabulary holds). A string token's first step,
     ``mix(len ^ TOKEN_SEED)``, is read from a table of the lengths instead of computed."""
-    col, u64 = pl.col, (lambda v: pl.lit(v, dtype=pl.UInt64))
+    col = pl.col
     key, size, word = "__key_{}".format, "__len_{}".format, "__word_{}".format
-    names = [*strings, *integers]
     longest = 8 * max(strings.values(), default=0) + 1
     first = pl.Series(hash_numpy(np.arange(longest + 1, dtype=np.uint64), TOKEN_SEED))
-    frame = frame.with_columns(
-        *(col(n).str.len_bytes().alias(size(n)) for n in strings),
-        *((col(n).reinterpret(signed=False) ^ u64(INT_SEED)).alias(key(n)) for n in integers),
-    )
-    frame = _mixed_columns(frame, [key(n) for n in integers])
+    frame = frame.with_columns(col(n).str.len_bytes().alias(size(n)) for n in strings)
     frame = frame.with_columns(
         pl.lit(first).gather(col(size(n)).clip(upper_bound=longest)).alias(key(n)) for n in strings)
     for k in range(max(strings.values(), default=0)):
@@ -203,8 +199,8 @@ def with_token_keys(frame: pl.LazyFrame, strings: dict[str, int], integers: list
         frame = frame.with_columns(
             (col(word(n)) if k == 0 else pl.when(col(size(n)) > 8 * k).then(col(word(n))).otherwise(col(key(n))))
             .alias(key(n)) for n in step)
-    frame = frame.with_columns(col(key(n)).reinterpret(signed=True).alias(n) for n in names)
-    return frame.drop([key(n) for n in names] + [t(n) for n in strings for t in (size, word)], strict=False)
+    frame = frame.with_columns(col(key(n)).reinterpret(signed=True).alias(n) for n in strings)
+    return frame.drop([t(n) for n in strings for t in (key, size, word)])
 
 
 # a blank value (empty token, NaN number) is known by the empty token's key: its length 0, no words

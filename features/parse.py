@@ -5,7 +5,9 @@ Every line becomes one row holding its typed values plus ``_line`` (1-based line
 ``_reason`` (null for a good row, else why it is rejected). Rejected rows keep their raw text in
 ``_raw`` so the rejects file shows exactly what was wrong. Delimited files are read as whole lines
 (``scan_lines``) and split in Polars, so a row with the wrong number of fields is caught and reported
-instead of aborting the whole read as a CSV parser would.
+instead of aborting the whole read as a CSV parser would. A line holding a NUL byte is rejected:
+no text log has one, and a token without one is what lets a prepare carry short tokens as their
+zero-padded bytes (``features.codes``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from common.errors import DataError
 from features.schema import ColumnSpec, Layout
 
 LINE, ROW, REASON, RAW = "_line", "_row", "_reason", "_raw"
+NUL = "\x00"
 UTF8_PROBE_BYTES = 1 << 24
 
 
@@ -136,7 +139,7 @@ def scan_delimited(path: Path, layout: Layout, row_offset: int) -> pl.LazyFrame:
     found = pl.col("text").str.count_matches(sep, literal=True) + 1
     count_reason = pl.when(too_many | too_few).then(
         pl.format("expected {} fields separated by {}, found {}", pl.lit(n), pl.lit(repr(sep)), found)
-    )
+    ).when(pl.col("text").str.contains(NUL, literal=True)).then(pl.lit("the line holds a NUL byte"))
     return split.select(
         pl.col(LINE),
         (pl.col(LINE).cast(pl.UInt64) - first_data_line + row_offset).alias(ROW),
@@ -156,13 +159,15 @@ def scan_parquet_raw(path: Path, layout: Layout, row_offset: int) -> pl.LazyFram
     if missing:
         raise DataError(f"{path}: Parquet file lacks column(s) {missing}; it has {names} (declare its columns with layout: generic)")
     texts = {c.name: pl.col(c.name).cast(pl.String) for c in layout.columns if c.kind != "drop"}
+    nul = [pl.when(texts[c.name].str.contains(NUL, literal=True)).then(pl.lit(f"column '{c.name}': holds a NUL byte"))
+           for c in layout.columns if c.kind == "categorical"]
     return (
         pl.scan_parquet(path)
         .with_row_index(LINE, offset=1)
         .select(
             pl.col(LINE),
             (pl.col(LINE).cast(pl.UInt64) - 1 + row_offset).alias(ROW),
-            *_validated(texts, layout, None),
+            *_validated(texts, layout, pl.coalesce(nul) if nul else None),
             pl.lit(None, dtype=pl.String).alias(RAW),
         )
     )

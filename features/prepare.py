@@ -2,18 +2,18 @@
 
 The passes, each bounded in memory by a batch of rows, except the counts, which hold one entry per
 distinct value of one field:
-  1. parse + stage: parse, validate and transform every raw file, hash each categorical token to
-     its 64-bit token key (``features.hashing``) and write the staged rows (integers from here on,
-     rejected rows flagged), Polars streaming;
-  2. count: each field's keys on the staged train rows, one streaming group-by per field over two
+  1. parse + stage: parse, validate and transform every raw file, turn each categorical token
+     into its code (``features.codes``: the integer, or the token's bytes as one word) and write
+     the staged rows (integers from here on, rejected rows flagged), Polars streaming;
+  2. count: each field's codes on the staged train rows, one streaming group-by per field over two
      integer columns. (Counting inside the parse's query, as extra sinks of ``collect_all``, made
      Polars run the parse once per sink: ten times slower.)
   3. rejects -> ``rejects.csv``, and the reject-share check;
-  4. vocabularies from the counts, their text read back from the keys (or a parent's vocabularies
-     extended, ``features.extend``); the counts of the values under min count are kept in
-     ``pending/`` for the next day's extension;
+  4. vocabularies from the counts: each distinct code's token key and text, taken once per value
+     (or a parent's vocabularies extended, ``features.extend``); the counts of the values under
+     min count are kept in ``pending/`` for the next day's extension;
   5. the staged rows in fixed slices, each encoded to ids by one table lookup per field
-     (``KeyIndex``) and appended to the Parquet file of its split.
+     (``KeyIndex``, over the codes) and appended to the Parquet file of its split.
 The split of each row is known during the parse for the random split (a hash of the row position)
 and the order split (a line count first gives the number of rows), and staged with it; the time
 split's cut points need every row's time, so they are found on the staged rows.
@@ -39,14 +39,14 @@ import pyarrow.parquet as pq
 from common.atomic import ensure_writable, publish_dir, scratch_dir_beside
 from common.errors import DataError
 from common.locks import exclusive
+from features.codes import LONG, code_kind, vocabulary_codes, with_codes, with_keys
 from features.extend import PENDING_DIR, check_parent, extend_vocabulary, lineage, pending_file
 from features.feature_map import FeatureMap, FieldInfo, SourceInfo, SplitInfo
-from features.hashing import HASH_VERSION, with_token_keys
+from features.hashing import HASH_VERSION
 from features.parse import (
     LINE,
     RAW,
     REASON,
-    ROW,
     check_readable,
     count_data_rows,
     explain_read_failure,
@@ -75,7 +75,7 @@ class PrepareResult:
 
 
 def _side(field: str) -> str:
-    """The column beside a field's key that lets its vocabulary name the value (``count_query``)."""
+    """The column of a long-token field's text beside its key, which lets its vocabulary name the value."""
     return f"__side_{field}"
 
 
@@ -94,49 +94,58 @@ class _Staging:
     def categorical(self) -> list[str]:
         return [s.name for s in self.specs if s.type == "categorical"]
 
-    def sides(self) -> dict[str, tuple[pl.Expr, str]]:
-        """Per string field, its side column for the counts: the byte length of a token the key
-        gives back (at most one word), else the token."""
-        return {f: (pl.col(f).str.len_bytes().cast(pl.UInt32), "length") if w == 1 else (pl.col(f), "token")
-                for f, w in self.words.items()}
+    def sides(self) -> list[str]:
+        """The fields whose codes are token keys: their counts carry the token text beside."""
+        return [f for f in self.words if code_kind(f, self.words) == "key"]
 
     def scan(self, path: Path, row_offset: int) -> pl.LazyFrame:
-        scan = scan_parquet_raw if self.cfg.format == "parquet" else scan_delimited
-        return scan(path, self.layout, row_offset)
+        return _scan(self.cfg, self.layout, path, row_offset)
 
 
-def _words_needed(staging: _Staging, path: Path) -> dict[str, int]:
-    """8-byte words per string token field, from the longest token in the file's first rows; the
-    counts check the train tokens afterwards (``_longest_tokens``)."""
-    strings = [s for s in staging.specs if s.transform == TOKEN]
-    try:
-        sample = staging.scan(path, 0).head(SAMPLE_ROWS).select(
-            pl.col(s.source).str.len_bytes().max().alias(s.name) for s in strings).collect()
-    except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
-        raise explain_read_failure(path, exc) from None
-    return {s.name: max(1, math.ceil((sample[s.name].item() or 0) / 8)) for s in strings}
+def _scan(cfg: DatasetConfig, layout: Layout, path: Path, row_offset: int) -> pl.LazyFrame:
+    scan = scan_parquet_raw if cfg.format == "parquet" else scan_delimited
+    return scan(path, layout, row_offset)
+
+
+def _words_needed(cfg: DatasetConfig, layout: Layout, specs: list[FeatureSpec], paths: list[Path],
+                  head: int | None) -> dict[str, int]:
+    """8-byte words per string token field, from its longest token in the first ``head`` rows of the
+    first file; with ``head`` None, in every row of every file (after the staged rows flagged a
+    longer token: ``features.codes.LONG``)."""
+    strings = [s for s in specs if s.transform == TOKEN]
+    longest = dict.fromkeys((s.name for s in strings), 0)
+    for path in paths[:1] if head is not None else paths:
+        scan = _scan(cfg, layout, path, 0)
+        try:
+            found = (scan.head(head) if head is not None else scan).select(
+                pl.col(s.source).str.len_bytes().max().alias(s.name) for s in strings).collect(engine="streaming")
+        except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
+            raise explain_read_failure(path, exc) from None
+        longest = {f: max(n, found[f].item() or 0) for f, n in longest.items()}
+    return {f: max(1, math.ceil(n / 8)) for f, n in longest.items()}
 
 
 def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, counts: Path) -> tuple[int, float]:
     """Pass 1 for one raw file: the staged rows and, when the split is known, each field's train
     counts from them; returns the file's data rows and the seconds the counts took."""
     cfg, layout = staging.cfg, staging.layout
-    time_col = []
+    split_or_time = []
     if cfg.split.method == "time":
-        time_col = [pl.col(cfg.split.time_column).to_physical().cast(pl.Int64).alias(TIME_COLUMN)]
-    categorical = staging.categorical
+        split_or_time = [pl.col(cfg.split.time_column).to_physical().cast(pl.Int64).alias(TIME_COLUMN)]
+    if staging.split is not None:  # each good row's split, staged: the counts and the encode read it
+        split_or_time = [pl.when(pl.col(REASON).is_null()).then(staging.split).alias(SPLIT_COLUMN)]
     parsed = staging.scan(path, row_offset).select(
-        pl.col(ROW), pl.col(LINE), pl.col(REASON), pl.col(RAW),
+        pl.col(REASON), pl.col(RAW),  # a good row's line and file go unstaged: only the rejects name them
+        pl.when(pl.col(REASON).is_not_null()).then(pl.col(LINE)).alias(LINE),
         pl.when(pl.col(REASON).is_not_null()).then(pl.lit(str(path))).alias(FILE_COLUMN),
         pl.col(layout.label).cast(pl.Float32).alias(LABEL_COLUMN),
         *(feature_expr(s) for s in staging.specs),
-        *time_col,
-    ).with_columns(expr.alias(_side(f)) for f, (expr, _) in staging.sides().items())
-    if staging.split is not None:  # each good row's split, staged: the counts and the encode read it
-        parsed = parsed.with_columns(pl.when(pl.col(REASON).is_null()).then(staging.split).alias(SPLIT_COLUMN))
-    keyed = with_token_keys(parsed, staging.words, [f for f in categorical if f not in staging.words])
+        *split_or_time,
+        *(pl.col(f).alias(_side(f)) for f in staging.sides()),
+    )
+    coded = with_codes(parsed, staging.words)
     try:
-        keyed.sink_parquet(target, compression="lz4", statistics=False)
+        coded.sink_parquet(target, compression="lz4", statistics=False)
     except (pl.exceptions.ComputeError, pl.exceptions.PolarsError, OSError) as exc:
         raise explain_read_failure(path, exc) from None
     counted = 0.0
@@ -150,12 +159,11 @@ def _stage_file(path: Path, staging: _Staging, row_offset: int, target: Path, co
 
 
 def _count(rows: pl.LazyFrame, field: str, staging: _Staging) -> pl.LazyFrame:
-    side = staging.sides().get(field)
-    return count_query(rows, field, (_side(field), side[1]) if side else None)
+    return count_query(rows, field, _side(field) if field in staging.sides() else None)
 
 
 def _count_all(train: pl.LazyFrame, staging: _Staging, counts: Path) -> float:
-    """Every field's train counts from the staged rows (keys, and the side columns), into ``counts``:
+    """Every field's train counts from the staged rows (codes, and the side columns), into ``counts``:
     one field at a time, so memory holds one field's distinct values."""
     started = time.perf_counter()
     for f in staging.categorical:
@@ -199,22 +207,14 @@ def _stage_and_count(paths: list[Path], staging: _Staging, work: Path, first_row
 
 
 def _field_counts(work: Path, field: str) -> pl.LazyFrame:
-    """One field's train counts, summed over the files' parts."""
+    """One field's train counts by code, summed over the files' parts."""
     parts = sorted((work / "counts").glob(f"*/{field}.parquet"))
-    return pl.scan_parquet(parts[0]) if len(parts) == 1 else merged_counts(pl.scan_parquet(parts))
+    return pl.scan_parquet(parts[0]) if len(parts) == 1 else merged_counts(pl.scan_parquet(parts), by="code")
 
 
-def _longest_tokens(work: Path, words: dict[str, int]) -> dict[str, int]:
-    """The string fields whose longest train token needs more words than the parse hashed, with
-    the words it needs (empty: every key is exact)."""
-    longer = {}
-    for field, w in words.items():
-        counts = _field_counts(work, field)
-        length = pl.col("length") if "length" in counts.collect_schema().names() else pl.col("token").str.len_bytes()
-        longest = counts.select(length.max()).collect().item()
-        if longest is not None and longest > 8 * w:
-            longer[field] = math.ceil(longest / 8)
-    return longer
+def _long_tokens(work: Path) -> bool:
+    """Whether a staged row holds a token longer than its field's code was sized for."""
+    return bool(pl.scan_parquet(work / "staged" / "*.parquet").select(pl.col(LONG).any()).collect().item())
 
 
 def _check_rejects(staged: pl.LazyFrame, total: int, limit: float, rejects_path: Path, keep_at: Path) -> int:
@@ -309,14 +309,15 @@ class _Parent:
         return pl.read_parquet(pending_file(self.root, field))
 
 
-def _vocabulary(counts: pl.LazyFrame, min_count: int, field: str, parent: _Parent | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _vocabulary(codes: pl.LazyFrame, min_count: int, field: str, words: dict[str, int],
+                parent: _Parent | None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(vocabulary, counts of the values under min count, by key: the same bytes every time) of one
-    field, fitted or extended."""
+    field, fitted or extended, from its counts by code."""
+    counts = with_keys(codes.collect(engine="streaming"), code_kind(field, words))
     if parent is None:
-        vocab, rare = fit_vocabulary(counts, min_count), counts.filter(pl.col("count") < min_count).collect(engine="streaming")
+        vocab, rare = fit_vocabulary(counts.lazy(), min_count), counts.filter(pl.col("count") < min_count)
     else:
-        vocab, rare = extend_vocabulary(parent.vocabulary(field), parent.pending(field),
-                                        counts.collect(engine="streaming"), min_count)
+        vocab, rare = extend_vocabulary(parent.vocabulary(field), parent.pending(field), counts, min_count)
     return vocab, rare.sort("key")
 
 
@@ -361,13 +362,11 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path, extend: Path
             split = split_expr(cfg.split, 0)
         elif cfg.split.method == "order":
             split = split_expr(cfg.split, sum(count_data_rows(p, layout, cfg.format) for p in paths), first_row=first_row)
-        staging = _Staging(cfg, layout, specs, {}, split)
-        staging = _Staging(cfg, layout, specs, _words_needed(staging, paths[0]), split)
+        staging = _Staging(cfg, layout, specs, _words_needed(cfg, layout, specs, paths, SAMPLE_ROWS), split)
         result = _stage_and_count(paths, staging, work, first_row)
-        longer = _longest_tokens(work, staging.words)
-        if longer:
-            log.info("tokens longer than the first rows' in %s: parsing again with more words", sorted(longer))
-            staging = _Staging(cfg, layout, specs, {**staging.words, **longer}, split)
+        if _long_tokens(work):
+            staging = _Staging(cfg, layout, specs, _words_needed(cfg, layout, specs, paths, None), split)
+            log.info("tokens longer than the first rows': parsing again with words per field %s", staging.words)
             result = _stage_and_count(paths, staging, work, first_row)
         sources, offset, cuts = result.sources, result.rows, result.cuts
         staged = pl.scan_parquet(work / "staged" / "*.parquet")
@@ -381,15 +380,15 @@ def _prepare(cfg: DatasetConfig, raw: list[Path] | None, out: Path, extend: Path
         (work / PENDING_DIR).mkdir()
         index, sizes = {}, {}
         for field, min_count in min_counts.items():
-            vocab, rare = _vocabulary(_field_counts(work, field), min_count, field, parent)
+            vocab, rare = _vocabulary(_field_counts(work, field), min_count, field, staging.words, parent)
             vocab.write_parquet(work / "vocab" / f"{field}.parquet", compression="zstd")
             rare.write_parquet(pending_file(work, field), compression="zstd")
-            index[field], sizes[field] = KeyIndex.of(vocab), vocab.height
+            codes = vocabulary_codes(vocab, code_kind(field, staging.words))
+            index[field], sizes[field] = KeyIndex.of(vocab, codes), vocab.height
         shutil.rmtree(work / "counts")
         done("vocabularies")
         split = pl.col(SPLIT_COLUMN) if cuts is None else split_expr(cfg.split, offset, cuts)
-        counts = _write_splits(staged, offset, split, dense, index, work,
-                               cfg.row_group_size)
+        counts = _write_splits(staged, offset, split, dense, index, work, cfg.row_group_size)
         done("encode + write splits")
         splits = {name: SplitInfo(file=f"{name}.parquet", rows=counts[name]) for name in SPLITS}
         if splits["train"].rows == 0:

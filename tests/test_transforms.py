@@ -8,7 +8,8 @@ import pytest
 from features.schema import SplitConfig
 from features.split import SPLIT_COLUMN, split_expr
 from features.transforms import criteo_bucket, feature_expr, FeatureSpec, signed_log1p, HOUR_OF_DAY, WEEKDAY, IS_WEEKEND
-from features.hashing import int_keys, token_keys, with_token_keys
+from features.codes import vocabulary_codes, with_codes, with_keys
+from features.hashing import int_keys, token_keys
 from features.vocab import BLANK_ID, OOV_ID, KeyIndex, count_query, fit_vocabulary, merged_counts
 from features.parse import ROW
 
@@ -36,15 +37,16 @@ def test_hour_expansion() -> None:
 
 
 def _vocabulary(values: list[object], min_count: int, strings: bool = True) -> pl.DataFrame:
-    """Counted as prepare counts: keys, and for strings their byte lengths (the text comes back from both)."""
-    frame = pl.LazyFrame({"c": values}).with_columns(pl.col("c").str.len_bytes().alias("n") if strings else pl.lit(0))
-    keyed = with_token_keys(frame, {"c": 1} if strings else {}, [] if strings else ["c"])
-    return fit_vocabulary(count_query(keyed, "c", ("n", "length") if strings else None), min_count)
+    """Counted as prepare counts: by code, each distinct code then keyed (its text from the key)."""
+    coded = with_codes(pl.LazyFrame({"c": values}), {"c": 1} if strings else {})
+    counts = count_query(coded, "c", None).collect()
+    return fit_vocabulary(with_keys(counts, "word" if strings else "integer").lazy(), min_count)
 
 
 def _ids(vocab: pl.DataFrame, values: list[object], strings: bool = True) -> list[int]:
-    keyed = with_token_keys(pl.LazyFrame({"c": values}), {"c": 1} if strings else {}, [] if strings else ["c"])
-    return KeyIndex.of(vocab).lookup(keyed.collect()["c"]).tolist()
+    coded = with_codes(pl.LazyFrame({"c": values}), {"c": 1} if strings else {}).collect()
+    codes = vocabulary_codes(vocab, "word" if strings else "integer")
+    return KeyIndex.of(vocab, codes).lookup(coded["c"]).tolist()
 
 
 def test_vocabulary_min_count_order_and_specials() -> None:
@@ -63,8 +65,8 @@ def test_vocabulary_min_count_order_and_specials() -> None:
 
 def test_longer_tokens_are_counted_with_their_text() -> None:
     long = ["a-token-of-many-bytes", "another-long-one", "a-token-of-many-bytes"]
-    keyed = with_token_keys(pl.LazyFrame({"c": long, "t": long}), {"c": 3}, [])
-    vocab = fit_vocabulary(count_query(keyed, "c", ("t", "token")), 1)
+    keyed = with_codes(pl.LazyFrame({"c": long, "t": long}), {"c": 3})
+    vocab = fit_vocabulary(with_keys(count_query(keyed, "c", "t").collect(), "key").lazy(), 1)
     assert vocab.select("token", "count", "id").rows() == [("a-token-of-many-bytes", 2, 3), ("another-long-one", 1, 4)]
 
 
@@ -73,13 +75,19 @@ def test_counts_of_parts_merge_per_key() -> None:
     assert merged_counts(parts).sort("key").select("key", "token", "count").collect().rows() == [(10, "a", 5), (11, "b", 1)]
 
 
-def test_key_index_finds_every_key_of_a_crowded_table() -> None:
-    """Keys that share their home slot (equal low bits) probe on to the next ones, found or not."""
-    keys = np.array([k << 20 for k in range(1, 3000)] + [5, 7], dtype=np.int64)  # low 20 bits all zero, bar two
-    ids = np.arange(3, 3 + keys.size, dtype=np.int32)
-    index = KeyIndex(keys, ids)
-    probe = pl.Series(np.concatenate([keys[::-1], [3 << 40, 6]]))
-    assert index.lookup(probe).tolist() == ids[::-1].tolist() + [OOV_ID, OOV_ID]
+def test_key_index_finds_every_code_of_a_crowded_table() -> None:
+    """Codes that share their home slot probe on to the next ones, found or not. The home slot is the
+    top bits of code * 0x9E3779B97F4A7C15 mod 2^64, so the codes j / 0x9E37... (mod 2^64) for small j
+    all have slot 0; code 0 (a Criteo bucket) must not be taken for an empty slot."""
+    inverse = pow(0x9E3779B97F4A7C15, -1, 1 << 64)
+    crowded = np.array([j * inverse % (1 << 64) for j in range(1, 3000)], dtype=np.uint64).view(np.int64)
+    codes = np.concatenate([crowded, [5, 7]])
+    ids = np.arange(3, 3 + codes.size, dtype=np.int32)
+    index = KeyIndex(codes, ids)
+    assert (index._home(crowded) == 0).all()
+    absent = np.array([3000 * inverse % (1 << 64)], dtype=np.uint64).view(np.int64)  # slot 0 too
+    probe = pl.Series(np.concatenate([codes[::-1], absent, np.array([0, 6], dtype=np.int64)]))
+    assert index.lookup(probe).tolist() == ids[::-1].tolist() + [OOV_ID, OOV_ID, OOV_ID]
 
 
 def test_random_split_shares_and_determinism() -> None:
