@@ -153,11 +153,13 @@ class Runtime:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, fmap: FeatureMap, data_dir: Path, run_dir: Path,
-                 hooks: TrainHooks | None = None, runtime: Runtime | None = None) -> None:
+                 hooks: TrainHooks | None = None, runtime: Runtime | None = None, warm: WarmStart | None = None) -> None:
+        """``warm``: the warm start of ``trainer.init_from`` when the caller has checked it already
+        (``ctr train`` does, before it makes the run directory); else it is checked here."""
         self.cfg, self.t = cfg, cfg.trainer
         self.warm: WarmStart | None = None
         if hooks is None and self.t.init_from:  # a plain run grown from a parent (a stage's phases never are)
-            self.warm = warm_start(Path(self.t.init_from), fmap, data_dir, cfg.model.model_dump(mode="json"))
+            self.warm = warm or warm_start(Path(self.t.init_from), fmap, data_dir, cfg.model.model_dump(mode="json"))
             hooks = TrainHooks(steps=self.warm.steps)
         self.hooks = hooks or TrainHooks()
         self.runtime = runtime or Runtime()

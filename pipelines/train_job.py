@@ -19,7 +19,7 @@ from common.errors import ConfigError
 from ctr.experiment import ExperimentConfig, load_experiment
 from ctr.run_dir import RunDir
 from ctr.train import Trainer
-from ctr.warm_start import check_parent_run
+from ctr.warm_start import WarmStart, warm_start
 from features.feature_map import FILE_NAME, FeatureMap
 from features.prepare import prepare
 from features.schema import config_fingerprint
@@ -78,8 +78,10 @@ def run_train(config: Path | None, overrides: list[str], resume: Path | None = N
         fmap = FeatureMap.load(data_dir)
     else:
         data_dir, fmap = prepared_data(cfg)
-        if cfg.trainer.init_from:  # before the run directory is made
-            check_parent_run(Path(cfg.trainer.init_from), fmap, data_dir)
+    warm: WarmStart | None = None
+    if cfg.trainer.init_from:  # checked once, before the run directory is made
+        warm = warm_start(Path(cfg.trainer.init_from), fmap, data_dir, cfg.model.model_dump(mode="json"))
+    if resume is None:
         run = RunDir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -88,4 +90,4 @@ def run_train(config: Path | None, overrides: list[str], resume: Path | None = N
         from pipelines.ray_train import run_ray_train  # Ray starts only when asked for
 
         return run_ray_train(cfg, fmap, data_dir, run_dir, resume=resume is not None)
-    return Trainer(cfg, fmap, data_dir, run_dir).fit(resume=resume is not None)
+    return Trainer(cfg, fmap, data_dir, run_dir, warm=warm).fit(resume=resume is not None)
